@@ -1,0 +1,29 @@
+"""llmprune: post-training pruning of Hugging Face causal language models.
+
+Importing the package has no side effects (no threads set, no downloads, no logging setup).
+
+    import llmprune
+    model, tok = llmprune.load_model("smollm2-135m")
+    calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
+    report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationConfig", "Cancelled", "EvalConfig", "Job", "LlmpruneError", "PruneConfig",
+    "PruneReport", "__version__", "calibration_data", "load_model", "perplexity", "prune", "run_job",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import llmprune` stays cheap and never imports torch until something is used.
+    from llmprune import api
+
+    if name in __all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

@@ -1,0 +1,100 @@
+"""Frozen, validated configuration objects. Plain data only: no tensors, no runtime state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from llmprune.errors import LlmpruneError
+from llmprune.methods import Options, get_method
+from llmprune.patterns import Pattern
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    * ``method``: ``magnitude``, ``wanda`` or ``sparsegpt``.
+    * ``pattern``: ``"unstructured"`` or ``"N:M"`` (N kept in every M consecutive weights).
+    * ``sparsity``: fraction of zeros in [0, 1); implied by an N:M pattern when left ``None``.
+    * ``group``: comparison group of unstructured masks, ``"row"`` or ``"layer"``
+      (default: the method's reference choice: magnitude and SparseGPT per layer, Wanda per row).
+    * ``update``: ``"obs"`` re-fits kept weights with SparseGPT's OBS update after any mask;
+      default ``"obs"`` for SparseGPT, ``"none"`` otherwise.
+    * ``blocksize``, ``damp``: SparseGPT's lazy-update block width and dampening, as a fraction of
+      mean(diag H).
+    * ``sequential``: true-sequential pruning inside a decoder layer: each group of linears that
+      shares an input (q/k/v → o → gate/up → down) is pruned from inputs that already pass
+      through the pruned earlier groups.
+    """
+
+    method: str = "sparsegpt"
+    pattern: str = "unstructured"
+    sparsity: float | None = 0.5
+    group: Literal["row", "layer"] | None = None
+    update: Literal["none", "obs"] | None = None
+    blocksize: int = 128
+    damp: float = 0.01
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        method = get_method(self.method)
+        pattern = Pattern.parse(self.pattern)
+        implied = pattern.implied_sparsity
+        if self.sparsity is None:
+            if implied is None:
+                raise LlmpruneError("unstructured pruning needs a sparsity in [0, 1)")
+        elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity)
+                  and 0 <= self.sparsity < 1):
+            raise LlmpruneError(f"sparsity must be in [0, 1) (the fraction of zeros), got {self.sparsity}")
+        elif implied is not None and abs(implied - self.sparsity) > 1e-9:
+            raise LlmpruneError(
+                f"pattern {pattern} keeps {pattern.n} of every {pattern.m} weights (sparsity "
+                f"{implied:g}), which contradicts sparsity {self.sparsity:g}"
+            )
+        if self.group not in (None, "row", "layer"):
+            raise LlmpruneError(f"group must be 'row' or 'layer', got {self.group!r}")
+        if self.update not in (None, "none", "obs"):
+            raise LlmpruneError(f"update must be 'none' or 'obs', got {self.update!r}")
+        if method.always_updates and self.update == "none":
+            raise LlmpruneError(f"{method.name} always applies the OBS update; drop update='none'")
+        if not (isinstance(self.blocksize, int) and self.blocksize > 0):
+            raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise LlmpruneError(f"damp must be a positive fraction of mean(diag H), got {self.damp}")
+
+    @property
+    def target_sparsity(self) -> float:
+        implied = Pattern.parse(self.pattern).implied_sparsity
+        return implied if implied is not None else float(self.sparsity or 0.0)
+
+    def options(self) -> Options:
+        """The per-matrix options handed to the method."""
+        method = get_method(self.method)
+        update = self.update or ("obs" if method.always_updates else "none")
+        return Options(
+            pattern=Pattern.parse(self.pattern),
+            sparsity=self.target_sparsity,
+            group=self.group or method.default_group,
+            update=update,
+            blocksize=self.blocksize,
+            damp=self.damp,
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """``source``: a built-in text (``wikipedia``, ``pydoc``), a datasets name (``wikitext2``,
+    ``c4``, ``ptb``) or a local ``.txt``/``.jsonl`` file. ``seqlen`` None = min(2048, model limit)."""
+
+    source: str = "wikipedia"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.nsamples, int) and self.nsamples > 0):
+            raise LlmpruneError(f"nsamples must be a positive integer, got {self.nsamples}")
+        if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen > 1):
+            raise LlmpruneError(f"seqlen must be an integer > 1, got {self.seqlen}")

@@ -1,0 +1,154 @@
+"""Calibration and evaluation text, and turning it into token windows.
+
+Sources (``--calib`` / ``--eval``):
+
+* ``wikipedia``: built-in offline Wikipedia lead sections (calibration and evaluation splits are
+  disjoint, see :func:`llmprune.assets.wikipedia_text`);
+* ``pydoc``: Python's own documentation topics (stdlib ``pydoc_data``), offline and off-domain;
+* ``wikitext2``, ``c4``, ``ptb``: the standard sets through ``datasets`` (needs the Hub);
+* a local ``.txt`` file, or ``.jsonl`` with one ``{"text": ...}`` object (or string) a line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune.errors import LlmpruneError
+
+SPLITS = ("calibration", "evaluation")
+HUB_SETS = ("wikitext2", "c4", "ptb")
+BUILTIN = ("wikipedia", "pydoc")
+
+
+def load_text(source: str, split: str) -> str:
+    """The text of ``source`` for ``split`` ("calibration" or "evaluation")."""
+    if split not in SPLITS:
+        raise ValueError(split)
+    if source == "wikipedia":
+        from llmprune.assets import wikipedia_text
+
+        return wikipedia_text(split)
+    if source == "pydoc":
+        from pydoc_data import topics
+
+        return "\n\n".join(topics.topics.values())
+    if source in HUB_SETS:
+        return _hub_text(source, split)
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        return _file_text(path)
+    raise LlmpruneError(
+        f"unknown text source {source!r}: use {', '.join(BUILTIN + HUB_SETS)} or a .txt/.jsonl file"
+    )
+
+
+def _file_text(path: Path) -> str:
+    if not path.is_file():
+        raise LlmpruneError(f"text file {path} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix not in (".jsonl", ".json"):
+        return raw
+    parts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LlmpruneError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise LlmpruneError(f"{path}:{number}: expected a string or an object with a 'text' string")
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def _hub_text(name: str, split: str) -> str:
+    """Standard sets, joined as in the SparseGPT/Wanda evaluation code."""
+    try:
+        from datasets import load_dataset
+
+        if name == "wikitext2":
+            data: Any = load_dataset("wikitext", "wikitext-2-raw-v1",
+                                     split="train" if split == "calibration" else "test")
+            return "\n\n".join(data["text"])
+        if name == "ptb":
+            data = load_dataset("ptb_text_only", "penn_treebank",
+                                split="train" if split == "calibration" else "test")
+            return " ".join(data["sentence"])
+        shard = ("en/c4-train.00000-of-01024.json.gz" if split == "calibration"
+                 else "en/c4-validation.00000-of-00008.json.gz")
+        data = load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+        texts = data["text"] if split == "calibration" else data["text"][:1100]
+        return "\n\n".join(texts) if split == "calibration" else " ".join(texts)
+    except Exception as exc:  # datasets raises many kinds when the Hub is unreachable
+        raise LlmpruneError(
+            f"cannot load dataset {name!r} through datasets ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs Hugging Face Hub access. "
+            "Offline, use 'wikipedia', 'pydoc' or a local .txt/.jsonl file"
+        ) from None
+
+
+def wants_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer puts one at the start of a text by default (Llama 2, Gemma),
+    else None. Each window then starts with BOS, as the model saw in training."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one (1, N) row of token ids, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids.to(torch.long)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets: (nsamples, seqlen).
+
+    Offsets come from ``random.Random(seed).randint(0, N - L - 1)``, the scheme of the SparseGPT
+    and Wanda calibration loaders, so the same text and seed give the same windows. With a BOS
+    the window holds BOS + (seqlen - 1) text tokens.
+    """
+    body = seqlen - (bos is not None)
+    total = tokens.shape[-1]
+    if total < body + 1:
+        raise LlmpruneError(
+            f"calibration text has {total} tokens, fewer than one sequence of {seqlen}; "
+            "use a longer text or a smaller --seqlen"
+        )
+    rng = random.Random(seed)
+    flat = tokens.reshape(-1)
+    starts = [rng.randint(0, total - body - 1) for _ in range(nsamples)]
+    return _with_bos(torch.stack([flat[s : s + body] for s in starts]), bos)
+
+
+def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                       bos: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of the tokenized text: (windows, seqlen).
+
+    The published perplexity protocol (GPTQ/SparseGPT/Wanda): the test text joined, tokenized
+    once, cut into ``len // seqlen`` windows; the tail is dropped. ``max_windows`` keeps the
+    first ones only. With a BOS each window is BOS + (seqlen - 1) text tokens.
+    """
+    body = seqlen - (bos is not None)
+    count = tokens.shape[-1] // body
+    if max_windows:
+        count = min(count, max_windows)
+    if count == 0:
+        raise LlmpruneError(f"evaluation text has {tokens.shape[-1]} tokens, fewer than one window of {seqlen}")
+    return _with_bos(tokens.reshape(-1)[: count * body].reshape(count, body), bos)

@@ -1,0 +1,286 @@
+"""The pruning loop: one decoder layer at a time, from captured calibration inputs.
+
+For each decoder layer: move it to the execution device, accumulate fp32 statistics of its
+linears' inputs with forward pre-hooks (linears fed the same tensor share one set), prune the
+linears, run the *pruned* layer to make the next layer's inputs, move it back. Only one decoder
+layer and the calibration activations need to be on the device at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.capture import LayerCall, StopForward, capture_layer_calls
+from llmprune.config import PruneConfig
+from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
+from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
+from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
+ACTIVATION_BUDGET = 2**26  # elements of the widest activation of one batch (256 MB in fp32)
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # fraction of exact zeros in the written weight
+    error: float  # ‖(W − Ŵ)X‖² / ‖WX‖² on sampled calibration inputs
+    damp: float | None = None  # dampening actually used by the OBS solve
+
+
+@dataclass
+class PruneReport:
+    config: PruneConfig
+    layers_path: str
+    linears: list[LinearReport] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    batch_size: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        """Overall fraction of zeros over the pruned linears (weighted by size)."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.linears)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.linears)
+        return zeros / total if total else 0.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def auto_batch_size(nsamples: int, seqlen: int, widest: int) -> int:
+    """Samples per forward so that the widest activation of a batch stays within budget."""
+    return max(1, min(nsamples, ACTIVATION_BUDGET // max(1, seqlen * widest)))
+
+
+class _StatSet:
+    """The statistics of one shared input tensor."""
+
+    def __init__(self, dim: int, kinds: set[str], device: torch.device) -> None:
+        self.acc: dict[str, Hessian | ColumnNorms] = {}
+        if HESSIAN in kinds:
+            self.acc[HESSIAN] = Hessian(dim, device)
+        if COLUMN_NORMS in kinds:
+            self.acc[COLUMN_NORMS] = ColumnNorms(dim, device)
+        self.sample = InputSample()
+        self._prepared: dict[str, torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        for acc in self.acc.values():
+            acc.add(x)
+        self.sample.add(x)
+
+    def values(self, method: Method, options: Options) -> dict[str, torch.Tensor]:
+        """Final statistics plus the method's derived ones, computed once for all sharers."""
+        if self._prepared is None:
+            raw = {kind: acc.value() for kind, acc in self.acc.items()}
+            self._prepared = method.prepare(raw, options)
+        return self._prepared
+
+
+class _Watcher:
+    """Forward pre-hooks on a layer's linears. Linears fed the same tensor object share one
+    :class:`_StatSet` (q/k/v, gate/up), keyed by the first of them to run (its "leader").
+
+    Modes, each ending a batch's forward as early as it can (StopForward):
+
+    * ``"all"``: record every linear; stop once all have been seen in the batch.
+    * ``"first_group"``: record only the first input group reached; stop at the next group.
+    * ``"prune_on_sight"``: single batch only; prune each linear with ``on_ready`` just before
+      it runs, so the forward continues with pruned weights (true-sequential in one pass).
+    """
+
+    def __init__(
+        self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str,
+        on_ready: Callable[[str, _StatSet], None] | None = None,
+    ) -> None:
+        self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
+        self.on_ready = on_ready
+        self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
+        self.stats: dict[str, _StatSet] = {}  # leader -> statistics
+        self.order: list[str] = []  # linears in call order, as first seen
+        self._batch: list[tuple[torch.Tensor, str]] = []
+        self._seen: set[str] = set()
+
+    def _leader_of(self, name: str, x: torch.Tensor) -> str:
+        if name not in self.leader:
+            self.leader[name] = next((lead for t, lead in self._batch if t is x), name)
+            self.order.append(name)
+        return self.leader[name]
+
+    def hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            leader = self._leader_of(name, x)
+            if self.mode == "first_group" and leader != self.leader[self.order[0]]:
+                raise StopForward
+            if leader == name:
+                if name not in self.stats:
+                    self.stats[name] = _StatSet(x.shape[-1], self.kinds, self.device)
+                self.stats[name].add(x.detach())
+            # Hold the tensor for the whole batch so identity checks cannot see a reused id.
+            self._batch.append((x, leader))
+            self._seen.add(name)
+            if self.on_ready is not None:
+                self.on_ready(name, self.stats[leader])
+            if self.mode == "all" and self._seen >= set(self.linears):
+                raise StopForward
+
+        return pre_hook
+
+    def run(self, layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall]) -> list[torch.Tensor]:
+        handles = [lin.register_forward_pre_hook(self.hook(n)) for n, lin in self.linears.items()]
+        outputs: list[torch.Tensor] = []
+        try:
+            for state, call in zip(hidden, calls):
+                self._batch, self._seen = [], set()
+                try:
+                    outputs.append(call.run(layer, state.to(self.device), self.device).to("cpu"))
+                except StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._batch = []
+        return outputs
+
+
+def _prune_linear(
+    name: str, linear: nn.Module, stats: _StatSet, method: Method, options: Options
+) -> LinearReport:
+    W = get_weight(linear).detach()
+    result = method.prune(W, stats.values(method, options), options)
+    error = relative_error(W, result.weight, stats.sample.value())
+    set_weight(linear, result.weight)
+    written = get_weight(linear)
+    zeros = (written == 0).sum().item() / written.numel()
+    return LinearReport(name, (W.shape[0], W.shape[1]), zeros, error, result.damp_used)
+
+
+@torch.no_grad()
+def _run(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device) -> list[torch.Tensor]:
+    return [call.run(layer, state.to(device), device).to("cpu") for state, call in zip(hidden, calls)]
+
+
+@torch.no_grad()
+def prune_layer(
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
+    method: Method, options: Options, sequential: bool, device: torch.device,
+) -> tuple[list[torch.Tensor], list[LinearReport]]:
+    """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
+    linears = find_linears(layer)
+    kinds = method.needs(options)
+    reports: dict[str, LinearReport] = {}
+
+    def prune(name: str, stats: _StatSet) -> None:
+        if name not in reports:
+            reports[name] = _prune_linear(name, linears[name], stats, method, options)
+
+    if sequential and len(hidden) == 1:
+        # All calibration data is one batch, so a linear's statistics are complete the moment
+        # its input arrives: prune it there, before it is applied. One pass then gives
+        # true-sequential pruning and the pruned layer's outputs together.
+        outputs = _Watcher(linears, kinds, device, "prune_on_sight", on_ready=prune).run(layer, hidden, calls)
+    else:
+        pending = dict(linears)
+        while pending:
+            watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
+            watcher.run(layer, hidden, calls)
+            # In "first_group" mode the next group's first linear was seen but not recorded.
+            ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
+            for name in ready:
+                prune(name, watcher.stats[watcher.leader[name]])
+                del pending[name]
+            if not ready:
+                break  # the rest never runs on calibration data
+        outputs = _run(layer, hidden, calls, device)
+    _warn_unreached(linears, set(reports))
+    return outputs, list(reports.values())
+
+
+def _warn_unreached(linears: dict[str, nn.Module], pruned: set[str]) -> None:
+    for name in sorted(set(linears) - pruned):
+        log.warning("linear %s never ran on the calibration data; left dense", name)
+
+
+def validate_widths(layers_path: str, layers: nn.ModuleList, options: Options) -> None:
+    """Fail before any work if an N:M pattern does not divide a linear's input width."""
+    if options.pattern.kind != "nm":
+        return
+    m = options.pattern.m
+    for index, layer in enumerate(layers):
+        for name, linear in find_linears(layer).items():
+            width = get_weight(linear).shape[1]
+            if width % m:
+                raise LlmpruneError(
+                    f"pattern {options.pattern}: input width {width} of {layers_path}.{index}.{name} "
+                    f"is not divisible by M={m}"
+                )
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calibration: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    progress: ProgressFn | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, one decoder layer at a time.
+
+    ``calibration``: (nsamples, seqlen) token ids. ``device``: where each layer is processed
+    (default: CUDA if present); the model itself may stay on the CPU. ``cancel`` is polled
+    between layers; when it returns True the run stops with :class:`Cancelled` (the model is
+    then partly pruned). Embeddings, norms and ``lm_head`` are never pruned.
+    """
+    start = time.perf_counter()
+    if calibration.ndim != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")
+    method = get_method(config.method)
+    options = config.options()
+    layers_path, layers = find_decoder_layers(model)
+    validate_widths(layers_path, layers, options)
+    check_finite(model)
+    run_device = resolve_device(device)
+    model.eval()
+
+    widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
+    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest)
+    hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
+    report = PruneReport(config, layers_path, device=str(run_device), batch_size=size)
+    for index, layer in enumerate(layers):
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
+        tick = time.perf_counter()
+        home = next(layer.parameters()).device
+        layer.to(run_device)
+        hidden, linear_reports = prune_layer(
+            layer, hidden, calls[index], method, options, config.sequential, run_device
+        )
+        layer.to(home)
+        for item in linear_reports:
+            item.name = f"{layers_path}.{index}.{item.name}"
+        report.linears.extend(linear_reports)
+        report.layer_seconds.append(time.perf_counter() - tick)
+        if progress is not None:
+            progress(index + 1, len(layers))
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,185 @@
+"""A whole pruning job, as the CLI runs it: load, calibrate, measure, prune, measure, save.
+
+Plain function over frozen specs, with progress and cancel callbacks, so the same job can run
+from a notebook, the CLI, or (later) a service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune import __version__
+from llmprune.card import model_card
+from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.data import calibration_windows, evaluation_windows, load_text, tokenize, wants_bos
+from llmprune.driver import PruneReport, prune, resolve_device
+from llmprune.errors import LlmpruneError
+from llmprune.evaluate import perplexity
+from llmprune.export import check_output, save_checkpoint
+from llmprune.loading import BUILTIN_MODELS, load
+from llmprune.model import model_max_length
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity protocol: ``source`` text (None = skip), window length (None = min(2048, model
+    limit)), and how many of the first windows to score (0 = all, the full published protocol)."""
+
+    source: str | None = "wikipedia"
+    seqlen: int | None = None
+    windows: int = 16
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.windows < 0:
+            raise LlmpruneError(f"eval windows must be >= 0 (0 = all), got {self.windows}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise LlmpruneError(f"eval seqlen must be >= 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    out: str | None = None
+    overwrite: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+
+
+def _seqlen(requested: int | None, model: Any) -> int:
+    limit = model_max_length(model)
+    default = min(2048, limit) if limit else 2048
+    if requested is not None and limit is not None and requested > limit:
+        raise LlmpruneError(f"seqlen {requested} exceeds the model's limit of {limit} tokens")
+    return requested or default
+
+
+def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.device,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` under ``config``, with the protocol's facts."""
+    assert config.source is not None
+    seqlen = _seqlen(config.seqlen, model)
+    bos = wants_bos(tokenizer)
+    windows = evaluation_windows(tokenize(tokenizer, load_text(config.source, "evaluation")),
+                                 seqlen, config.windows or None, bos)
+    home = next(model.parameters()).device
+    model.to(device)
+    tick = time.perf_counter()
+    try:
+        ppl = perplexity(model, windows, batch_size=config.batch_size, progress=progress)
+    finally:
+        model.to(home)
+    return {"source": config.source, "split": "evaluation", "seqlen": seqlen,
+            "windows": windows.shape[0], "tokens": windows.numel(), "bos": bos is not None,
+            "ppl": ppl, "seconds": time.perf_counter() - tick}
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"llmprune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+        command: list[str] | None = None) -> dict[str, Any]:
+    """Run ``job``; returns the record also written to ``llmprune.json``."""
+    if job.out:
+        check_output(job.out, job.overwrite)  # refuse before hours of work, not after
+    device = resolve_device(job.device)
+    timings: dict[str, float] = {}
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
+    tick = time.perf_counter()
+    model, tokenizer = load(job.model, job.dtype)
+    timings["load_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    cal = job.calibration
+    seqlen = _seqlen(cal.seqlen, model)
+    calibration = calibration_windows(tokenize(tokenizer, load_text(cal.source, "calibration")),
+                                      cal.nsamples, seqlen, cal.seed, wants_bos(tokenizer))
+    timings["calibration_data_s"] = time.perf_counter() - tick
+
+    dense = pruned = None
+    if job.evaluation.source:
+        dense = evaluate_ppl(model, tokenizer, job.evaluation, device, stage("eval dense"))
+        timings["eval_dense_s"] = dense.pop("seconds")
+
+    report = prune(model, job.prune, calibration, device=device, batch_size=job.batch_size,
+                   progress=stage("prune"), cancel=cancel)
+    timings["prune_s"] = report.seconds
+
+    if job.evaluation.source:
+        pruned = evaluate_ppl(model, tokenizer, job.evaluation, device, stage("eval pruned"))
+        timings["eval_pruned_s"] = pruned.pop("seconds")
+
+    record = build_record(job, model, report, calibration, dense, pruned, timings, device, command)
+    if job.out:
+        tick = time.perf_counter()
+        save_checkpoint(model, tokenizer, Path(job.out), record, model_card(record), job.overwrite)
+        record["timings"]["save_s"] = time.perf_counter() - tick
+        record["out"] = str(Path(job.out).resolve())
+    return record
+
+
+def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.Tensor,
+                 dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
+                 timings: dict[str, float], device: torch.device,
+                 command: list[str] | None) -> dict[str, Any]:
+    options = job.prune.options()
+    evaluation = None
+    if dense is not None and pruned is not None:
+        evaluation = {**dense, "ppl_dense": dense["ppl"], "ppl_pruned": pruned["ppl"]}
+        evaluation.pop("ppl")
+    notes = []
+    if job.model in BUILTIN_MODELS or str(job.model).endswith(".gguf"):
+        notes.append("Base weights are dequantized from a 4-bit GGUF (Q4_1) and carry its "
+                     "quantization noise; perplexities compare like with like.")
+    return {
+        "llmprune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "base_model": job.model,
+        "base_model_description": BUILTIN_MODELS.get(job.model, job.model),
+        "architecture": type(model).__name__,
+        "method": job.prune.method,
+        "pattern": str(options.pattern),
+        "sparsity_target": options.sparsity,
+        "sparsity_achieved": report.sparsity,
+        "config": dataclasses.asdict(job.prune),
+        "resolved_options": {"group": options.group, "update": options.update,
+                             "blocksize": options.blocksize, "damp": options.damp},
+        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
+                        "tokens": calibration.numel(), "batch_size": report.batch_size},
+        "evaluation": evaluation,
+        "timings": timings,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "versions": versions(),
+        "argv": sys.argv if command is None else command,
+        "notes": notes,
+        "layers": [dataclasses.asdict(item) for item in report.linears],
+    }

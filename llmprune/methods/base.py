@@ -1,0 +1,45 @@
+"""What every pruning method receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from llmprune.patterns import Group, Pattern
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-matrix options shared by all methods (validated by :class:`llmprune.config.PruneConfig`).
+
+    ``update="obs"`` re-fits the kept weights with the OBS update (SparseGPT's solver) after the
+    mask is chosen; ``"none"`` only zeroes the pruned weights.
+    """
+
+    pattern: Pattern = Pattern()
+    sparsity: float = 0.5
+    group: Group = "row"
+    update: Literal["none", "obs"] = "none"
+    blocksize: int = 128
+    damp: float = 0.01
+
+
+@dataclass
+class Result:
+    """``weight``: (out, in) fp32 pruned weight; ``keep``: bool (out, in), True = kept."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    damp_used: float | None = None
+
+
+# Names of the statistics a method may ask for; the driver computes them per shared input.
+HESSIAN = "hessian"
+COLUMN_NORMS = "column_norms"
+# Derived once per shared input by the OBS solver's ``prepare``.
+FACTOR = "inverse_hessian_factor"
+DEAD = "dead_inputs"
+DAMP_USED = "damp_used"
+Stats = dict[str, torch.Tensor]

@@ -1,0 +1,165 @@
+"""SparseGPT: blocked Optimal Brain Surgeon with lazy updates (Frantar & Alistarh 2023,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", Algorithm 1).
+
+Pruning weight q of a row w under the layer-wise loss ‖wX − ŵX‖² with Hessian H = 2XᵀX/n
+costs w_q² / [H⁻¹]_qq and is best compensated by δw = −(w_q / [H⁻¹]_qq) · H⁻¹_{:,q}. Processing
+columns left to right with the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) turns the sequence of
+such updates into: for column j, err = (w_j − q_j)/U_jj, then w_{j:} −= err · U_{j,j:}. Updates
+inside a block of ``blocksize`` columns are applied eagerly, those to later columns lazily once
+per block (a matrix product), which is what makes it fast.
+
+Worked example: H = I (inputs independent, unit variance), W = [[1, 2]], prune column 0.
+U = I/√(1+λ), err = 1·√(1+λ), and the update to column 1 is err·U_01 = 0, so W becomes
+[[0, 2]]: with uncorrelated inputs OBS reduces to plain masking. With correlated inputs the kept
+columns absorb what the pruned ones contributed (a least-squares refit).
+
+Mask choice: for unstructured sparsity the mask of each block is chosen on the weights *as
+updated so far* by the OBS score w²/[U_jj]² (adaptive mask selection, section 3.3); for N:M the
+choice is made every M columns, again on the updated weights. A fixed mask (Wanda's, say) can be
+passed instead; then only the weight update runs (``--update obs``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from llmprune.errors import LlmpruneError
+from llmprune.methods.base import DAMP_USED, DEAD, FACTOR, HESSIAN, Options, Result, Stats
+from llmprune.patterns import _lowest, keep_nm, prune_count
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 4  # each retry multiplies the damping by 10
+
+
+def needs(options: Options) -> set[str]:
+    return {HESSIAN}
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper triangular U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H). H: (in, in), fp32.
+
+    With J the order-reversing permutation and JHJ = LLᵀ (Cholesky), U = J L⁻¹ J: one Cholesky
+    and one triangular inverse instead of inverting H and factoring the inverse again.
+    A failed factorisation is retried with 10× more damping, up to ``DAMP_RETRIES`` times; then
+    it stops with an error rather than silently pruning without the update.
+    """
+    mean_diag = H.diagonal().mean()
+    flipped = H.flip(0, 1)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(DAMP_RETRIES + 1):
+        factor = damp * 10**attempt
+        lower, info = torch.linalg.cholesky_ex(flipped + eye * (factor * mean_diag))
+        if info.item() == 0:
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
+                return upper, factor
+        log.warning("Hessian not positive definite with damping %.3g; retrying with more", factor)
+    raise LlmpruneError(
+        f"the Hessian stays singular even with damping {factor:.3g} x mean(diag H); "
+        "use more (or more varied) calibration samples, or a larger --damp"
+    )
+
+
+def prepare_stats(stats: Stats, options: Options) -> Stats:
+    return prepare(stats, options)
+
+
+def prepare(stats: Stats, options: Options) -> Stats:
+    """Once per shared input: zero-input ("dead") columns and the factor U of the damped H⁻¹."""
+    H = stats[HESSIAN].float().clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    U, damp_used = inverse_hessian_factor(H, options.damp)
+    return {**stats, DEAD: dead, FACTOR: U, DAMP_USED: torch.tensor(damp_used)}
+
+
+def _solve(W: torch.Tensor, stats: Stats, options: Options, keep: torch.Tensor | None) -> Result:
+    if FACTOR not in stats:
+        stats = prepare(stats, options)
+    U = stats[FACTOR]  # (in, in), upper
+    W = W.float().clone()  # (out, in)
+    rows, cols = W.shape
+    # Inputs that are always zero carry no information: their weights cannot matter on the
+    # calibration data, so they are zeroed (and, scoring 0, pruned first).
+    W[:, stats[DEAD]] = 0.0
+
+    pattern = options.pattern
+    choose = keep is None
+    nm = choose and pattern.kind == "nm"
+    # N:M masks are chosen every M columns on the weights updated so far, so blocks hold whole
+    # groups; unstructured masks are chosen once per block. The fixed-mask solve then runs in
+    # small steps (see _step_errors) with the rest of the block updated by matrix products.
+    step = pattern.m if nm else SOLVE_STEP
+    blocksize = max(pattern.m, options.blocksize // pattern.m * pattern.m) if nm else options.blocksize
+    keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.clone()
+
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block = W[:, start:end].clone()  # (out, b), updated eagerly
+        Ub = U[start:end, start:end]  # (b, b)
+        errors = torch.zeros_like(block)
+        if choose and not nm:
+            keep[:, start:end] = _block_keep(block.square() / Ub.diagonal().square(), start, end, rows, options)
+        for c0 in range(0, end - start, step):
+            c1 = min(c0 + step, end - start)
+            Uc = Ub[c0:c1, c0:c1]
+            if nm:
+                keep[:, start + c0 : start + c1] = keep_nm(
+                    block[:, c0:c1].square() / Uc.diagonal().square(), pattern.n, pattern.m
+                )
+            kept = keep[:, start + c0 : start + c1]
+            err = _step_errors(block[:, c0:c1], Uc, ~kept)
+            block[:, c0:c1] = (block[:, c0:c1] - err @ Uc) * kept
+            block[:, c1:] -= err @ Ub[c0:c1, c1:]
+            errors[:, c0:c1] = err
+        W[:, start:end] = block
+        W[:, end:] -= errors @ U[start:end, end:]
+    return Result(W, keep, float(stats[DAMP_USED]))
+
+
+SOLVE_STEP = 16  # columns per batched triangular solve: small systems, the rest as GEMMs
+ROW_CHUNK = 8192  # rows solved together, bounding the (rows, step, step) system
+
+
+def _step_errors(w: torch.Tensor, Uc: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """OBS errors of a few columns with a fixed mask, for all rows at once. (out, c).
+
+    Column by column the algorithm sets err_j = p_j · (w_j − Σ_{i<j} err_i U_ij) / U_jj, with
+    p_j = 1 for pruned weights (kept ones have err_j = 0). That recursion is the triangular
+    system (D + diag(p) · L) err = p ∘ w, with D = diag(U) and L the strictly lower part of Uᵀ;
+    each row has its own mask, hence a batched solve instead of a Python loop over columns.
+    """
+    p = pruned.to(w.dtype)  # (out, c)
+    lower = torch.tril(Uc.T, diagonal=-1)  # (c, c)
+    diag = torch.diag_embed(Uc.diagonal())  # (c, c)
+    errs = []
+    for r0 in range(0, w.shape[0], ROW_CHUNK):
+        pr = p[r0 : r0 + ROW_CHUNK]
+        system = diag + pr[:, :, None] * lower  # (rows, c, c), lower triangular
+        rhs = (pr * w[r0 : r0 + ROW_CHUNK])[:, :, None]
+        errs.append(torch.linalg.solve_triangular(system, rhs, upper=False)[:, :, 0])
+    return torch.cat(errs)
+
+
+def _block_keep(scores: torch.Tensor, start: int, end: int, rows: int, options: Options) -> torch.Tensor:
+    """Unstructured keep mask of columns [start, end) from OBS scores w²/U_jj². Counts use
+    cumulative rounding, so the whole matrix gets exactly floor(total · sparsity) zeros (per
+    row, or per layer)."""
+    s = options.sparsity
+    if options.group == "row":
+        return ~_lowest(scores, prune_count(end, s) - prune_count(start, s))
+    count = prune_count(rows * end, s) - prune_count(rows * start, s)
+    return ~_lowest(scores.reshape(1, -1), count).reshape(scores.shape)
+
+
+def prune(W: torch.Tensor, stats: Stats, options: Options) -> Result:
+    """SparseGPT with adaptive mask selection. W: (out, in); stats[HESSIAN]: (in, in)."""
+    return _solve(W, stats, options, keep=None)
+
+
+def obs_update(W: torch.Tensor, stats: Stats, keep: torch.Tensor, options: Options) -> Result:
+    """Zero the weights outside ``keep`` and re-fit the rest with the OBS update."""
+    return _solve(W, stats, options, keep=keep)

@@ -1,0 +1,73 @@
+"""Streaming statistics of a linear layer's input, accumulated in fp32 over tokens.
+
+Each accumulator sees inputs ``x`` of shape (..., in_features) batch after batch; ``n`` counts
+tokens (rows of the flattened input), so results do not depend on how the calibration set was
+split into batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class Hessian:
+    """H = 2/n · XᵀX, the Hessian of the layer-wise loss ‖WX − ŴX‖² (SparseGPT, eq. 1). (in, in)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        self.sum.addmm_(rows.T, rows)
+        self.n += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.n, 1))
+
+
+class ColumnNorms:
+    """‖X_j‖₂ over all calibration tokens, for each input feature j (Wanda's activation norm). (in,)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sq = torch.zeros(dim, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        self.sq += rows.square().sum(0)
+        self.n += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+
+class InputSample:
+    """A fixed-size, evenly strided sample of input rows, used to measure reconstruction error.
+
+    Keeps at most ``size`` rows from each batch; cheap enough to run for every method.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, rows.shape[0] // self.size)
+        self.parts.append(rows[::step][: self.size].float())
+
+    def value(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
+def relative_error(w_old: torch.Tensor, w_new: torch.Tensor, sample: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² on sampled inputs X (rows): the layer's relative output error."""
+    ref = sample @ w_old.float().T
+    diff = sample @ (w_old.float() - w_new.float()).T
+    denom = ref.square().sum().item()
+    return diff.square().sum().item() / denom if denom > 0 else 0.0
