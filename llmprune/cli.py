@@ -36,9 +36,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="'obs': refit kept weights with SparseGPT's OBS update after any mask")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (default 128)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
-    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
-                   help="true-sequential: prune q/k/v, then o, gate/up, down, each from inputs through "
-                   "the already pruned ones (one forward pass per layer when the calibration fits one batch)")
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="true-sequential (default): prune q/k/v, then o, gate/up, down, each from inputs "
+                   "through the already pruned ones (one forward pass per layer when the calibration fits "
+                   "one batch); --no-sequential prunes all from the dense layer, as the reference code")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="wikipedia", help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
     c.add_argument("--nsamples", type=int, default=128)

@@ -24,9 +24,10 @@ class PruneConfig:
       default ``"obs"`` for SparseGPT, ``"none"`` otherwise.
     * ``blocksize``, ``damp``: SparseGPT's lazy-update block width and dampening, as a fraction of
       mean(diag H).
-    * ``sequential``: true-sequential pruning inside a decoder layer: each group of linears that
-      shares an input (q/k/v → o → gate/up → down) is pruned from inputs that already pass
-      through the pruned earlier groups.
+    * ``sequential`` (default True): true-sequential pruning inside a decoder layer: each group
+      of linears that shares an input (q/k/v → o → gate/up → down) is pruned from inputs that
+      already pass through the pruned earlier groups. False prunes every linear from the dense
+      layer's statistics, as the reference implementations do.
     """
 
     method: str = "sparsegpt"
@@ -36,7 +37,7 @@ class PruneConfig:
     update: Literal["none", "obs"] | None = None
     blocksize: int = 128
     damp: float = 0.01
-    sequential: bool = False
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         method = get_method(self.method)

@@ -27,7 +27,11 @@ from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
-ACTIVATION_BUDGET = 2**26  # elements of the widest activation of one batch (256 MB in fp32)
+# Elements of the widest activation of one calibration batch. One large batch lets true-sequential
+# pruning run in a single pass (256 MB in fp32); otherwise smaller batches are faster on a CPU
+# (they stay in cache), while a GPU prefers them large.
+SINGLE_BATCH_BUDGET = 2**26
+CPU_BATCH_BUDGET = 2**22
 
 
 @dataclass
@@ -63,9 +67,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def auto_batch_size(nsamples: int, seqlen: int, widest: int) -> int:
-    """Samples per forward so that the widest activation of a batch stays within budget."""
-    return max(1, min(nsamples, ACTIVATION_BUDGET // max(1, seqlen * widest)))
+def auto_batch_size(nsamples: int, seqlen: int, widest: int, sequential: bool, device: torch.device) -> int:
+    """Samples per forward: everything at once when true-sequential pruning can then fuse its
+    passes, else as many as keep the widest activation of a batch within budget."""
+    per_sample = max(1, seqlen * widest)
+    if sequential and nsamples * per_sample <= SINGLE_BATCH_BUDGET:
+        return nsamples
+    budget = CPU_BATCH_BUDGET if device.type == "cpu" else SINGLE_BATCH_BUDGET
+    return max(1, min(nsamples, budget // per_sample))
 
 
 class _StatSet:
@@ -263,7 +272,8 @@ def prune(
     model.eval()
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
-    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest)
+    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest,
+                                         config.sequential, run_device)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
     report = PruneReport(config, layers_path, device=str(run_device), batch_size=size)
     for index, layer in enumerate(layers):

@@ -1,0 +1,207 @@
+"""End-to-end runs of the command line on a tiny Llama folder with the tiny tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+
+from llmprune.cli import main
+from llmprune.errors import LlmpruneError
+from llmprune.export import save_checkpoint
+
+SMALL = ["--nsamples", "4", "--seqlen", "32", "--threads", "1", "--quiet"]
+
+
+def hidden_leftovers(folder: Path) -> list[str]:
+    """Staging or replaced folders that publishing must clean up."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, llama_dir, text_file):
+    """One full run: SparseGPT 2:4, with perplexity before and after, saved and recorded."""
+    work = tmp_path_factory.mktemp("run")
+    out, record = work / "out", work / "record.json"
+    argv = ["--model", str(llama_dir), "--method", "sparsegpt", "--pattern", "2:4", *SMALL,
+            "--calib", str(text_file), "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2",
+            "--out", str(out), "--json", str(record)]
+    # Module-scoped fixtures cannot use capsys; the table goes to stdout.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(argv)
+    return {"code": code, "stdout": printed.getvalue(), "out": out, "record": record, "work": work}
+
+
+def test_prune_run_succeeds_and_prints_the_table(pruned_run):
+    assert pruned_run["code"] == 0
+    table = pruned_run["stdout"]
+    dense = re.search(r"^ppl dense\s+([0-9.]+)$", table, re.M)
+    pruned = re.search(r"^ppl pruned\s+([0-9.]+)$", table, re.M)
+    assert dense and pruned, table
+    record = json.loads(pruned_run["record"].read_text())
+    assert float(dense.group(1)) == pytest.approx(record["evaluation"]["ppl_dense"], abs=5e-4)
+    assert float(pruned.group(1)) == pytest.approx(record["evaluation"]["ppl_pruned"], abs=5e-4)
+    assert "sparsegpt 2:4" in table
+
+
+def test_prune_run_writes_a_record(pruned_run, text_file):
+    record = json.loads(pruned_run["record"].read_text())
+    assert record["sparsity_achieved"] == pytest.approx(0.5, abs=1e-6)
+    assert record["method"] == "sparsegpt" and record["pattern"] == "2:4"
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 32
+    assert record["evaluation"]["windows"] == 2 and record["evaluation"]["seqlen"] == 32
+    assert len(record["layers"]) == tiny.LAYERS * 7  # q k v o gate up down per layer
+    # The side file in the checkpoint holds the same facts as --json.
+    saved = json.loads((pruned_run["out"] / "llmprune.json").read_text())
+    assert saved["evaluation"] == record["evaluation"]
+    assert saved["layers"] == record["layers"]
+
+
+def test_prune_run_output_loads_in_stock_transformers(pruned_run, llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = pruned_run["out"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == model.config.vocab_size
+    for name, linear in tiny.decoder_linears(model, "model.layers").items():
+        W = linear.weight.detach()
+        assert (W != 0).reshape(W.shape[0], -1, 4).sum(-1).max() <= 2, name
+    # Everything outside the decoder linears is the dense model's.
+    pruned_names = {f"{n}.weight" for n in tiny.decoder_linears(model, "model.layers")}
+    dense_params = dict(dense.named_parameters())
+    for name, param in model.named_parameters():
+        if name not in pruned_names:
+            assert torch.equal(param, dense_params[name]), name
+    assert "sparsity_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "README.md").read_text().count("model.layers.") == tiny.LAYERS * 7
+    assert hidden_leftovers(pruned_run["work"]) == []
+
+
+def test_eval_subcommand_reproduces_the_recorded_perplexity(pruned_run, text_file, tmp_path, capsys):
+    result = tmp_path / "eval.json"
+    code = main(["eval", str(pruned_run["out"]), "--eval", str(text_file), "--eval-seqlen", "32",
+                 "--eval-windows", "2", "--threads", "1", "--quiet", "--json", str(result)])
+    assert code == 0
+    recorded = json.loads((pruned_run["out"] / "llmprune.json").read_text())["evaluation"]["ppl_pruned"]
+    printed = capsys.readouterr().out
+    assert f"{recorded:.3f}" in printed, printed
+    assert json.loads(result.read_text())["ppl"] == pytest.approx(recorded, rel=1e-6)
+
+
+def test_jsonl_calibration(llama_dir, text_file, tmp_path, capsys):
+    paragraphs = [p for p in text_file.read_text().split("\n\n") if p.strip()][:300]
+    calib = tmp_path / "calib.jsonl"
+    # Both accepted line forms: an object with "text", and a bare JSON string.
+    lines = [json.dumps({"text": p}) if i % 2 else json.dumps(p) for i, p in enumerate(paragraphs)]
+    calib.write_text("\n".join(lines) + "\n")
+    record = tmp_path / "r.json"
+    code = main(["--model", str(llama_dir), "--method", "wanda", "--sparsity", "0.5", *SMALL,
+                 "--calib", str(calib), "--eval", "none", "--json", str(record)])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads(record.read_text())
+    assert saved["calibration"]["source"] == str(calib)
+    assert saved["calibration"]["tokens"] == 4 * 32
+    assert saved["sparsity_achieved"] == pytest.approx(0.5, abs=1e-6)
+    assert saved["evaluation"] is None
+
+
+def test_overwrite_replaces_an_existing_folder(llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    code = main(["--model", str(llama_dir), "--method", "magnitude", "--pattern", "2:4", *SMALL,
+                 "--calib", str(text_file), "--eval", "none", "--out", str(out), "--overwrite"])
+    assert code == 0
+    assert not (out / "old.txt").exists()
+    assert (out / "config.json").exists() and (out / "llmprune.json").exists()
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_existing_out_is_refused_before_any_work(llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    import llmprune.job
+
+    loads = []
+
+    def spy(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("the model was loaded although --out exists")
+
+    monkeypatch.setattr(llmprune.job, "load", spy)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    code = main(["--model", str(llama_dir), "--method", "magnitude", "--pattern", "2:4", *SMALL,
+                 "--calib", str(text_file), "--eval", "none", "--out", str(out)])
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert loads == []
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert (out / "old.txt").read_text() == "previous run"
+    assert hidden_leftovers(tmp_path) == []
+
+
+class BrokenModel:
+    """Fails half-way through writing, as a full disk (OSError) or Ctrl-C would."""
+
+    def __init__(self, error: type[BaseException] = OSError) -> None:
+        self.error = error
+
+    def save_pretrained(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise self.error("stopped")
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_failed_save_leaves_nothing_behind(tmp_path, error):
+    with pytest.raises(error):
+        save_checkpoint(BrokenModel(error), None, tmp_path / "out", {}, "card")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    with pytest.raises(OSError):
+        save_checkpoint(BrokenModel(), None, out, {}, "card", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+
+
+def test_save_refuses_existing_folder_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(LlmpruneError, match="already exists"):
+        save_checkpoint(BrokenModel(), None, out, {}, "card")
+    assert list(out.iterdir()) == []
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_quiet_run_shows_no_progress_bars(llama_dir, text_file, tmp_path, capsys):
+    # --quiet promises no progress bars; that includes the ones of the libraries llmprune drives.
+    capsys.readouterr()
+    code = main(["--model", str(llama_dir), "--method", "magnitude", *SMALL, "--calib", str(text_file),
+                 "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "it/s]" not in err and "%|" not in err, err
+
+
+def test_progress_bars_without_quiet(llama_dir, text_file, tmp_path, capsys):
+    # The counterpart: without --quiet the pruning bar counts decoder layers.
+    capsys.readouterr()
+    code = main(["--model", str(llama_dir), "--method", "magnitude", "--nsamples", "4", "--seqlen", "32",
+                 "--threads", "1", "--calib", str(text_file), "--eval", "none"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert f"prune: 100%|██████████| {tiny.LAYERS}/{tiny.LAYERS}" in err, err
