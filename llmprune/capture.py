@@ -65,7 +65,7 @@ def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.
 
 @torch.no_grad()
 def capture_layer_calls(
-    model: nn.Module, layers: Sequence[nn.Module], batches: Sequence[torch.Tensor]
+    model: nn.Module, layers: nn.ModuleList | Sequence[nn.Module], batches: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
     """Run the model's front end on each batch of token ids.
 
@@ -90,7 +90,7 @@ def capture_layer_calls(
 
     try:
         for index, layer in enumerate(layers):
-            layer.forward = recorder(index)  # type: ignore[method-assign]
+            layer.forward = recorder(index)
         device = next(model.parameters()).device
         for batch in batches:
             try:
@@ -98,9 +98,9 @@ def capture_layer_calls(
             except StopForward:
                 pass
     finally:
-        for layer, original in zip(layers, saved):
+        for layer, original in zip(layers, saved, strict=True):
             if original is None:
                 del layer.forward
             else:
-                layer.forward = original  # type: ignore[method-assign]
+                layer.forward = original
     return hidden, calls

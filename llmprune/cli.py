@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,8 @@ def _prune_parser() -> argparse.ArgumentParser:
         description="Prune the linear layers of a Hugging Face causal LM, one decoder layer at a time. "
         "Subcommand: 'llmprune eval DIR' measures a saved model.",
     )
-    p.add_argument("--model", required=True, help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id")
+    p.add_argument("--model", required=True,
+                   help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt (default)")
     g.add_argument("--sparsity", type=float, default=None,
@@ -34,14 +34,15 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="comparison group of unstructured masks (default: the method's reference choice)")
     g.add_argument("--update", choices=["none", "obs"], default=None,
                    help="'obs': refit kept weights with SparseGPT's OBS update after any mask")
-    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (default 128)")
+    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (128)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="true-sequential (default): prune q/k/v, then o, gate/up, down, each from inputs "
                    "through the already pruned ones (one forward pass per layer when the calibration fits "
                    "one batch); --no-sequential prunes all from the dense layer, as the reference code")
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", default="wikipedia", help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
+    c.add_argument("--calib", default="wikipedia",
+                   help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=None, help="default: min(2048, model limit)")
     c.add_argument("--seed", type=int, default=0)
@@ -64,7 +65,8 @@ def _eval_args(e: Any, default_source: str | None = "wikipedia") -> None:
 
 
 def _exec_args(o: Any) -> None:
-    o.add_argument("--device", default="auto", help="where each layer is processed: auto (CUDA if present), cpu, cuda:1")
+    o.add_argument("--device", default="auto",
+                   help="where each layer is processed: auto (CUDA if present), cpu, cuda:1")
     o.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
     o.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     o.add_argument("--json", default=None, help="also write the results record to this file")
@@ -102,6 +104,10 @@ class _Bars:
 
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="llmprune: %(levelname)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.threads:
         import torch
 
@@ -193,7 +199,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = cmd_prune
+    command: Callable[[Sequence[str]], int] = cmd_prune
     if argv and argv[0] in COMMANDS:
         command = COMMANDS[argv.pop(0)]
     try:

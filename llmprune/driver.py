@@ -156,7 +156,7 @@ class _Watcher:
         handles = [lin.register_forward_pre_hook(self.hook(n)) for n, lin in self.linears.items()]
         outputs: list[torch.Tensor] = []
         try:
-            for state, call in zip(hidden, calls):
+            for state, call in zip(hidden, calls, strict=True):
                 self._batch, self._seen = [], set()
                 try:
                     outputs.append(call.run(layer, state.to(self.device), self.device).to("cpu"))
@@ -182,8 +182,10 @@ def _prune_linear(
 
 
 @torch.no_grad()
-def _run(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device) -> list[torch.Tensor]:
-    return [call.run(layer, state.to(device), device).to("cpu") for state, call in zip(hidden, calls)]
+def _run(
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device
+) -> list[torch.Tensor]:
+    return [call.run(layer, state.to(device), device).to("cpu") for state, call in zip(hidden, calls, strict=True)]
 
 
 @torch.no_grad()

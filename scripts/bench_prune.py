@@ -96,7 +96,8 @@ def main() -> None:
     mode = "true-sequential" if args.sequential else "not sequential (as the reference code)"
     print(f"SmolLM2-135M, calibration {args.calib} {args.nsamples} x {args.seqlen} (seed {args.seed}), "
           f"{args.threads} thread(s), {mode}; ppl: wikipedia eval, 20 x 512")
-    header = f"{'method':<10} {'pattern':<12} {'sparsity':>8} {'prune s':>8} {'prune RSS GB':>12} {'proc RSS GB':>11} {'ppl':>9}"
+    header = (f"{'method':<10} {'pattern':<12} {'sparsity':>8} {'prune s':>8} {'prune RSS GB':>12} "
+              f"{'proc RSS GB':>11} {'ppl':>9}")
     print(header)
     rows = []
     for method, pattern, sparsity in configs:
@@ -110,11 +111,12 @@ def main() -> None:
             continue
         r = json.loads(line[7:])
         rows.append(r)
-        shown = f"{1 - int(pattern.split(':')[0]) / int(pattern.split(':')[1]):.2f}" if ":" in pattern else f"{sparsity:.2f}"
+        n_m = [int(v) for v in pattern.split(":")] if ":" in pattern else None
+        shown = f"{1 - n_m[0] / n_m[1]:.2f}" if n_m else f"{sparsity:.2f}"
         prune_s = f"{r['prune_s']:.1f}" if "prune_s" in r else "-"
         rss = f"{r['prune_peak_rss_gb']:.2f}" if "prune_peak_rss_gb" in r else "-"
-        print(f"{method:<10} {pattern:<12} {shown:>8} {prune_s:>8} {rss:>12} {r['process_peak_rss_gb']:>11.2f} {r['ppl']:>9.2f}",
-              flush=True)
+        print(f"{method:<10} {pattern:<12} {shown:>8} {prune_s:>8} {rss:>12} "
+              f"{r['process_peak_rss_gb']:>11.2f} {r['ppl']:>9.2f}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))

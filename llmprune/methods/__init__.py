@@ -28,7 +28,9 @@ class Method:
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", magnitude.needs, magnitude.prepare_stats, magnitude.prune, "layer"),
     "wanda": Method("wanda", wanda.needs, wanda.prepare_stats, wanda.prune, "row"),
-    "sparsegpt": Method("sparsegpt", sparsegpt.needs, sparsegpt.prepare_stats, sparsegpt.prune, "layer", always_updates=True),
+    "sparsegpt": Method(
+        "sparsegpt", sparsegpt.needs, sparsegpt.prepare_stats, sparsegpt.prune, "layer", always_updates=True
+    ),
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -18,7 +18,7 @@ class Options:
     mask is chosen; ``"none"`` only zeroes the pruned weights.
     """
 
-    pattern: Pattern = Pattern()
+    pattern: Pattern = field(default_factory=Pattern)
     sparsity: float = 0.5
     group: Group = "row"
     update: Literal["none", "obs"] = "none"
