@@ -22,8 +22,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import llmprune` stays cheap and never imports torch until something is used.
-    from llmprune import api
-
     if name in __all__:
-        return getattr(api, name)
+        import importlib
+
+        return getattr(importlib.import_module("llmprune.api"), name)
     raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
