@@ -39,7 +39,8 @@ class ColumnNorms:
 
     def add(self, x: torch.Tensor) -> None:
         rows = _rows(x)
-        self.sq += rows.square().sum(0)
+        # vector_norm reduces without materialising the squared copy of the activations
+        self.sq += torch.linalg.vector_norm(rows, dim=0).square()
         self.n += rows.shape[0]
 
     def value(self) -> torch.Tensor:
