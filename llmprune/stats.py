@@ -15,7 +15,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class Hessian:
-    """H = 2/n · XᵀX, the Hessian of the layer-wise loss ‖WX − ŴX‖² (SparseGPT, eq. 1). (in, in)."""
+    """H = 2/n · XᵀX, the Hessian of the layer-wise loss ‖WX − ŴX‖² (SparseGPT, eq. 1). (in, in).
+
+    XᵀX is symmetric, so only its upper block triangle is accumulated (bands of ``BAND`` rows:
+    about 60% of the multiply-adds of the full product for in = 1536), and mirrored once at the end.
+    """
+
+    BAND = 256
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
@@ -23,11 +29,15 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         rows = _rows(x)
-        self.sum.addmm_(rows.T, rows)
+        dim = rows.shape[1]
+        for start in range(0, dim, self.BAND):
+            band = slice(start, start + self.BAND)
+            self.sum[band, start:].addmm_(rows[:, band].T, rows[:, start:])
         self.n += rows.shape[0]
 
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.n, 1))
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, diagonal=1).T) * (2.0 / max(self.n, 1))
 
 
 class ColumnNorms:
