@@ -154,8 +154,9 @@ def cmd_eval(argv: Sequence[str]) -> int:
     if config.source is None:
         raise LlmpruneError("llmprune eval needs an --eval text")
     model, tokenizer = load(args.model, args.dtype)
+    bars = _Bars(args.quiet)
     result = evaluate_ppl(model, tokenizer, config, resolve_device(args.device),
-                          lambda done, total: _Bars(args.quiet)("eval", done, total) if done == total else None)
+                          lambda done, total: bars("eval", done, total))
     result["model"] = args.model
     print(f"{'model':<40} {'ppl':>10}   protocol")
     print(f"{args.model:<40} {result['ppl']:>10.3f}   {_protocol(result)}")
