@@ -20,6 +20,7 @@ from torch import nn
 from llmprune.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.config import PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.lockstep import Lockstep
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
 from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
 from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
@@ -27,9 +28,9 @@ from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
-# Elements of the widest activation of one calibration batch. One large batch lets true-sequential
-# pruning run in a single pass (256 MB in fp32); otherwise smaller batches are faster on a CPU
-# (they stay in cache), while a GPU prefers them large.
+# Elements of the widest activation: of all calibration batches together for the one-pass
+# true-sequential mode (256 MB in fp32), and of one batch otherwise: small batches are faster on
+# a CPU (they stay in cache), while a GPU prefers them large.
 SINGLE_BATCH_BUDGET = 2**26
 CPU_BATCH_BUDGET = 2**22
 
@@ -67,14 +68,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def auto_batch_size(nsamples: int, seqlen: int, widest: int, sequential: bool, device: torch.device) -> int:
-    """Samples per forward: everything at once when true-sequential pruning can then fuse its
-    passes, else as many as keep the widest activation of a batch within budget."""
-    per_sample = max(1, seqlen * widest)
-    if sequential and nsamples * per_sample <= SINGLE_BATCH_BUDGET:
-        return nsamples
+def auto_batch_size(nsamples: int, seqlen: int, widest: int, device: torch.device) -> int:
+    """Samples per forward, keeping the widest activation of a batch within budget."""
     budget = CPU_BATCH_BUDGET if device.type == "cpu" else SINGLE_BATCH_BUDGET
-    return max(1, min(nsamples, budget // per_sample))
+    return max(1, min(nsamples, budget // max(1, seqlen * widest)))
+
+
+def can_fuse(nsamples: int, seqlen: int, widest: int) -> bool:
+    """True-sequential pruning in one pass keeps every batch's activations alive at once."""
+    return nsamples * seqlen * widest <= SINGLE_BATCH_BUDGET
 
 
 class _StatSet:
@@ -110,16 +112,12 @@ class _Watcher:
 
     * ``"all"``: record every linear; stop once all have been seen in the batch.
     * ``"first_group"``: record only the first input group reached; stop at the next group.
-    * ``"prune_on_sight"``: single batch only; prune each linear with ``on_ready`` just before
-      it runs, so the forward continues with pruned weights (true-sequential in one pass).
     """
 
     def __init__(
-        self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str,
-        on_ready: Callable[[str, _StatSet], None] | None = None,
+        self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
-        self.on_ready = on_ready
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, _StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
@@ -145,8 +143,6 @@ class _Watcher:
             # Hold the tensor for the whole batch so identity checks cannot see a reused id.
             self._batch.append((x, leader))
             self._seen.add(name)
-            if self.on_ready is not None:
-                self.on_ready(name, self.stats[leader])
             if self.mode == "all" and self._seen >= set(self.linears):
                 raise StopForward
 
@@ -191,7 +187,7 @@ def _run(
 @torch.no_grad()
 def prune_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
-    method: Method, options: Options, sequential: bool, device: torch.device,
+    method: Method, options: Options, sequential: bool, device: torch.device, fused: bool = False,
 ) -> tuple[list[torch.Tensor], list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
     linears = find_linears(layer)
@@ -202,11 +198,22 @@ def prune_layer(
         if name not in reports:
             reports[name] = _prune_linear(name, linears[name], stats, method, options)
 
-    if sequential and len(hidden) == 1:
-        # All calibration data is one batch, so a linear's statistics are complete the moment
-        # its input arrives: prune it there, before it is applied. One pass then gives
-        # true-sequential pruning and the pruned layer's outputs together.
-        outputs = _Watcher(linears, kinds, device, "prune_on_sight", on_ready=prune).run(layer, hidden, calls)
+    if sequential and fused:
+        # Every batch waits at each linear until all batches have reached it (see lockstep.py);
+        # its statistics are then complete, so it is pruned right there, before it is applied.
+        # One pass gives true-sequential pruning and the pruned layer's outputs together.
+        shared: list[tuple[torch.Tensor, _StatSet]] = []  # by identity of batch 0's input
+
+        def on_ready(name: str, inputs: list[torch.Tensor]) -> None:
+            stats = next((s for t, s in shared if t is inputs[0]), None)
+            if stats is None:
+                stats = _StatSet(inputs[0].shape[-1], kinds, device)
+                for x in inputs:
+                    stats.add(x.detach())
+                shared.append((inputs[0], stats))
+            prune(name, stats)
+
+        outputs = Lockstep(linears, len(hidden), on_ready).run(layer, hidden, calls, device)
     else:
         pending = dict(linears)
         while pending:
@@ -274,8 +281,8 @@ def prune(
     model.eval()
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
-    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest,
-                                         config.sequential, run_device)
+    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
+    fused = can_fuse(calibration.shape[0], calibration.shape[1], widest)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
     report = PruneReport(config, layers_path, device=str(run_device), batch_size=size)
     for index, layer in enumerate(layers):
@@ -285,7 +292,7 @@ def prune(
         home = next(layer.parameters()).device
         layer.to(run_device)
         hidden, linear_reports = prune_layer(
-            layer, hidden, calls[index], method, options, config.sequential, run_device
+            layer, hidden, calls[index], method, options, config.sequential, run_device, fused
         )
         layer.to(home)
         for item in linear_reports:
