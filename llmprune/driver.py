@@ -53,6 +53,7 @@ class PruneReport:
     seconds: float = 0.0
     device: str = "cpu"
     batch_size: int = 0
+    one_pass: bool = False  # true-sequential with the batches in lockstep (one forward per layer)
 
     @property
     def sparsity(self) -> float:
@@ -284,7 +285,8 @@ def prune(
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     fused = can_fuse(calibration.shape[0], calibration.shape[1], widest)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
-    report = PruneReport(config, layers_path, device=str(run_device), batch_size=size)
+    report = PruneReport(config, layers_path, device=str(run_device), batch_size=size,
+                         one_pass=config.sequential and fused)
     for index, layer in enumerate(layers):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
