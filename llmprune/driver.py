@@ -20,7 +20,6 @@ from torch import nn
 from llmprune.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.config import PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
-from llmprune.lockstep import Lockstep
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
 from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
 from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
@@ -28,9 +27,9 @@ from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
-# Elements of the widest activation: of all calibration batches together for the one-pass
-# true-sequential mode (256 MB in fp32), and of one batch otherwise: small batches are faster on
-# a CPU (they stay in cache), while a GPU prefers them large.
+# Elements of the widest activation of one calibration batch. One large batch lets true-sequential
+# pruning run in a single pass (256 MB in fp32); otherwise smaller batches are faster on a CPU
+# (they stay in cache), while a GPU prefers them large.
 SINGLE_BATCH_BUDGET = 2**26
 CPU_BATCH_BUDGET = 2**22
 
@@ -53,7 +52,7 @@ class PruneReport:
     seconds: float = 0.0
     device: str = "cpu"
     batch_size: int = 0
-    one_pass: bool = False  # true-sequential with the batches in lockstep (one forward per layer)
+    one_pass: bool = False  # true-sequential in a single forward per layer (one calibration batch)
 
     @property
     def sparsity(self) -> float:
@@ -69,15 +68,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def auto_batch_size(nsamples: int, seqlen: int, widest: int, device: torch.device) -> int:
-    """Samples per forward, keeping the widest activation of a batch within budget."""
+def auto_batch_size(nsamples: int, seqlen: int, widest: int, sequential: bool, device: torch.device) -> int:
+    """Samples per forward: all at once when true-sequential pruning can then run in one pass,
+    else as many as keep the widest activation of a batch within budget."""
+    per_sample = max(1, seqlen * widest)
+    if sequential and nsamples * per_sample <= SINGLE_BATCH_BUDGET:
+        return nsamples
     budget = CPU_BATCH_BUDGET if device.type == "cpu" else SINGLE_BATCH_BUDGET
-    return max(1, min(nsamples, budget // max(1, seqlen * widest)))
-
-
-def can_fuse(nsamples: int, seqlen: int, widest: int) -> bool:
-    """True-sequential pruning in one pass keeps every batch's activations alive at once."""
-    return nsamples * seqlen * widest <= SINGLE_BATCH_BUDGET
+    return max(1, min(nsamples, budget // per_sample))
 
 
 class _StatSet:
@@ -113,12 +111,15 @@ class _Watcher:
 
     * ``"all"``: record every linear; stop once all have been seen in the batch.
     * ``"first_group"``: record only the first input group reached; stop at the next group.
+    * ``"prune_on_sight"``: one batch only; call ``on_ready`` (which prunes the linear) just
+      before each linear runs, so the forward goes on with pruned weights.
     """
 
     def __init__(
         self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
+        self.on_ready: Callable[[str, _StatSet], None] | None = None
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, _StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
@@ -144,6 +145,8 @@ class _Watcher:
             # Hold the tensor for the whole batch so identity checks cannot see a reused id.
             self._batch.append((x, leader))
             self._seen.add(name)
+            if self.on_ready is not None:
+                self.on_ready(name, self.stats[leader])
             if self.mode == "all" and self._seen >= set(self.linears):
                 raise StopForward
 
@@ -200,21 +203,12 @@ def prune_layer(
             reports[name] = _prune_linear(name, linears[name], stats, method, options)
 
     if sequential and fused:
-        # Every batch waits at each linear until all batches have reached it (see lockstep.py);
-        # its statistics are then complete, so it is pruned right there, before it is applied.
-        # One pass gives true-sequential pruning and the pruned layer's outputs together.
-        shared: list[tuple[torch.Tensor, _StatSet]] = []  # by identity of batch 0's input
-
-        def on_ready(name: str, inputs: list[torch.Tensor]) -> None:
-            stats = next((s for t, s in shared if t is inputs[0]), None)
-            if stats is None:
-                stats = _StatSet(inputs[0].shape[-1], kinds, device)
-                for x in inputs:
-                    stats.add(x.detach())
-                shared.append((inputs[0], stats))
-            prune(name, stats)
-
-        outputs = Lockstep(linears, len(hidden), on_ready).run(layer, hidden, calls, device)
+        # All calibration data is one batch, so a linear's statistics are complete the moment
+        # its input arrives: prune it there, before it is applied. One pass then gives
+        # true-sequential pruning and the pruned layer's outputs together.
+        watcher = _Watcher(linears, kinds, device, "prune_on_sight")
+        watcher.on_ready = prune
+        outputs = watcher.run(layer, hidden, calls)
     else:
         pending = dict(linears)
         while pending:
@@ -282,8 +276,9 @@ def prune(
     model.eval()
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
-    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
-    fused = can_fuse(calibration.shape[0], calibration.shape[1], widest)
+    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest,
+                                         config.sequential, run_device)
+    fused = size >= calibration.shape[0]  # one batch: true-sequential runs in one pass
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
     report = PruneReport(config, layers_path, device=str(run_device), batch_size=size,
                          one_pass=config.sequential and fused)

@@ -274,23 +274,21 @@ def pruned_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_batch_size_does_not_change_the_result(models, method, sequential, monkeypatch):
+def test_batch_size_does_not_change_the_result(models, method, sequential):
     """Statistics are counted in tokens, so splitting the calibration set into batches (of one,
     or uneven ones: 2 + 2 + 1, which a mean of per-batch means would get wrong) must give the
-    weights one batch gives. With sequential=True the runs also take different paths: one pass
-    with the batches in lockstep, or (activation budget 0) one pass per group of linears."""
-    import llmprune.driver
-
+    weights one batch gives. With sequential=True the runs also take different paths: one batch
+    prunes each linear as its input arrives, several run one pass per group of linears."""
     ids = tiny.random_ids(5, SEQLEN, seed=9)
     config = PruneConfig(method=method, sparsity=0.5, sequential=sequential)
     results = {}
-    for budget in (llmprune.driver.SINGLE_BATCH_BUDGET, 0):
-        monkeypatch.setattr(llmprune.driver, "SINGLE_BATCH_BUDGET", budget)
-        for batch_size in (1, 2, len(ids)):
-            model = fresh(models, "llama")
-            assert prune(model, config, ids, device="cpu", batch_size=batch_size).batch_size == batch_size
-            results[budget, batch_size] = pruned_weights(model)
-    whole = results.pop((llmprune.driver.SINGLE_BATCH_BUDGET, len(ids)))
+    for batch_size in (1, 2, len(ids)):
+        model = fresh(models, "llama")
+        report = prune(model, config, ids, device="cpu", batch_size=batch_size)
+        assert report.batch_size == batch_size
+        assert report.one_pass == (sequential and batch_size == len(ids))
+        results[batch_size] = pruned_weights(model)
+    whole = results.pop(len(ids))
     for key, split in results.items():
         for name in whole:
             assert torch.equal(split[name] == 0, whole[name] == 0), f"{key=} {name}: masks differ"
