@@ -63,9 +63,18 @@ class PruneReport:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto": CUDA when present, else the CPU. An explicit device must exist."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LlmpruneError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpruneError(f"device {device!r} requested but CUDA is not available here")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise LlmpruneError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return resolved
 
 
 def auto_batch_size(nsamples: int, seqlen: int, widest: int, sequential: bool, device: torch.device) -> int:

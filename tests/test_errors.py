@@ -81,11 +81,20 @@ def outputs(folder: Path) -> list[str]:
     (["--pattern", "0:4"], "0 < N < M"),
     (["--sparsity", "0.6", "--pattern", "2:4"], "contradicts sparsity 0.6"),
     (["--method", "obs"], "unknown method 'obs'"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--eval-windows", "-1"], "eval windows must be >= 0"),
 ])
 def test_bad_options(options, expected, llama_dir, text_file, tmp_path, capsys):
     message = refused(["--model", str(llama_dir), *options, "--calib", str(text_file), *FAST,
                        *outputs(tmp_path)], tmp_path, capsys)
     assert expected in message
+
+
+def test_missing_cuda_device(llama_dir, text_file, tmp_path, capsys):
+    # cuda:99 exists nowhere: "not available" on a CPU machine, "does not exist" on a GPU one.
+    message = refused(["--model", str(llama_dir), "--device", "cuda:99", "--calib", str(text_file), *FAST,
+                       *outputs(tmp_path)], tmp_path, capsys)
+    assert "CUDA is not available" in message or "does not exist" in message
 
 
 # --- model ---------------------------------------------------------------------------------
