@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,12 +133,12 @@ class _Watcher:
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, _StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
-        self._batch: list[tuple[torch.Tensor, str]] = []
+        self._batch: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._seen: set[str] = set()
 
     def _leader_of(self, name: str, x: torch.Tensor) -> str:
         if name not in self.leader:
-            self.leader[name] = next((lead for t, lead in self._batch if t is x), name)
+            self.leader[name] = next((lead for ref, lead in self._batch if ref() is x), name)
             self.order.append(name)
         return self.leader[name]
 
@@ -151,8 +152,9 @@ class _Watcher:
                 if name not in self.stats:
                     self.stats[name] = _StatSet(x.shape[-1], self.kinds, self.device)
                 self.stats[name].add(x.detach())
-            # Hold the tensor for the whole batch so identity checks cannot see a reused id.
-            self._batch.append((x, leader))
+            # A weak reference: identity checks stay exact (a dead tensor matches nothing)
+            # without keeping every input of the layer alive.
+            self._batch.append((weakref.ref(x), leader))
             self._seen.add(name)
             if self.on_ready is not None:
                 self.on_ready(name, self.stats[leader])

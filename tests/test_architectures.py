@@ -311,3 +311,23 @@ def test_sequential_prunes_later_groups_from_pruned_inputs(models, batch_size):
         assert torch.equal(results[True][key], results[False][key]), key
     for key in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):
         assert not torch.equal(results[True][key] == 0, results[False][key] == 0), key
+
+
+def test_linears_sharing_an_input_share_statistics(models):
+    """q/k/v read one tensor, gate/up another: each group gets one set of statistics, and the
+    groups come in call order (what true-sequential pruning follows)."""
+    from llmprune.driver import _Watcher
+    from llmprune.model import find_linears
+
+    model = fresh(models, "llama")
+    _, layers = find_decoder_layers(model)
+    ids = tiny.random_ids(2, SEQLEN, seed=3)
+    hidden, calls = capture_layer_calls(model, layers, [ids])
+    watcher = _Watcher(find_linears(layers[0]), {"hessian"}, CPU, "all")
+    with torch.no_grad():
+        watcher.run(layers[0], hidden, calls[0])
+    leaders = {name.split(".")[-1]: lead.split(".")[-1] for name, lead in watcher.leader.items()}
+    assert leaders == {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+                       "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+    assert [n.split(".")[-1] for n in watcher.order][:1] == ["q_proj"]
+    assert sorted(lead.split(".")[-1] for lead in watcher.stats) == ["down_proj", "gate_proj", "o_proj", "q_proj"]
