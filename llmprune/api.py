@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.data import calibration_windows, evaluation_windows, load_text, tokenize, wants_bos
+from llmprune.data import calibration_data, evaluation_data
 from llmprune.driver import PruneReport, prune
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity as _perplexity
@@ -16,18 +14,10 @@ from llmprune.job import run as run_job
 from llmprune.loading import load as load_model
 
 
-def calibration_data(tokenizer: Any, source: str = "wikipedia", nsamples: int = 128,
-                     seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
-    """(nsamples, seqlen) token ids from ``source`` (see :mod:`llmprune.data`)."""
-    text = load_text(source, "calibration")
-    return calibration_windows(tokenize(tokenizer, text), nsamples, seqlen, seed, wants_bos(tokenizer))
-
-
 def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int = 2048,
                windows: int | None = None) -> float:
     """Perplexity on the first ``windows`` non-overlapping windows of ``source``'s evaluation text."""
-    tokens = tokenize(tokenizer, load_text(source, "evaluation"))
-    return _perplexity(model, evaluation_windows(tokens, seqlen, windows, wants_bos(tokenizer)))
+    return _perplexity(model, evaluation_data(tokenizer, source, seqlen, windows))
 
 
 __all__ = [

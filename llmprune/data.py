@@ -152,3 +152,17 @@ def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | Non
     if count == 0:
         raise LlmpruneError(f"evaluation text has {tokens.shape[-1]} tokens, fewer than one window of {seqlen}")
     return _with_bos(tokens.reshape(-1)[: count * body].reshape(count, body), bos)
+
+
+def calibration_data(tokenizer: Any, source: str = "wikipedia", nsamples: int = 128,
+                     seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """(nsamples, seqlen) calibration token ids drawn from ``source``."""
+    tokens = tokenize(tokenizer, load_text(source, "calibration"))
+    return calibration_windows(tokens, nsamples, seqlen, seed, wants_bos(tokenizer))
+
+
+def evaluation_data(tokenizer: Any, source: str = "wikipedia", seqlen: int = 2048,
+                    max_windows: int | None = None) -> torch.Tensor:
+    """(windows, seqlen) evaluation token ids of ``source`` (see :func:`evaluation_windows`)."""
+    tokens = tokenize(tokenizer, load_text(source, "evaluation"))
+    return evaluation_windows(tokens, seqlen, max_windows, wants_bos(tokenizer))

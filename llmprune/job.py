@@ -22,7 +22,7 @@ import torch
 from llmprune import __version__
 from llmprune.card import model_card
 from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.data import calibration_windows, evaluation_windows, load_text, tokenize, wants_bos
+from llmprune.data import calibration_data, evaluation_data, wants_bos
 from llmprune.driver import PruneReport, prune, resolve_device
 from llmprune.errors import LlmpruneError
 from llmprune.evaluate import perplexity
@@ -78,9 +78,7 @@ def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.d
     """Perplexity of ``model`` under ``config``, with the protocol's facts."""
     assert config.source is not None
     seqlen = _seqlen(config.seqlen, model)
-    bos = wants_bos(tokenizer)
-    windows = evaluation_windows(tokenize(tokenizer, load_text(config.source, "evaluation")),
-                                 seqlen, config.windows or None, bos)
+    windows = evaluation_data(tokenizer, config.source, seqlen, config.windows or None)
     home = next(model.parameters()).device
     model.to(device)
     tick = time.perf_counter()
@@ -89,7 +87,7 @@ def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.d
     finally:
         model.to(home)
     return {"source": config.source, "split": "evaluation", "seqlen": seqlen,
-            "windows": windows.shape[0], "tokens": windows.numel(), "bos": bos is not None,
+            "windows": windows.shape[0], "tokens": windows.numel(), "bos": wants_bos(tokenizer) is not None,
             "ppl": ppl, "seconds": time.perf_counter() - tick}
 
 
@@ -118,8 +116,7 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
     tick = time.perf_counter()
     cal = job.calibration
     seqlen = _seqlen(cal.seqlen, model)
-    calibration = calibration_windows(tokenize(tokenizer, load_text(cal.source, "calibration")),
-                                      cal.nsamples, seqlen, cal.seed, wants_bos(tokenizer))
+    calibration = calibration_data(tokenizer, cal.source, cal.nsamples, seqlen, cal.seed)
     timings["calibration_data_s"] = time.perf_counter() - tick
 
     dense = pruned = None

@@ -44,12 +44,12 @@ def run_one(args: argparse.Namespace) -> dict[str, object]:
 
     torch.set_num_threads(args.threads)
     import llmprune
-    from llmprune.data import evaluation_windows, load_text, tokenize
+    from llmprune.data import evaluation_data
     from llmprune.evaluate import perplexity
 
     model, tokenizer = llmprune.load_model("smollm2-135m")
     calibration = llmprune.calibration_data(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    windows = evaluation_windows(tokenize(tokenizer, load_text("wikipedia", "evaluation")), 512, 20)
+    windows = evaluation_data(tokenizer, "wikipedia", 512, 20)
     result: dict[str, object] = {"method": args.method, "pattern": args.pattern, "sparsity": args.sparsity,
                                  "sequential": args.sequential, "threads": torch.get_num_threads()}
     if args.method != "dense":

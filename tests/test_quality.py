@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune.data import evaluation_windows, load_text, tokenize
+from llmprune.data import evaluation_data
 from llmprune.evaluate import perplexity
 from llmprune.export import save_checkpoint
 
@@ -39,7 +39,7 @@ RUNS = [  # name, method, pattern, sparsity, calibration
 @pytest.fixture(scope="module")
 def smol():
     model, tokenizer = llmprune.load_model("smollm2-135m")
-    windows = evaluation_windows(tokenize(tokenizer, load_text("wikipedia", "evaluation")), 512, 20)
+    windows = evaluation_data(tokenizer, "wikipedia", 512, 20)
     return model, tokenizer, windows
 
 
