@@ -21,6 +21,7 @@ from torch import nn
 from llmprune.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.config import PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.lockstep import Diverged, Lockstep
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
 from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
 from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
@@ -28,11 +29,14 @@ from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
-# Elements of the widest activation of one calibration batch. One large batch lets true-sequential
-# pruning run in a single pass (256 MB in fp32); otherwise smaller batches are faster on a CPU
+# Elements of the widest activation of one calibration batch: small batches are faster on a CPU
 # (they stay in cache), while a GPU prefers them large.
-SINGLE_BATCH_BUDGET = 2**26
 CPU_BATCH_BUDGET = 2**22
+DEVICE_BATCH_BUDGET = 2**26
+# Elements of the widest activation of all batches together, which the lockstep mode keeps alive
+# at once (256 MB in fp32). Above it true-sequential pruning takes one pass per input group.
+LOCKSTEP_BUDGET = 2**26
+ERROR_SAMPLE_ROWS = 256  # calibration rows (over all batches) on which reconstruction error is measured
 
 
 @dataclass
@@ -53,7 +57,7 @@ class PruneReport:
     seconds: float = 0.0
     device: str = "cpu"
     batch_size: int = 0
-    one_pass: bool = False  # true-sequential in a single forward per layer (one calibration batch)
+    one_pass: bool = False  # true-sequential in a single forward per layer (batches in lockstep)
 
     @property
     def sparsity(self) -> float:
@@ -78,26 +82,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def auto_batch_size(nsamples: int, seqlen: int, widest: int, sequential: bool, device: torch.device) -> int:
-    """Samples per forward: all at once when true-sequential pruning can then run in one pass,
-    else as many as keep the widest activation of a batch within budget."""
-    per_sample = max(1, seqlen * widest)
-    if sequential and nsamples * per_sample <= SINGLE_BATCH_BUDGET:
-        return nsamples
-    budget = CPU_BATCH_BUDGET if device.type == "cpu" else SINGLE_BATCH_BUDGET
-    return max(1, min(nsamples, budget // per_sample))
+def auto_batch_size(nsamples: int, seqlen: int, widest: int, device: torch.device) -> int:
+    """Samples per forward: as many as keep the widest activation of a batch within budget."""
+    budget = CPU_BATCH_BUDGET if device.type == "cpu" else DEVICE_BATCH_BUDGET
+    return max(1, min(nsamples, budget // max(1, seqlen * widest)))
+
+
+def fits_lockstep(nsamples: int, seqlen: int, widest: int) -> bool:
+    """Whether every batch's activations may be alive at once (one-pass true-sequential)."""
+    return nsamples * seqlen * widest <= LOCKSTEP_BUDGET
 
 
 class _StatSet:
     """The statistics of one shared input tensor."""
 
-    def __init__(self, dim: int, kinds: set[str], device: torch.device) -> None:
+    def __init__(self, dim: int, kinds: set[str], device: torch.device, batches: int) -> None:
         self.acc: dict[str, Hessian | ColumnNorms] = {}
         if HESSIAN in kinds:
             self.acc[HESSIAN] = Hessian(dim, device)
         if COLUMN_NORMS in kinds:
             self.acc[COLUMN_NORMS] = ColumnNorms(dim, device)
-        self.sample = InputSample()
+        self.sample = InputSample(max(1, ERROR_SAMPLE_ROWS // batches))
         self._prepared: dict[str, torch.Tensor] | None = None
 
     def add(self, x: torch.Tensor) -> None:
@@ -121,20 +126,18 @@ class _Watcher:
 
     * ``"all"``: record every linear; stop once all have been seen in the batch.
     * ``"first_group"``: record only the first input group reached; stop at the next group.
-    * ``"prune_on_sight"``: one batch only; call ``on_ready`` (which prunes the linear) just
-      before each linear runs, so the forward goes on with pruned weights.
     """
 
     def __init__(
         self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
-        self.on_ready: Callable[[str, _StatSet], None] | None = None
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, _StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
         self._batch: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._seen: set[str] = set()
+        self.batches = 1
 
     def _leader_of(self, name: str, x: torch.Tensor) -> str:
         if name not in self.leader:
@@ -150,14 +153,12 @@ class _Watcher:
                 raise StopForward
             if leader == name:
                 if name not in self.stats:
-                    self.stats[name] = _StatSet(x.shape[-1], self.kinds, self.device)
+                    self.stats[name] = _StatSet(x.shape[-1], self.kinds, self.device, self.batches)
                 self.stats[name].add(x.detach())
             # A weak reference: identity checks stay exact (a dead tensor matches nothing)
             # without keeping every input of the layer alive.
             self._batch.append((weakref.ref(x), leader))
             self._seen.add(name)
-            if self.on_ready is not None:
-                self.on_ready(name, self.stats[leader])
             if self.mode == "all" and self._seen >= set(self.linears):
                 raise StopForward
 
@@ -166,6 +167,7 @@ class _Watcher:
     def run(self, layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall]) -> list[torch.Tensor]:
         handles = [lin.register_forward_pre_hook(self.hook(n)) for n, lin in self.linears.items()]
         outputs: list[torch.Tensor] = []
+        self.batches = len(hidden)
         try:
             for state, call in zip(hidden, calls, strict=True):
                 self._batch, self._seen = [], set()
@@ -202,7 +204,7 @@ def _run(
 @torch.no_grad()
 def prune_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
-    method: Method, options: Options, sequential: bool, device: torch.device, fused: bool = False,
+    method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
 ) -> tuple[list[torch.Tensor], list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
     linears = find_linears(layer)
@@ -213,15 +215,29 @@ def prune_layer(
         if name not in reports:
             reports[name] = _prune_linear(name, linears[name], stats, method, options)
 
-    if sequential and fused:
-        # All calibration data is one batch, so a linear's statistics are complete the moment
-        # its input arrives: prune it there, before it is applied. One pass then gives
-        # true-sequential pruning and the pruned layer's outputs together.
-        watcher = _Watcher(linears, kinds, device, "prune_on_sight")
-        watcher.on_ready = prune
-        outputs = watcher.run(layer, hidden, calls)
-    else:
-        pending = dict(linears)
+    pending = dict(linears)
+    outputs: list[torch.Tensor] | None = None
+    if sequential and lockstep:
+        # Every batch waits at each linear until all batches have reached it; the linear's
+        # statistics are then complete, so it is pruned right there, before it is applied.
+        # One pass gives true-sequential pruning and the pruned layer's outputs together.
+        shared: list[tuple[weakref.ref[torch.Tensor], _StatSet]] = []  # by identity of batch 0's input
+
+        def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
+            stats = next((s for ref, s in shared if ref() is inputs[0]), None)
+            if stats is None:
+                stats = _StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
+                for x in inputs:
+                    stats.add(x.detach())
+                shared.append((weakref.ref(inputs[0]), stats))
+            prune(name, stats)
+            pending.pop(name, None)  # a linear may run twice in a layer
+
+        try:
+            outputs = Lockstep(pending, on_arrival).run(layer, hidden, calls, device)
+        except Diverged as why:
+            log.info("%s; pruning the rest of this layer group by group", why)
+    if outputs is None:
         while pending:
             watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
             watcher.run(layer, hidden, calls)
@@ -282,25 +298,25 @@ def prune(
     options = config.options()
     layers_path, layers = find_decoder_layers(model)
     validate_widths(layers_path, layers, options)
-    check_finite(model)
+    check_finite(model, skip=layers)
     run_device = resolve_device(device)
     model.eval()
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
-    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest,
-                                         config.sequential, run_device)
-    fused = size >= calibration.shape[0]  # one batch: true-sequential runs in one pass
+    size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
     report = PruneReport(config, layers_path, device=str(run_device), batch_size=size,
-                         one_pass=config.sequential and fused)
+                         one_pass=lockstep)
     for index, layer in enumerate(layers):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
         tick = time.perf_counter()
+        check_finite(layer, prefix=f"{layers_path}.{index}")
         home = next(layer.parameters()).device
         layer.to(run_device)
         hidden, linear_reports = prune_layer(
-            layer, hidden, calls[index], method, options, config.sequential, run_device, fused
+            layer, hidden, calls[index], method, options, config.sequential, run_device, lockstep
         )
         layer.to(home)
         for item in linear_reports:

@@ -8,6 +8,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+CE_ROWS = 256  # token positions per cross-entropy call: bounds its log-softmax copy (~50 MB at 49k vocab)
+
+
+def _summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Σ −log p(ids[t+1] | ids[:t+1]) over all positions, without copying the (batch, seqlen,
+    vocab) logits: the last position of each row gets no target, instead of slicing it off."""
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.shape[0], CE_ROWS):
+        total += nn.functional.cross_entropy(
+            flat[start : start + CE_ROWS].float(), flat_targets[start : start + CE_ROWS],
+            reduction="sum", ignore_index=-100,
+        ).item()
+    return total
+
 
 @torch.no_grad()
 def perplexity(
@@ -28,11 +45,8 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(run_device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+        logits = model(input_ids=batch, use_cache=False).logits
+        total_nll += _summed_nll(logits, batch)
         total_tokens += batch[:, 1:].numel()
         if progress is not None:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])

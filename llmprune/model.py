@@ -66,10 +66,17 @@ def set_weight(linear: nn.Module, W: torch.Tensor) -> None:
     target.copy_(W.to(device=target.device, dtype=target.dtype))
 
 
-def check_finite(model: nn.Module) -> None:
-    """Refuse weights with NaN or Inf: statistics and solves would silently propagate them."""
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+def check_finite(module: nn.Module, prefix: str = "", skip: nn.Module | None = None) -> None:
+    """Refuse weights with NaN or Inf: statistics and solves would silently propagate them.
+    Parameters of ``skip`` are left out (the driver checks each decoder layer when it gets to it,
+    so the checkpoint's pages are not all read in, and kept resident, before pruning starts)."""
+    skipped = {id(p) for p in skip.parameters()} if skip is not None else set()
+    for name, param in module.named_parameters(prefix=prefix.rstrip(".")):
+        if id(param) in skipped:
+            continue
+        # A sum is NaN/Inf whenever an element is (and rarely otherwise: overflow), without
+        # allocating a mask the size of the weight; only a suspicious sum is checked exactly.
+        if not torch.isfinite(param.sum(dtype=torch.float32)) and not torch.isfinite(param).all():
             raise LlmpruneError(f"weight {name} contains NaN or Inf; the checkpoint is damaged")
 
 

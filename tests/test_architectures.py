@@ -274,21 +274,26 @@ def pruned_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_batch_size_does_not_change_the_result(models, method, sequential):
+def test_batching_and_path_do_not_change_the_result(models, method, sequential, monkeypatch):
     """Statistics are counted in tokens, so splitting the calibration set into batches (of one,
     or uneven ones: 2 + 2 + 1, which a mean of per-batch means would get wrong) must give the
-    weights one batch gives. With sequential=True the runs also take different paths: one batch
-    prunes each linear as its input arrives, several run one pass per group of linears."""
+    weights one batch gives. True-sequential runs also take different paths: batches in
+    lockstep (one pass per layer), or one pass per group of linears when over the budget."""
+    import llmprune.driver as driver
+
     ids = tiny.random_ids(5, SEQLEN, seed=9)
     config = PruneConfig(method=method, sparsity=0.5, sequential=sequential)
+    budget = driver.LOCKSTEP_BUDGET
     results = {}
-    for batch_size in (1, 2, len(ids)):
-        model = fresh(models, "llama")
-        report = prune(model, config, ids, device="cpu", batch_size=batch_size)
-        assert report.batch_size == batch_size
-        assert report.one_pass == (sequential and batch_size == len(ids))
-        results[batch_size] = pruned_weights(model)
-    whole = results.pop(len(ids))
+    for lockstep in (True, False):
+        monkeypatch.setattr(driver, "LOCKSTEP_BUDGET", budget if lockstep else 0)
+        for batch_size in (1, 2, len(ids)):
+            model = fresh(models, "llama")
+            report = prune(model, config, ids, device="cpu", batch_size=batch_size)
+            assert report.batch_size == batch_size
+            assert report.one_pass == (sequential and lockstep)
+            results[lockstep, batch_size] = pruned_weights(model)
+    whole = results.pop((True, len(ids)))
     for key, split in results.items():
         for name in whole:
             assert torch.equal(split[name] == 0, whole[name] == 0), f"{key=} {name}: masks differ"

@@ -1,24 +1,49 @@
 """Known-answer tests for magnitude, Wanda and SparseGPT, and the vectorised OBS solver
 against a slow column-by-column reference of SparseGPT's Algorithm 1."""
 
+import itertools
+
 import pytest
 import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Options, get_method
-from llmprune.methods.sparsegpt import inverse_hessian_factor, obs_update
+from llmprune.methods.sparsegpt import inverse_hessian_factor, keep_group, obs_update
 from llmprune.patterns import Pattern, keep_nm, prune_count
 
 
-def opts(pattern="unstructured", sparsity=0.5, group="layer", update="none", blocksize=128, damp=0.01):
-    return Options(Pattern.parse(pattern), sparsity, group, update, blocksize, damp)
+def opts(pattern="unstructured", sparsity=0.5, group="layer", update="none", blocksize=128, damp=0.01,
+         nm_select="joint"):
+    return Options(Pattern.parse(pattern), sparsity, group, update, blocksize, damp, nm_select)
 
 
 def hessian_of(X: torch.Tensor) -> torch.Tensor:
     return 2 * X.T @ X / X.shape[0]
 
 
-def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None):
+def naive_group_keep(w, U, n, select):
+    """Keep mask of one N:M group. "joint": every pruned set S tried, the column recursion run
+    for each and the least total squared error kept (first in combination order on ties)."""
+    rows, m = w.shape
+    if select == "score":
+        return keep_nm((w**2 / U.diagonal() ** 2).float(), n, m)
+    keep = torch.ones(rows, m, dtype=torch.bool)
+    for r in range(rows):
+        best = None
+        for pruned in itertools.combinations(range(m), m - n):
+            row, loss = w[r].clone(), 0.0
+            for j in range(m):
+                if j in pruned:
+                    err = row[j] / U[j, j]
+                    row[j:] -= err * U[j, j:]
+                    loss += err.item() ** 2
+            if best is None or loss < best[0]:
+                best = (loss, pruned)
+        keep[r, list(best[1])] = False
+    return keep
+
+
+def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None, select="joint"):
     """Algorithm 1 of the SparseGPT paper, one column at a time (slow, obviously correct)."""
     W = W.clone().double()
     H = H.clone().double()
@@ -41,8 +66,8 @@ def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None
             keep[:, s0:s1] = block_keep.reshape(rows, s1 - s0)
         for j in range(s0, s1):
             if chosen and nm is not None and (j - s0) % nm[1] == 0:
-                group = W[:, j : j + nm[1]] ** 2 / U.diagonal()[j : j + nm[1]] ** 2
-                keep[:, j : j + nm[1]] = keep_nm(group.float(), *nm)
+                window = slice(j, j + nm[1])
+                keep[:, window] = naive_group_keep(W[:, window], U[window, window], nm[0], select)
             q = W[:, j] * keep[:, j]
             err = (W[:, j] - q) / U[j, j]
             W[:, j:] -= err[:, None] * U[j, j:][None, :]  # eager update of every later column
@@ -114,18 +139,19 @@ def test_obs_reconstructs_a_redundant_column_exactly():
     assert torch.allclose(result.weight[0, 1:], torch.tensor([6.5, 2.0, 0.25]), atol=1e-2)
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8", "1:4"])
+@pytest.mark.parametrize("pattern,select", [("unstructured", "joint"), ("2:4", "joint"), ("2:4", "score"),
+                                            ("4:8", "joint"), ("4:8", "score"), ("1:4", "joint")])
 @pytest.mark.parametrize("blocksize", [128, 16, 24])
-def test_sparsegpt_matches_naive_reference(pattern, blocksize):
+def test_sparsegpt_matches_naive_reference(pattern, select, blocksize):
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(512, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
     X[:, 5] = 0  # a dead input
     W = torch.randn(16, 64, generator=gen)
     H = hessian_of(X)
-    options = opts(pattern=pattern, blocksize=blocksize)
+    options = opts(pattern=pattern, blocksize=blocksize, nm_select=select)
     result = get_method("sparsegpt").prune(W, {HESSIAN: H}, options)
     nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
-    W_ref, keep_ref = naive_sparsegpt(W, H, 0.5, nm, blocksize)
+    W_ref, keep_ref = naive_sparsegpt(W, H, 0.5, nm, blocksize, select=select)
     assert torch.equal(result.keep, keep_ref)
     assert torch.allclose(result.weight, W_ref, atol=2e-4)
     assert (result.weight[~result.keep] == 0).all()
@@ -133,6 +159,27 @@ def test_sparsegpt_matches_naive_reference(pattern, blocksize):
         assert (result.weight == 0).sum().item() >= prune_count(W.numel(), 0.5)
     else:
         assert ((result.weight != 0).reshape(16, -1, nm[1]).sum(-1) <= nm[0]).all()
+
+
+def test_joint_nm_choice_sees_what_per_weight_scores_miss():
+    """2:4 with U = I except U_12 = 0.95: pruning column 1 passes err·0.95 on to column 2, which
+    then almost vanishes. Scores w²/U_jj² pick {0, 2} (1 + 1.1025 = 2.10); the group's true error
+    is least for {1, 2}: 1.1² + (1.05 − 1.1·0.95)² = 1.210025."""
+    w = torch.tensor([[1.0, 1.1, 1.05, 1.2]])
+    U = torch.eye(4)
+    U[1, 2] = 0.95
+    assert keep_group(w, U, 2, "score").tolist() == [[False, True, False, True]]
+    assert keep_group(w, U, 2, "joint").tolist() == [[True, False, False, True]]
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (3, 8)])
+def test_joint_nm_choice_matches_brute_force(nm):
+    gen = torch.Generator().manual_seed(7)
+    m = nm[1]
+    A = torch.randn(m, m, generator=gen, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + 0.1 * torch.eye(m, dtype=torch.float64)), upper=True)
+    w = torch.randn(50, m, generator=gen, dtype=torch.float64)
+    assert torch.equal(keep_group(w, U, nm[0], "joint"), naive_group_keep(w, U, nm[0], "joint"))
 
 
 def test_obs_update_with_fixed_mask_matches_naive():

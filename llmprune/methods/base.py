@@ -24,6 +24,7 @@ class Options:
     update: Literal["none", "obs"] = "none"
     blocksize: int = 128
     damp: float = 0.01
+    nm_select: Literal["joint", "score"] = "joint"  # SparseGPT's N:M mask choice per group
 
 
 @dataclass

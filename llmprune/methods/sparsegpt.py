@@ -21,7 +21,9 @@ passed instead; then only the weight update runs (``--update obs``).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 
 import torch
 
@@ -107,9 +109,7 @@ def _solve(W: torch.Tensor, stats: Stats, options: Options, keep: torch.Tensor |
             c1 = min(c0 + step, end - start)
             Uc = Ub[c0:c1, c0:c1]
             if nm:
-                keep[:, start + c0 : start + c1] = keep_nm(
-                    block[:, c0:c1].square() / Uc.diagonal().square(), pattern.n, pattern.m
-                )
+                keep[:, start + c0 : start + c1] = keep_group(block[:, c0:c1], Uc, pattern.n, options.nm_select)
             kept = keep[:, start + c0 : start + c1]
             err = _step_errors(block[:, c0:c1], Uc, ~kept)
             block[:, c0:c1] = (block[:, c0:c1] - err @ Uc) * kept
@@ -142,6 +142,33 @@ def _step_errors(w: torch.Tensor, Uc: torch.Tensor, pruned: torch.Tensor) -> tor
         rhs = (pr * w[r0 : r0 + ROW_CHUNK])[:, :, None]
         errs.append(torch.linalg.solve_triangular(system, rhs, upper=False)[:, :, 0])
     return torch.cat(errs)
+
+
+JOINT_LIMIT = 70  # candidate masks per group (4:8 has 70); beyond it masks use per-weight scores
+
+
+def keep_group(w: torch.Tensor, Uc: torch.Tensor, n: int, select: str = "joint") -> torch.Tensor:
+    """Keep mask (rows, m) of one N:M group of columns, chosen on the current weights ``w``.
+
+    "score" ranks weights one by one by w²/U_jj² (the reference code). "joint" picks, per row,
+    the set S of pruned columns with the least OBS error for the group as a whole: pruning S
+    (columns in order, each update passed on to the later ones) costs ‖w_S U_SS⁻¹‖², since the
+    recursion err_j = (w_j − Σ_{i<j, i∈S} err_i U_ij)/U_jj is the triangular system err_S U_SS =
+    w_S. Per-weight scores ignore how the pruned weights of a group interact, so they can miss
+    the cheapest set; "joint" never does worse on the group. Used when C(m, n) <= JOINT_LIMIT.
+    """
+    m = w.shape[1]
+    if select == "score" or math.comb(m, n) > JOINT_LIMIT:
+        return keep_nm(w.square() / Uc.diagonal().square(), n, m)
+    candidates = torch.tensor(list(itertools.combinations(range(m), m - n)), device=w.device)  # (C, k)
+    U_SS = Uc[candidates[:, :, None], candidates[:, None, :]]  # (C, k, k), upper triangular
+    eye = torch.eye(m - n, dtype=Uc.dtype, device=Uc.device).expand_as(U_SS)
+    inverse = torch.linalg.solve_triangular(U_SS, eye, upper=True)  # (C, k, k)
+    errors = torch.einsum("rck,ckj->rcj", w[:, candidates], inverse)  # (rows, C, k)
+    best = errors.square().sum(-1).argmin(dim=1)  # (rows,)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep.scatter_(1, candidates[best], False)
+    return keep
 
 
 def _block_keep(scores: torch.Tensor, start: int, end: int, rows: int, options: Options) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Batches in lockstep: every linear sees all batches' inputs before it runs on any of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmprune.capture import LayerCall
+from llmprune.config import PruneConfig
+from llmprune.driver import prune_layer
+from llmprune.lockstep import Diverged, Lockstep
+from llmprune.methods import get_method
+
+CPU = torch.device("cpu")
+CALL = LayerCall(args=(), kwargs={}, hidden_as_kwarg=False)
+
+
+class TwoStep(nn.Module):
+    """a feeds b; ``b`` is skipped for inputs whose first element is negative when ``route``."""
+
+    def __init__(self, route: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.route and x.flatten()[0] < 0:
+            return h
+        return self.b(h)
+
+
+def batches(signs: list[float]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for sign in signs:
+        x = torch.randn(2, 3, 8, generator=gen)
+        x.view(-1)[0] = sign * x.view(-1)[0].abs()
+        out.append(x)
+    return out
+
+
+def test_each_linear_sees_every_batch_before_running():
+    layer = TwoStep()
+    hidden = batches([1, 1, 1])
+    seen: list[tuple[str, int, torch.Tensor]] = []
+
+    def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
+        seen.append((name, len(inputs), torch.cat(inputs)))
+        if name == "a":  # change the weight: every batch must then run with the new one
+            layer.a.weight.mul_(2)
+
+    with torch.no_grad():
+        outputs = Lockstep(dict(layer.named_children()), on_arrival).run(layer, hidden, [CALL] * 3, CPU)
+        expected = [layer(x) for x in hidden]  # a is already doubled
+    assert [(name, count) for name, count, _ in seen] == [("a", 3), ("b", 3)]
+    assert torch.equal(seen[0][2], torch.cat(hidden))
+    assert torch.equal(seen[1][2], torch.cat([torch.relu(layer.a(x)) for x in hidden]).detach())
+    for got, want in zip(outputs, expected, strict=True):
+        assert torch.equal(got, want)
+    assert not layer.a._forward_pre_hooks and not layer.b._forward_pre_hooks
+
+
+def test_batches_on_different_paths_stop_with_diverged():
+    layer = TwoStep(route=True)
+    arrived = []
+    with pytest.raises(Diverged), torch.no_grad():
+        Lockstep(dict(layer.named_children()), lambda name, xs: arrived.append(name)).run(
+            layer, batches([1, -1]), [CALL] * 2, CPU)
+    assert arrived == ["a"]
+    assert not layer.a._forward_pre_hooks and not layer.b._forward_pre_hooks
+
+
+def test_a_diverging_layer_is_finished_group_by_group():
+    """prune_layer falls back to one pass per group and gets what that path gets from the start."""
+    method = get_method("wanda")
+    options = PruneConfig(method="wanda", sparsity=0.5).options()
+    hidden = batches([1, -1, 1])
+    results = {}
+    for lockstep in (True, False):
+        layer = TwoStep(route=True)
+        with torch.no_grad():
+            outputs, reports = prune_layer(layer, hidden, [CALL] * 3, method, options, sequential=True,
+                                           device=CPU, lockstep=lockstep)
+        results[lockstep] = (layer.a.weight.clone(), layer.b.weight.clone(), outputs)
+        assert sorted(r.name for r in reports) == ["a", "b"]
+    for got, want in zip(results[True][:2], results[False][:2], strict=True):
+        assert torch.equal(got, want)
+        assert (got == 0).float().mean().item() == 0.5
+    for got, want in zip(results[True][2], results[False][2], strict=True):
+        assert torch.equal(got, want)
