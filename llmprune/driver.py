@@ -24,7 +24,7 @@ from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.lockstep import Diverged, Lockstep
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
 from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
-from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
+from llmprune.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,13 @@ class _StatSet:
     """The statistics of one shared input tensor."""
 
     def __init__(self, dim: int, kinds: set[str], device: torch.device, batches: int) -> None:
-        self.acc: dict[str, Hessian | ColumnNorms] = {}
+        self.acc: dict[str, Hessian | ColumnNorms | MeanVar] = {}
         if HESSIAN in kinds:
             self.acc[HESSIAN] = Hessian(dim, device)
         if COLUMN_NORMS in kinds:
             self.acc[COLUMN_NORMS] = ColumnNorms(dim, device)
+        if MEAN_VAR in kinds:
+            self.acc[MEAN_VAR] = MeanVar(dim, device)
         self.sample = InputSample(max(1, ERROR_SAMPLE_ROWS // batches))
         self._prepared: dict[str, torch.Tensor] | None = None
 
@@ -110,11 +112,13 @@ class _StatSet:
             acc.add(x)
         self.sample.add(x)
 
+    def raw(self) -> dict[str, torch.Tensor]:
+        return {kind: acc.value() for kind, acc in self.acc.items()}
+
     def values(self, method: Method, options: Options) -> dict[str, torch.Tensor]:
         """Final statistics plus the method's derived ones, computed once for all sharers."""
         if self._prepared is None:
-            raw = {kind: acc.value() for kind, acc in self.acc.items()}
-            self._prepared = method.prepare(raw, options)
+            self._prepared = method.prepare(self.raw(), options)
         return self._prepared
 
 
@@ -202,25 +206,21 @@ def _run(
 
 
 @torch.no_grad()
-def prune_layer(
-    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
-    method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
-) -> tuple[list[torch.Tensor], list[LinearReport]]:
-    """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
-    linears = find_linears(layer)
-    kinds = method.needs(options)
-    reports: dict[str, LinearReport] = {}
-
-    def prune(name: str, stats: _StatSet) -> None:
-        if name not in reports:
-            reports[name] = _prune_linear(name, linears[name], stats, method, options)
-
-    pending = dict(linears)
+def visit_layer(
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
+    kinds: set[str], on_ready: Callable[[str, _StatSet], None], sequential: bool, device: torch.device,
+    lockstep: bool = False,
+) -> list[torch.Tensor]:
+    """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
+    each of ``targets`` once its input statistics are complete (``on_ready`` may change the
+    linear; with ``sequential`` later linears then see its effect). Returns the layer's outputs
+    after all changes."""
+    pending = dict(targets)
     outputs: list[torch.Tensor] | None = None
     if sequential and lockstep:
         # Every batch waits at each linear until all batches have reached it; the linear's
-        # statistics are then complete, so it is pruned right there, before it is applied.
-        # One pass gives true-sequential pruning and the pruned layer's outputs together.
+        # statistics are then complete, so it is handled right there, before it is applied.
+        # One pass gives true-sequential pruning and the changed layer's outputs together.
         shared: list[tuple[weakref.ref[torch.Tensor], _StatSet]] = []  # by identity of batch 0's input
 
         def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
@@ -230,13 +230,14 @@ def prune_layer(
                 for x in inputs:
                     stats.add(x.detach())
                 shared.append((weakref.ref(inputs[0]), stats))
-            prune(name, stats)
-            pending.pop(name, None)  # a linear may run twice in a layer
+            if name in pending:  # a linear may run twice in a layer
+                del pending[name]
+                on_ready(name, stats)
 
         try:
-            outputs = Lockstep(pending, on_arrival).run(layer, hidden, calls, device)
+            outputs = Lockstep(dict(pending), on_arrival).run(layer, hidden, calls, device)
         except Diverged as why:
-            log.info("%s; pruning the rest of this layer group by group", why)
+            log.info("%s; handling the rest of this layer group by group", why)
     if outputs is None:
         while pending:
             watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
@@ -244,11 +245,27 @@ def prune_layer(
             # In "first_group" mode the next group's first linear was seen but not recorded.
             ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
             for name in ready:
-                prune(name, watcher.stats[watcher.leader[name]])
                 del pending[name]
+                on_ready(name, watcher.stats[watcher.leader[name]])
             if not ready:
                 break  # the rest never runs on calibration data
         outputs = _run(layer, hidden, calls, device)
+    return outputs
+
+
+@torch.no_grad()
+def prune_layer(
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
+    method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
+) -> tuple[list[torch.Tensor], list[LinearReport]]:
+    """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
+    linears = find_linears(layer)
+    reports: dict[str, LinearReport] = {}
+
+    def prune(name: str, stats: _StatSet) -> None:
+        reports[name] = _prune_linear(name, linears[name], stats, method, options)
+
+    outputs = visit_layer(layer, hidden, calls, linears, method.needs(options), prune, sequential, device, lockstep)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 

@@ -61,6 +61,35 @@ class ColumnNorms:
         return self.sq.sqrt()
 
 
+MEAN_VAR = "mean_var"  # per-feature mean and variance of the input (FLAP)
+
+
+class MeanVar:
+    """Per-feature mean and unbiased variance over all calibration tokens. (2, in): [mean; var].
+
+    Accumulates the sum and the sum of squares in float64, so the one-pass variance formula does
+    not cancel catastrophically in the ranges activations have."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sq = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        for chunk in rows.split(ColumnNorms.CHUNK):
+            chunk64 = chunk.double()
+            self.sum += chunk64.sum(0)
+            self.sq += chunk64.square().sum(0)
+        self.n += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        n = max(self.n, 1)
+        mean = self.sum / n
+        var = (self.sq - n * mean.square()) / max(self.n - 1, 1)
+        return torch.stack([mean, var.clamp_min(0)]).float()
+
+
 class InputSample:
     """A fixed-size, evenly strided sample of input rows, used to measure reconstruction error.
 

@@ -1,0 +1,222 @@
+"""Structured pruning: the OBS solver's known answers, shapes and configs of the smaller model,
+stock save/load, GQA constraints, identity at zero, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmprune.errors import LlmpruneError
+from llmprune.structured.obs import damped_inverse, greedy_remove, greedy_remove_columns, group_errors
+from llmprune.structured.run import StructuredConfig, prune_structured
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma3", "phi3"]
+SEQLEN = 24
+
+
+def hessian_of(X: torch.Tensor) -> torch.Tensor:
+    return 2 * X.T @ X / X.shape[0]
+
+
+# --- the solver -----------------------------------------------------------------------------
+
+
+def test_identity_hessian_removal_is_slicing():
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 8, generator=gen)
+    result = greedy_remove(W, torch.eye(8), [[0, 1], [2, 3], [4, 5], [6, 7]], 2, damp=1e-9)
+    kept = [c for g in range(4) if g not in result.removed for c in (2 * g, 2 * g + 1)]
+    gone = [c for g in result.removed for c in (2 * g, 2 * g + 1)]
+    assert torch.allclose(result.weight[:, kept], W[:, kept], atol=1e-6)
+    assert (result.weight[:, gone] == 0).all()
+    # With H = I the cheapest groups are those of least Frobenius norm.
+    norms = torch.stack([W[:, 2 * g : 2 * g + 2].square().sum() for g in range(4)])
+    assert sorted(result.removed) == sorted(norms.argsort()[:2].tolist())
+
+
+def test_a_removed_column_made_of_kept_ones_is_reconstructed_exactly():
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(500, 6, generator=gen, dtype=torch.float64)
+    X[:, 5] = X[:, 0] + 2 * X[:, 3]
+    W = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    W[:, 5] *= 10  # so plain slicing would be a large error
+    H = hessian_of(X)
+    # Force the choice: only column 5 is offered.
+    result = greedy_remove(W, H, [[5]], 1, damp=1e-10)
+    assert (result.weight[:, 5] == 0).all()
+    assert torch.allclose(X @ result.weight.T, X @ W.T, atol=1e-5)
+    assert result.errors[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_obs_error_equals_the_loss_increase():
+    """E(S) = tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ) equals tr(ΔW H ΔWᵀ) = 2‖ΔW X‖²/n after the optimal update."""
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 10, generator=gen, dtype=torch.float64) @ torch.randn(10, 10, generator=gen, dtype=torch.float64)
+    W = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    H = hessian_of(X)
+    result = greedy_remove(W, H, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], 1, damp=1e-12)
+    delta = result.weight - W
+    loss = torch.trace(delta @ H @ delta.T).item()
+    assert result.errors[0] == pytest.approx(loss, rel=1e-6)
+    # and the greedy first pick is the cheapest group by brute force
+    Hinv, _ = damped_inverse(H, 1e-12)
+    errs = group_errors(W, Hinv, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]])
+    assert result.removed[0] == int(errs.argmin())
+
+
+def test_partition_takes_the_same_number_from_each_part():
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 12, generator=gen)
+    H = hessian_of(torch.randn(200, 12, generator=gen))
+    groups = [[2 * g, 2 * g + 1] for g in range(6)]
+    result = greedy_remove(W, H, groups, 2, partition=[[0, 1, 2], [3, 4, 5]])
+    assert sum(g < 3 for g in result.removed) == 1 and sum(g >= 3 for g in result.removed) == 1
+    with pytest.raises(LlmpruneError, match="evenly"):
+        greedy_remove(W, H, groups, 3, partition=[[0, 1, 2], [3, 4, 5]])
+
+
+def test_batched_column_greedy_matches_one_at_a_time_in_its_limit():
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(400, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
+    W = torch.randn(5, 16, generator=gen)
+    H = hessian_of(X)
+    single = greedy_remove_columns(W, H, 6, steps=6)
+    groups = greedy_remove(W, H, [[j] for j in range(16)], 6)
+    assert single.removed == groups.removed
+    assert torch.allclose(single.weight, groups.weight, atol=1e-5)
+    batched = greedy_remove_columns(W, H, 6, steps=2)
+    assert len(set(batched.removed)) == 6 and (batched.weight[:, batched.removed] == 0).all()
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: tiny.ARCHITECTURES[arch]() for arch in ARCHS}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+CASES = [
+    ("heads", dict(sparsity=0.5), "obs"),
+    ("heads", dict(sparsity=0.5, kv="groups"), "obs"),
+    ("channels", dict(sparsity=0.25), "obs"),
+    ("structured", dict(params=0.3), "obs"),
+    ("channels", dict(sparsity=0.25), "magnitude"),
+    ("heads", dict(sparsity=0.5), "wanda-sp"),
+    ("channels", dict(sparsity=0.25), "flap"),
+    ("heads", dict(sparsity=0.5), "flap"),
+    ("channels", dict(sparsity=0.25), "taylor"),
+    ("layers", dict(sparsity=0.5), "obs"),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pattern,kwargs,score", CASES, ids=[f"{p}-{s}-{i}" for i, (p, _, s) in enumerate(CASES)])
+def test_smaller_model_is_consistent_and_loads_stock(models, arch, pattern, kwargs, score, tmp_path):
+    dense = copy.deepcopy(models[arch])
+    cfg = dense.config
+    ids = tiny.random_ids(4, SEQLEN, seed=5)
+    probe = tiny.random_ids(2, SEQLEN, seed=6)
+    config = StructuredConfig(pattern=pattern, score=score, **kwargs)
+    pruned, report = prune_structured(dense, config, ids, device="cpu")
+    new = pruned.config
+    if pattern == "layers":  # the dense model with those layers taken out by hand
+        dense.model.layers = torch.nn.ModuleList([dense.model.layers[i] for i in report.plan.layers])
+    # Masked in-memory model (zeroed columns) and the physically smaller one agree.
+    assert torch.allclose(logits(dense, probe), logits(pruned, probe), atol=1e-4)
+    assert report.params_after < report.params_before
+    assert new.num_attention_heads % new.num_key_value_heads == 0
+    assert new.head_dim == getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if pattern == "heads":
+        if kwargs.get("kv") == "groups":
+            assert (new.num_key_value_heads, new.num_attention_heads) == (1, 2)
+        else:
+            assert (new.num_key_value_heads, new.num_attention_heads) == (2, 2)
+    if pattern == "channels":
+        assert new.intermediate_size == 96
+    if pattern == "layers":
+        assert new.num_hidden_layers == 1
+        if hasattr(new, "layer_types"):
+            assert len(new.layer_types) == 1
+    for name, param in pruned.named_parameters():
+        assert param.shape == pruned.state_dict()[name].shape
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(pruned)
+    assert torch.equal(logits(loaded, probe), logits(pruned, probe))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removing_nothing_is_the_identity(models, arch):
+    dense = copy.deepcopy(models[arch])
+    probe = tiny.random_ids(2, SEQLEN, seed=6)
+    expected = logits(models[arch], probe)
+    for pattern, kwargs in (("heads", dict(sparsity=0.0)), ("channels", dict(sparsity=0.0)),
+                            ("structured", dict(params=0.0)), ("layers", dict(sparsity=0.0))):
+        pruned, report = prune_structured(copy.deepcopy(dense), StructuredConfig(pattern=pattern, **kwargs),
+                                          tiny.random_ids(3, SEQLEN, seed=5), device="cpu")
+        assert report.params_after == report.params_before, pattern
+        assert torch.allclose(logits(pruned, probe), expected, atol=1e-5), pattern
+
+
+def test_flap_compensates_with_a_bias_llama_can_take(models):
+    dense = copy.deepcopy(models["llama"])
+    pruned, report = prune_structured(dense, StructuredConfig(pattern="channels", sparsity=0.5, score="flap"),
+                                      tiny.random_ids(4, SEQLEN, seed=5), device="cpu")
+    assert report.bias_compensation
+    assert pruned.config.mlp_bias and pruned.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+
+
+def test_obs_beats_one_shot_scores_on_the_layer_loss(models):
+    """On calibration data the OBS choice and update leave the smallest output change."""
+    ids = tiny.random_ids(6, SEQLEN, seed=7)
+    reference = logits(models["llama"], ids)
+    errors = {}
+    for score in ("obs", "magnitude", "wanda-sp"):
+        pruned, _ = prune_structured(copy.deepcopy(models["llama"]),
+                                     StructuredConfig(pattern="channels", sparsity=0.5, score=score), ids, device="cpu")
+        errors[score] = (logits(pruned, ids) - reference).square().mean().item()
+    assert errors["obs"] < errors["magnitude"] and errors["obs"] < errors["wanda-sp"]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(pattern="heads", sparsity=0.9), "would leave no heads"),
+    (dict(pattern="heads", sparsity=0.9, kv="groups"), "would leave no heads"),
+    (dict(pattern="layers", sparsity=0.99), "would leave none"),
+])
+def test_removing_everything_is_refused(models, kwargs, message):
+    with pytest.raises(LlmpruneError, match=message):
+        prune_structured(copy.deepcopy(models["llama"]), StructuredConfig(**kwargs), tiny.random_ids(2, SEQLEN),
+                         device="cpu")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(pattern="heads"), "needs --sparsity"),
+    (dict(pattern="structured", sparsity=0.2), "needs --params"),
+    (dict(pattern="channels", sparsity=1.0), r"in \[0, 1\)"),
+    (dict(pattern="rows", sparsity=0.2), "unknown structure"),
+    (dict(pattern="heads", sparsity=0.2, score="sparsegpt"), "unknown structured score"),
+])
+def test_bad_structured_configs(kwargs, message):
+    with pytest.raises(LlmpruneError, match=message):
+        StructuredConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_architectures_without_recognisable_projections_fail_clearly(arch):
+    model = tiny.ARCHITECTURES[arch]()
+    with pytest.raises(LlmpruneError, match="cannot find the|intermediate_size"):
+        prune_structured(model, StructuredConfig(pattern="channels", sparsity=0.25), tiny.random_ids(2, SEQLEN),
+                         device="cpu")
