@@ -55,3 +55,48 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"| {item['name']} | {shape} | {item['sparsity']:.2%} | {item['error']:.4f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def structured_card(record: dict[str, Any]) -> str:
+    """Model card of a structurally pruned (physically smaller) checkpoint."""
+    st, params = record["structure"], record["parameters"]
+    base = record["base_model"]
+    lines = ["---", "library_name: transformers", "tags:", "- llmprune", "- pruned", "- structured-pruning"]
+    if "/" in base and not base.startswith((".", "/")):
+        lines.append(f"base_model: {base}")
+    removed = params["decoder_layer_fraction_removed"]
+    lines += ["---", "", f"# {base}: {record['pattern']} pruning ({record['method']}), "
+              f"{removed:.1%} of decoder-layer parameters removed", "",
+              f"Pruned with [llmprune](https://github.com/llmprune/llmprune) {record['llmprune_version']}. "
+              "The model is physically smaller: stock `transformers` loads it with the rewritten config "
+              "(no remote code).", "", "| | before | after |", "|---|---|---|",
+              f"| attention heads per layer | {st['attention_heads'][0]} | {st['attention_heads'][1]} "
+              f"({st['kv_heads_after']} KV) |",
+              f"| MLP width | {st['intermediate_size'][0]} | {st['intermediate_size'][1]} |",
+              f"| decoder layers | {st['decoder_layers'][0]} | {st['decoder_layers'][1]} |",
+              f"| parameters | {params['before']:,} | {params['after']:,} |",
+              f"| decoder-layer parameters | {params['decoder_layers_before']:,} | "
+              f"{params['decoder_layers_after']:,} |",
+              f"| weights | {_mb(record['weights_bytes']['before'])} | {_mb(record['weights_bytes']['after'])} |"]
+    if record.get("checkpoint_bytes"):
+        lines.append(f"| safetensors on disk | | {_mb(record['checkpoint_bytes'])} |")
+    ev = record.get("evaluation")
+    if ev:
+        lines.append(f"| perplexity ({ev['source']} eval, {ev['windows']} × {ev['seqlen']}) | "
+                     f"{ev['ppl_dense']:.3f} | {ev['ppl_pruned']:.3f} |")
+    sp = record.get("decode_speed")
+    if sp:
+        lines.append(f"| decode speed (batch 1, greedy, {sp['new_tokens']} tokens, {sp['threads']} threads, "
+                     f"{sp['device']}) | {sp['tokens_per_s_dense']:.1f} tok/s | {sp['tokens_per_s_pruned']:.1f} "
+                     f"tok/s ({sp['speedup']:.2f}x) |")
+    cal = record["calibration"]
+    lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['nsamples']} × {cal['seqlen']} "
+              f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}.", "",
+              "Reproduce:", "", "```", shlex.join(record["command"] or record["argv"]), "```", ""]
+    for note in record.get("notes", []):
+        lines += [f"Note: {note}", ""]
+    return "\n".join(lines)

@@ -14,7 +14,9 @@ from typing import Any
 
 from llmprune.errors import LlmpruneError
 
-PATTERN_HELP = "'unstructured' or N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros)"
+PATTERN_HELP = ("'unstructured', N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros), or a structure "
+                "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers")
+STRUCTURES = ("heads", "channels", "structured", "layers")
 
 
 def _prune_parser() -> argparse.ArgumentParser:
@@ -26,9 +28,19 @@ def _prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt (default)")
+    g.add_argument("--method", default=None,
+                   help="magnitude | wanda | sparsegpt (default); structured patterns: obs (default) | "
+                   "magnitude | wanda-sp | flap | taylor")
     g.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern)")
+                   help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern); for heads, "
+                   "channels and layers the fraction of them to remove")
+    g.add_argument("--params", type=float, default=None,
+                   help="--pattern structured: fraction of decoder-layer parameters to remove")
+    g.add_argument("--kv", choices=["query", "groups"], default="query",
+                   help="heads under grouped-query attention: the same number of query heads from every KV "
+                   "group (default), or whole KV groups")
+    g.add_argument("--decode-tokens", type=int, default=64,
+                   help="structured patterns: tokens generated to measure decode speed before/after (0 = skip)")
     g.add_argument("--pattern", default="unstructured", help=PATTERN_HELP)
     g.add_argument("--group", choices=["row", "layer"], default=None,
                    help="comparison group of unstructured masks (default: the method's reference choice)")
@@ -127,15 +139,27 @@ def cmd_prune(argv: Sequence[str]) -> int:
     from llmprune.config import CalibrationConfig, PruneConfig
     from llmprune.job import Job, run
 
-    sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
+    prune: Any
+    if args.pattern in STRUCTURES:
+        from llmprune.structured.run import StructuredConfig
+
+        prune = StructuredConfig(args.pattern, args.sparsity, args.params, args.method or "obs", args.kv,
+                                 args.damp, args.sequential)
+    else:
+        if args.params is not None:
+            raise LlmpruneError("--params applies to --pattern structured; use --sparsity")
+        sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
+        prune = PruneConfig(args.method or "sparsegpt", args.pattern, sparsity, args.group, args.update,
+                            args.blocksize, args.damp, args.sequential)
+    if args.decode_tokens < 0:
+        raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
     job = Job(
         model=args.model,
-        prune=PruneConfig(args.method, args.pattern, sparsity, args.group, args.update,
-                          args.blocksize, args.damp, args.sequential),
+        prune=prune,
         calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
         evaluation=_eval_config(args),
         out=args.out, overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, decode_tokens=args.decode_tokens,
     )
     record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv])
     print(summary(record))
@@ -170,6 +194,8 @@ def _protocol(ev: dict[str, Any]) -> str:
 
 def summary(record: dict[str, Any]) -> str:
     """The readable results table printed at the end of a run."""
+    if record.get("kind") == "structured":
+        return structured_summary(record)
     rows = [("model", record["base_model"]),
             ("method", f"{record['method']} {record['pattern']} (update {record['resolved_options']['update']}"
                        f", sequential {record['config']['sequential']})"),
@@ -184,6 +210,34 @@ def summary(record: dict[str, Any]) -> str:
     rows.append(("pruning time", f"{t['prune_s']:.1f} s on {record['device']}, {record['threads']} threads"))
     if record.get("out"):
         rows.append(("saved to", record["out"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def structured_summary(record: dict[str, Any]) -> str:
+    st, params = record["structure"], record["parameters"]
+    rows = [("model", record["base_model"]),
+            ("pruning", f"{record['pattern']} by {record['method']} (target {record['target']:.0%})"),
+            ("attention heads", f"{st['attention_heads'][0]} -> {st['attention_heads'][1]} "
+                                f"({st['kv_heads_after']} KV)"),
+            ("MLP width", f"{st['intermediate_size'][0]} -> {st['intermediate_size'][1]}"),
+            ("decoder layers", f"{st['decoder_layers'][0]} -> {st['decoder_layers'][1]}"),
+            ("parameters", f"{params['before']:,} -> {params['after']:,} "
+                           f"({params['decoder_layer_fraction_removed']:.1%} of decoder-layer parameters removed)"),
+            ("weights", f"{record['weights_bytes']['before'] / 1e6:.1f} MB -> "
+                        f"{record['weights_bytes']['after'] / 1e6:.1f} MB")]
+    ev = record.get("evaluation")
+    if ev:
+        rows += [("ppl dense", f"{ev['ppl_dense']:.3f}"), ("ppl pruned", f"{ev['ppl_pruned']:.3f}"),
+                 ("ppl protocol", _protocol(ev))]
+    sp = record.get("decode_speed")
+    if sp:
+        rows.append(("decode speed", f"{sp['tokens_per_s_dense']:.1f} -> {sp['tokens_per_s_pruned']:.1f} tok/s "
+                                     f"({sp['speedup']:.2f}x; batch 1, greedy, {sp['new_tokens']} tokens, "
+                                     f"{sp['threads']} threads)"))
+    rows.append(("pruning time", f"{record['timings']['prune_s']:.1f} s on {record['device']}"))
+    if record.get("out"):
+        rows.append(("saved to", f"{record['out']} ({record.get('checkpoint_bytes', 0) / 1e6:.1f} MB safetensors)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -24,6 +24,9 @@ class PruneConfig:
       default ``"obs"`` for SparseGPT, ``"none"`` otherwise.
     * ``blocksize``, ``damp``: SparseGPT's lazy-update block width and dampening, as a fraction of
       mean(diag H).
+    * ``nm_select``: how SparseGPT picks each N:M group: ``joint`` (default: the pruned set with
+      the least OBS error of the group as a whole) or ``score`` (per-weight w²/[H⁻¹]_jj, as
+      the reference code).
     * ``sequential`` (default True): true-sequential pruning inside a decoder layer: each group
       of linears that shares an input (q/k/v → o → gate/up → down) is pruned from inputs that
       already pass through the pruned earlier groups. False prunes every linear from the dense
@@ -38,6 +41,7 @@ class PruneConfig:
     blocksize: int = 128
     damp: float = 0.01
     sequential: bool = True
+    nm_select: Literal["joint", "score"] = "joint"
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -64,6 +68,8 @@ class PruneConfig:
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise LlmpruneError(f"damp must be a positive fraction of mean(diag H), got {self.damp}")
+        if self.nm_select not in ("joint", "score"):
+            raise LlmpruneError(f"nm_select must be 'joint' or 'score', got {self.nm_select!r}")
 
     @property
     def target_sparsity(self) -> float:
@@ -81,6 +87,7 @@ class PruneConfig:
             update=update,
             blocksize=self.blocksize,
             damp=self.damp,
+            nm_select=self.nm_select,
         )
 
 

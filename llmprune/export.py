@@ -63,12 +63,16 @@ def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], card: str,
+def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
+                    card: str | Callable[[dict[str, Any]], str],
                     overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
-    """safetensors (sharded above ``max_shard_size``) + config + tokenizer + record + card."""
+    """safetensors (sharded above ``max_shard_size``) + config + tokenizer + record + card.
+    ``record["checkpoint_bytes"]`` is set to the size of the saved weights; a callable ``card``
+    is given the record after that."""
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
+        record["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         config_path = folder / "config.json"
@@ -76,7 +80,7 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any
         if config.pop("sparsity_config", None) is not None:
             config_path.write_text(json.dumps(config, indent=2) + "\n")
         (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (folder / CARD).write_text(card)
+        (folder / CARD).write_text(card(record) if callable(card) else card)
 
     return publish(out, overwrite, write)
 

@@ -29,6 +29,8 @@ from llmprune.evaluate import perplexity
 from llmprune.export import check_output, save_checkpoint
 from llmprune.loading import BUILTIN_MODELS, load
 from llmprune.model import model_max_length
+from llmprune.speed import decode_speed, weights_bytes
+from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Job:
+    """``prune``: a :class:`PruneConfig` (unstructured, N:M) or a :class:`StructuredConfig`
+    (heads, channels, structured, layers). ``decode_tokens``: for structured runs, tokens
+    generated to measure decode speed before and after (0 = skip)."""
+
     model: str
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    prune: PruneConfig | StructuredConfig = field(default_factory=PruneConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     out: str | None = None
@@ -63,6 +69,7 @@ class Job:
     device: str | None = None
     dtype: str | None = None
     batch_size: int | None = None
+    decode_tokens: int = 64
 
 
 def _seqlen(requested: int | None, model: Any) -> int:
@@ -124,6 +131,8 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
         dense = evaluate_ppl(model, tokenizer, job.evaluation, device, stage("eval dense"))
         timings["eval_dense_s"] = dense.pop("seconds")
 
+    if isinstance(job.prune, StructuredConfig):
+        return _run_structured(job, model, tokenizer, calibration, dense, timings, device, stage, cancel, command)
     report = prune(model, job.prune, calibration, device=device, batch_size=job.batch_size,
                    progress=stage("prune"), cancel=cancel)
     timings["prune_s"] = report.seconds
@@ -141,11 +150,39 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
     return record
 
 
-def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.Tensor,
-                 dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
-                 timings: dict[str, float], device: torch.device,
-                 command: list[str] | None) -> dict[str, Any]:
-    options = job.prune.options()
+def _run_structured(job: Job, model: Any, tokenizer: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
+                    timings: dict[str, float], device: torch.device, stage: Callable[[str], Any],
+                    cancel: Callable[[], bool] | None, command: list[str] | None) -> dict[str, Any]:
+    assert isinstance(job.prune, StructuredConfig)
+    speed_dense = speed_pruned = None
+    if job.decode_tokens:
+        speed_dense = decode_speed(model, tokenizer, job.decode_tokens, device=device)
+    bytes_dense = weights_bytes(model)
+    pruned_model, report = prune_structured(model, job.prune, calibration, device=device,
+                                            batch_size=job.batch_size, progress=stage("prune"), cancel=cancel)
+    del model
+    timings["prune_s"] = report.seconds
+    pruned = None
+    if job.evaluation.source:
+        pruned = evaluate_ppl(pruned_model, tokenizer, job.evaluation, device, stage("eval pruned"))
+        timings["eval_pruned_s"] = pruned.pop("seconds")
+    if job.decode_tokens:
+        speed_pruned = decode_speed(pruned_model, tokenizer, job.decode_tokens, device=device)
+    record = build_structured_record(job, pruned_model, report, calibration, dense, pruned, timings, device,
+                                     command, speed_dense, speed_pruned, bytes_dense)
+    if job.out:
+        from llmprune.card import structured_card
+
+        tick = time.perf_counter()
+        save_checkpoint(pruned_model, tokenizer, Path(job.out), record, structured_card, job.overwrite)
+        record["timings"]["save_s"] = time.perf_counter() - tick
+        record["out"] = str(Path(job.out).resolve())
+    return record
+
+
+def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
+            pruned: dict[str, Any] | None, timings: dict[str, float], device: torch.device,
+            command: list[str] | None) -> dict[str, Any]:
     evaluation = None
     if dense is not None and pruned is not None:
         evaluation = {**dense, "ppl_dense": dense["ppl"], "ppl_pruned": pruned["ppl"]}
@@ -161,16 +198,6 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "base_model": job.model,
         "base_model_description": BUILTIN_MODELS.get(job.model, job.model),
         "architecture": type(model).__name__,
-        "method": job.prune.method,
-        "pattern": str(options.pattern),
-        "sparsity_target": options.sparsity,
-        "sparsity_achieved": report.sparsity,
-        "config": dataclasses.asdict(job.prune),
-        "resolved_options": {"group": options.group, "update": options.update,
-                             "blocksize": options.blocksize, "damp": options.damp},
-        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
-                        "tokens": calibration.numel(), "batch_size": report.batch_size,
-                        "one_pass": report.one_pass},
         "evaluation": evaluation,
         "timings": timings,
         "device": str(device),
@@ -179,5 +206,67 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "versions": versions(),
         "argv": sys.argv if command is None else command,
         "notes": notes,
+    }
+
+
+def build_structured_record(job: Job, model: Any, report: StructuredReport, calibration: torch.Tensor,
+                            dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
+                            timings: dict[str, float], device: torch.device, command: list[str] | None,
+                            speed_dense: dict[str, Any] | None, speed_pruned: dict[str, Any] | None,
+                            bytes_dense: int) -> dict[str, Any]:
+    config = job.prune
+    assert isinstance(config, StructuredConfig)
+    speed = None
+    if speed_dense and speed_pruned:
+        speed = {**speed_pruned, "tokens_per_s_dense": speed_dense["tokens_per_s"],
+                 "tokens_per_s_pruned": speed_pruned["tokens_per_s"],
+                 "speedup": speed_pruned["tokens_per_s"] / speed_dense["tokens_per_s"]}
+        speed.pop("tokens_per_s")
+    return {
+        **_common(job, model, calibration, dense, pruned, timings, device, command),
+        "kind": "structured",
+        "method": config.score,
+        "pattern": config.pattern,
+        "target": config.amount,
+        "config": dataclasses.asdict(config),
+        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
+                        "tokens": calibration.numel()},
+        "structure": {
+            "attention_heads": [report.heads_before, report.heads_after],
+            "kv_heads_after": report.kv_heads_after,
+            "intermediate_size": [report.intermediate_before, report.intermediate_after],
+            "decoder_layers": [report.layers_before, report.layers_after],
+            "bias_compensation": report.bias_compensation,
+        },
+        "parameters": {"before": report.params_before, "after": report.params_after,
+                       "decoder_layers_before": report.layer_params_before,
+                       "decoder_layers_after": report.layer_params_after,
+                       "decoder_layer_fraction_removed": report.layer_params_removed},
+        "weights_bytes": {"before": bytes_dense, "after": weights_bytes(model)},
+        "decode_speed": speed,
+        "layers": report.errors,
+    }
+
+
+def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.Tensor,
+                 dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
+                 timings: dict[str, float], device: torch.device,
+                 command: list[str] | None) -> dict[str, Any]:
+    assert isinstance(job.prune, PruneConfig)
+    options = job.prune.options()
+    return {
+        **_common(job, model, calibration, dense, pruned, timings, device, command),
+        "kind": "sparse",
+        "method": job.prune.method,
+        "pattern": str(options.pattern),
+        "sparsity_target": options.sparsity,
+        "sparsity_achieved": report.sparsity,
+        "config": dataclasses.asdict(job.prune),
+        "resolved_options": {"group": options.group, "update": options.update,
+                             "blocksize": options.blocksize, "damp": options.damp,
+                             "nm_select": options.nm_select},
+        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
+                        "tokens": calibration.numel(), "batch_size": report.batch_size,
+                        "one_pass": report.one_pass},
         "layers": [dataclasses.asdict(item) for item in report.linears],
     }

@@ -55,6 +55,8 @@ class StructuredConfig:
     * ``score``: ``obs`` (default: OBS selection with weight update), ``magnitude``,
       ``wanda-sp``, ``flap`` (with bias compensation where the model has or can take a bias),
       ``taylor``.
+    * ``split``: for ``structured``, fix the (head units, MLP channels) removed per layer instead
+      of allocating them (see :func:`allocate`, which returns it).
     * ``kv``: with grouped-query attention, ``query`` removes the same number of query heads
       from every KV group; ``groups`` removes whole KV groups (their query heads and K/V head).
     """
@@ -66,6 +68,7 @@ class StructuredConfig:
     kv: Literal["query", "groups"] = "query"
     damp: float = 0.01
     sequential: bool = True
+    split: tuple[int, int] | None = None  # structured: (head units, channels) per layer, skips allocation
 
     def __post_init__(self) -> None:
         if self.pattern not in STRUCTURES:
@@ -310,10 +313,12 @@ def prune_structured(
     model: nn.Module, config: StructuredConfig, calibration: torch.Tensor, *,
     device: str | torch.device | None = None, batch_size: int | None = None,
     progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    gradients: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, StructuredReport]:
     """Prune ``model`` structurally; returns a new, physically smaller model (stock transformers
     classes, rewritten config) and the report. ``model`` itself is changed (zeroed columns) and
-    should be dropped afterwards."""
+    should be dropped afterwards. ``gradients``: for ``taylor``, the output of
+    :func:`taylor_gradients` on this model, if already computed."""
     start = time.perf_counter()
     if calibration.ndim != 2:
         raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")
@@ -338,8 +343,8 @@ def prune_structured(
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
 
-    grads = None
-    if config.score == "taylor":
+    grads = gradients
+    if config.score == "taylor" and grads is None:
         grads = taylor_gradients(model, calibration, layers_path, run_device)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
 
@@ -423,6 +428,8 @@ def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, mod
     if config.pattern == "heads":
         return head_count(widths, config.amount, config.kv), 0
     assert widths.intermediate is not None
+    if config.split is not None:
+        return config.split
     if config.pattern == "channels":
         channels = round(config.amount * widths.intermediate)
         if channels >= widths.intermediate:
@@ -483,3 +490,18 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
     best = min(options, key=lambda hc: head_err[hc[0]] + float(chan_curve[hc[1]]))
     log.info("allocation: %s head units and %s channels per layer (of %s)", best[0], best[1], options)
     return best
+
+
+@torch.no_grad()
+def plan_split(model: nn.Module, config: StructuredConfig, calibration: torch.Tensor,
+               device: str | torch.device | None = None) -> tuple[int, int]:
+    """The (head units, channels) per layer that ``structured`` pruning of ``model`` would remove;
+    pass it back as ``StructuredConfig(split=...)`` to reuse it across runs (model unchanged)."""
+    layers = find_decoder_layers(model)[1]
+    widths = widths_of(model.config)
+    anatomy = inspect_layer(layers[0], widths, True, True)
+    run_device = resolve_device(device)
+    widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
+    size = auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
+    hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
+    return allocate(config, widths, anatomy, layers, hidden, calls, run_device, None)

@@ -1,0 +1,143 @@
+"""Benchmark of structured pruning on SmolLM2-135M: perplexity, size and decode speed per score
+and ratio, plus a plot of perplexity against parameters removed.
+
+    .venv/bin/python scripts/bench_structured.py                       # 2 threads, out/bench_structured.*
+    .venv/bin/python scripts/bench_structured.py --ratios 0.1,0.2 --scores obs,flap --threads 1
+
+Setup as in the structured-pruning issue: 32 x 512 calibration tokens from the offline Wikipedia
+calibration split, perplexity on the first 20 non-overlapping 512-token windows of the evaluation
+split. Quality phase: ``--pattern structured --params R`` for every score and ratio; the split
+between heads and channels is allocated once per ratio by the OBS solver (on the dense model) and
+shared by all scores, so the scores are compared on the same structure. Speed phase (run alone,
+nothing else on the machine): decode speed of the dense model and of each pattern at
+``--speed-ratio`` of decoder-layer parameters, batch 1, greedy, same prompt, same process and
+threads; size is the safetensors written by save_pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores", default="obs,magnitude,wanda-sp,flap,taylor")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3")
+    parser.add_argument("--speed-ratio", type=float, default=0.25)
+    parser.add_argument("--speed-patterns", default="structured,layers",
+                        help="patterns measured for decode speed at --speed-ratio (empty: skip)")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--out", default="out/bench_structured", help="prefix of the .json and .png written")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import llmprune
+    from llmprune.data import evaluation_data
+    from llmprune.evaluate import perplexity
+    from llmprune.model import find_decoder_layers
+    from llmprune.speed import decode_speed, weights_bytes
+    from llmprune.structured.run import StructuredConfig, plan_split, prune_structured, taylor_gradients
+
+    model, tokenizer = llmprune.load_model("smollm2-135m")
+    calibration = llmprune.calibration_data(tokenizer, "wikipedia", args.nsamples, args.seqlen, 0)
+    windows = evaluation_data(tokenizer, "wikipedia", 512, 20)
+    layer_params = sum(p.numel() for p in find_decoder_layers(model)[1].parameters())
+    print(f"SmolLM2-135M, calibration wikipedia {args.nsamples} x {args.seqlen}, {torch.get_num_threads()} threads; "
+          "ppl: wikipedia eval, 20 x 512", flush=True)
+    dense_ppl = perplexity(model, windows)
+    rows: list[dict[str, Any]] = [{"score": "dense", "ratio": 0.0, "ppl": dense_ppl, "removed": 0.0,
+                                   "weights_mb": weights_bytes(model) / 1e6}]
+    print(f"{'score':<10} {'target':>7} {'removed':>8} {'heads':>6} {'channels':>9} {'ppl':>9} {'weights MB':>11} "
+          f"{'prune s':>8}", flush=True)
+    print(f"{'dense':<10} {0:>7.0%} {0:>8.1%} {'':>6} {'':>9} {dense_ppl:>9.2f} {rows[0]['weights_mb']:>11.1f}",
+          flush=True)
+
+    scores = [s for s in args.scores.split(",") if s]
+    grads = None
+    if "taylor" in scores:
+        tick = time.perf_counter()
+        grads = taylor_gradients(model, calibration, find_decoder_layers(model)[0], torch.device("cpu"))
+        print(f"(taylor gradients: {time.perf_counter() - tick:.0f} s, shared by every ratio)", flush=True)
+    for ratio in (float(r) for r in args.ratios.split(",") if r):
+        split = plan_split(model, StructuredConfig("structured", params=ratio), calibration)
+        for score in scores:
+            work = copy.deepcopy(model)
+            config = StructuredConfig("structured", params=ratio, score=score, split=split)
+            tick = time.perf_counter()
+            pruned, report = prune_structured(work, config, calibration, gradients=grads)
+            seconds = time.perf_counter() - tick
+            del work
+            ppl = perplexity(pruned, windows)
+            row = {"score": score, "ratio": ratio, "split": list(split), "ppl": ppl,
+                   "removed": report.layer_params_removed, "weights_mb": weights_bytes(pruned) / 1e6,
+                   "prune_s": seconds, "heads": report.heads_after, "intermediate": report.intermediate_after}
+            rows.append(row)
+            print(f"{score:<10} {ratio:>7.0%} {row['removed']:>8.1%} {report.heads_after:>6} "
+                  f"{report.intermediate_after:>9} {ppl:>9.2f} {row['weights_mb']:>11.1f} {seconds:>8.1f}", flush=True)
+
+    speed_rows = []
+    patterns = [p for p in args.speed_patterns.split(",") if p]
+    if patterns:
+        print(f"\nDecode speed at {args.speed_ratio:.0%} of decoder-layer parameters (batch 1, greedy, "
+              f"{args.decode_tokens} tokens, {torch.get_num_threads()} threads)", flush=True)
+        print(f"{'pattern':<12} {'removed':>8} {'ppl':>9} {'disk MB':>8} {'tok/s':>7} {'dense tok/s':>12} "
+              f"{'speedup':>8}", flush=True)
+        for pattern in patterns:
+            kwargs = {"params": args.speed_ratio} if pattern == "structured" else {"sparsity": args.speed_ratio}
+            pruned, report = prune_structured(copy.deepcopy(model), StructuredConfig(pattern, **kwargs), calibration)
+            ppl = perplexity(pruned, windows)
+            with tempfile.TemporaryDirectory() as folder:
+                pruned.save_pretrained(folder)
+                disk = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 1e6
+            # Dense and pruned measured back to back, twice, so drift hits both alike.
+            dense_speed = [decode_speed(model, tokenizer, args.decode_tokens)["tokens_per_s"] for _ in range(2)]
+            pruned_speed = [decode_speed(pruned, tokenizer, args.decode_tokens)["tokens_per_s"] for _ in range(2)]
+            d, p = max(dense_speed), max(pruned_speed)
+            speed_rows.append({"pattern": pattern, "removed": report.layer_params_removed, "ppl": ppl,
+                               "disk_mb": disk, "tokens_per_s": p, "dense_tokens_per_s": d, "speedup": p / d})
+            print(f"{pattern:<12} {report.layer_params_removed:>8.1%} {ppl:>9.2f} {disk:>8.1f} {p:>7.1f} {d:>12.1f} "
+                  f"{p / d:>7.2f}x", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"threads": torch.get_num_threads(), "layer_params": layer_params, "quality": rows, "speed": speed_rows}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = next(r for r in rows if r["score"] == "dense")
+    for score in dict.fromkeys(r["score"] for r in rows if r["score"] != "dense"):
+        points = sorted((r["removed"], r["ppl"]) for r in rows if r["score"] == score)
+        xs, ys = zip(*[(0.0, dense["ppl"]), *points], strict=True)
+        ax.plot([100 * x for x in xs], ys, marker="o", label=score)
+    ax.set_xlabel("decoder-layer parameters removed (%)")
+    ax.set_ylabel("perplexity (Wikipedia eval, 20 x 512)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M, structured pruning")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
