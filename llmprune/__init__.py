@@ -6,6 +6,7 @@ Importing the package has no side effects (no threads set, no downloads, no logg
     model, tok = llmprune.load_model("smollm2-135m")
     calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
     report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
+    smaller, report = llmprune.prune_structured(model, llmprune.StructuredConfig("heads", sparsity=0.3), calib)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationConfig", "Cancelled", "EvalConfig", "Job", "LlmpruneError", "PruneConfig",
-    "PruneReport", "__version__", "calibration_data", "load_model", "perplexity", "prune", "run_job",
+    "PruneReport", "StructuredConfig", "StructuredReport", "__version__", "calibration_data", "decode_speed",
+    "load_model", "perplexity", "prune", "prune_structured", "run_job",
 ]
 
 

@@ -12,6 +12,8 @@ from llmprune.evaluate import perplexity as _perplexity
 from llmprune.job import EvalConfig, Job
 from llmprune.job import run as run_job
 from llmprune.loading import load as load_model
+from llmprune.speed import decode_speed
+from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
 
 
 def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int = 2048,
@@ -22,5 +24,6 @@ def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: in
 
 __all__ = [
     "CalibrationConfig", "Cancelled", "EvalConfig", "Job", "LlmpruneError", "PruneConfig",
-    "PruneReport", "calibration_data", "load_model", "perplexity", "prune", "run_job",
+    "PruneReport", "StructuredConfig", "StructuredReport", "calibration_data", "decode_speed", "load_model",
+    "perplexity", "prune", "prune_structured", "run_job",
 ]

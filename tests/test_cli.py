@@ -205,3 +205,50 @@ def test_progress_bars_without_quiet(llama_dir, text_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert f"prune: 100%|██████████| {tiny.LAYERS}/{tiny.LAYERS}" in err, err
+
+
+@pytest.mark.parametrize("pattern,amount", [("heads", ["--sparsity", "0.5"]), ("structured", ["--params", "0.3"]),
+                                            ("layers", ["--sparsity", "0.5"])])
+def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, tmp_path, capsys, pattern, amount):
+    from transformers import AutoModelForCausalLM
+
+    out, record_path = tmp_path / "out", tmp_path / "record.json"
+    argv = ["--model", str(llama_dir), "--pattern", pattern, *amount, *SMALL, "--calib", str(text_file),
+            "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--decode-tokens", "4",
+            "--out", str(out), "--json", str(record_path)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "decode speed" in table and "ppl pruned" in table and "parameters" in table
+    record = json.loads(record_path.read_text())
+    assert record["kind"] == "structured" and record["method"] == "obs" and record["pattern"] == pattern
+    assert record["parameters"]["after"] < record["parameters"]["before"]
+    assert record["weights_bytes"]["after"] < record["weights_bytes"]["before"]
+    assert record["decode_speed"]["tokens_per_s_dense"] > 0 and record["decode_speed"]["speedup"] > 0
+    assert record["checkpoint_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    saved = json.loads((out / "llmprune.json").read_text())
+    assert saved["checkpoint_bytes"] == record["checkpoint_bytes"]
+    card = (out / "README.md").read_text()
+    assert "decode speed" in card and "safetensors on disk" in card and "perplexity" in card
+    config = json.loads((out / "config.json").read_text())
+    if pattern == "heads":
+        assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 2
+    if pattern == "layers":
+        assert config["num_hidden_layers"] == 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]["after"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pattern", "heads"], "needs --sparsity"),
+    (["--pattern", "structured", "--sparsity", "0.2"], "needs --params"),
+    (["--pattern", "heads", "--sparsity", "0.9"], "would leave no heads"),
+    (["--pattern", "channels", "--sparsity", "0.3", "--method", "wanda"], "unknown structured score"),
+    (["--pattern", "2:4", "--params", "0.2"], "--params applies to --pattern structured"),
+])
+def test_structured_bad_input_is_one_line_and_writes_nothing(llama_dir, text_file, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code = main(["--model", str(llama_dir), *argv, *SMALL, "--calib", str(text_file), "--eval", "none",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and hidden_leftovers(tmp_path) == []
