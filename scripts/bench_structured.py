@@ -129,6 +129,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         points = sorted((r["removed"], r["ppl"]) for r in rows if r["score"] == score)
         xs, ys = zip(*[(0.0, dense["ppl"]), *points], strict=True)
         ax.plot([100 * x for x in xs], ys, marker="o", label=score)
+    # Magnitude collapses by orders of magnitude; cap the axis so the others stay readable.
+    finite = [r["ppl"] for r in rows if r["ppl"] < 1e3]
+    top = max(finite) * 3 if finite else None
+    if top is not None and any(r["ppl"] > top for r in rows):
+        ax.set_ylim(min(r["ppl"] for r in rows) * 0.8, top)
+        off = sorted({r["score"] for r in rows if r["ppl"] > top})
+        ax.text(0.02, 0.97, f"off scale: {', '.join(off)}", transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xlabel("decoder-layer parameters removed (%)")
     ax.set_ylabel("perplexity (Wikipedia eval, 20 x 512)")
     ax.set_yscale("log")
