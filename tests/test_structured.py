@@ -221,3 +221,25 @@ def test_architectures_without_recognisable_projections_fail_clearly(arch):
     with pytest.raises(LlmpruneError, match=r"cannot find the|intermediate_size"):
         prune_structured(model, StructuredConfig(pattern="channels", sparsity=0.25), tiny.random_ids(2, SEQLEN),
                          device="cpu")
+
+
+@pytest.mark.parametrize("params", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("kv", ["query", "groups"])
+def test_structured_removes_the_requested_share_of_parameters(models, params, kv):
+    """Heads and channels together land within one channel of the target (each channel is
+    3 x hidden parameters of a layer), whatever split the solver picks."""
+    dense = copy.deepcopy(models["llama"])
+    _, report = prune_structured(dense, StructuredConfig("structured", params=params, kv=kv),
+                                 tiny.random_ids(4, SEQLEN, seed=5), device="cpu")
+    per_layer = report.layer_params_before / report.layers_before
+    assert abs(report.layer_params_removed - params) <= 3 * tiny.HIDDEN / per_layer + 1e-9
+
+
+def test_feasible_counts_round_half_up():
+    from llmprune.structured.anatomy import Widths
+    from llmprune.structured.run import head_count
+
+    widths = Widths(heads=16, kv_heads=8, head_dim=8, intermediate=64, hidden=128)  # 2 query heads per group
+    assert head_count(widths, 0.25, "query") == 1  # 0.5 rounds up: one head of every group
+    assert head_count(widths, 0.2, "query") == 0
+    assert head_count(widths, 0.25, "groups") == 2

@@ -126,12 +126,17 @@ def _layer_params(layers: nn.ModuleList) -> int:
 # --- how much to remove -------------------------------------------------------------------------
 
 
+def nearest(x: float) -> int:
+    """Round half up (Python's round() goes to even: 0.5 -> 0 would silently remove nothing)."""
+    return math.floor(x + 0.5)
+
+
 def head_count(widths: Widths, fraction: float, kv: str) -> int:
     """Units to remove: query heads per KV group (``query``) or KV groups (``groups``)."""
     if kv == "groups":
-        count, total, unit = round(fraction * widths.kv_heads), widths.kv_heads, "KV groups"
+        count, total, unit = nearest(fraction * widths.kv_heads), widths.kv_heads, "KV groups"
     else:
-        count, total, unit = round(fraction * widths.group_size), widths.group_size, "query heads per KV group"
+        count, total, unit = nearest(fraction * widths.group_size), widths.group_size, "query heads per KV group"
     if count >= total:
         raise LlmpruneError(f"removing {fraction:.0%} of heads would leave no heads ({count} of {total} {unit})")
     return count
@@ -349,7 +354,7 @@ def prune_structured(
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
 
     if pattern == "layers":
-        drop = round(config.amount * len(layers))
+        drop = nearest(config.amount * len(layers))
         if drop >= len(layers):
             raise LlmpruneError(f"removing {config.amount:.0%} of {len(layers)} layers would leave none")
         influence = block_influence(layers, hidden, calls, run_device, progress, cancel)
@@ -377,7 +382,7 @@ def prune_structured(
             layer.to(run_device)
             layer_grads = None
             if grads is not None:
-                layer_grads = {n: get_weight_grad(grads, f"{layers_path}.{index}.{n}", m)
+                layer_grads = {n: get_weight_grad(grads, f"{layers_path}.{index}.{n}", m).to(run_device)
                                for n, m in find_linears(layer).items()}
             pruner = _LayerPruner(layer, anatomy, config, heads, channels, layer_grads, compensate)
             layer_targets = {n: m for n, m in find_linears(layer).items() if n in targets}
@@ -431,7 +436,7 @@ def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, mod
     if config.split is not None:
         return config.split
     if config.pattern == "channels":
-        channels = round(config.amount * widths.intermediate)
+        channels = nearest(config.amount * widths.intermediate)
         if channels >= widths.intermediate:
             raise LlmpruneError(f"removing {config.amount:.0%} of MLP channels would leave none")
         return 0, channels
@@ -447,11 +452,15 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
     write the residual stream), so they add up."""
     assert widths.intermediate is not None
     head_p, channel_p = unit_params(widths, anatomy, config.kv)
+    per_group = widths.kv_heads if config.kv == "query" else 1  # heads removed per head unit count
     target = config.amount * _layer_params(layers) / len(layers)
     max_heads = (widths.kv_heads if config.kv == "groups" else widths.group_size) - 1
     options = []
     for h in range(max_heads + 1):
-        c = max(0, math.ceil((target - h * head_p) / channel_p))
+        left = target - h * per_group * head_p
+        if left < -head_p * per_group / 2:
+            break  # these heads alone overshoot the target
+        c = max(0, math.ceil(left / channel_p))
         if c < widths.intermediate:
             options.append((h, c))
     if not options:
@@ -461,7 +470,6 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         return options[0]
     head_err = [0.0] * (max_heads + 1)
     chan_curve = torch.zeros(max(c for _, c in options) + 1, dtype=torch.float64)
-    per_group = widths.kv_heads if config.kv == "query" else 1
     collected: dict[str, torch.Tensor] = {}
 
     def keep(name: str, stats: _StatSet) -> None:
@@ -477,14 +485,15 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         targets = {n: m for n, m in linears.items() if n in (anatomy.o, anatomy.down)}
         outputs = visit_layer(layer, hidden, calls[index], targets, {HESSIAN}, keep, False, device, False)
         layer.to(home)
-        W_o = get_weight(linears[anatomy.o]).detach().float()
+        H_o, H_d = collected[anatomy.o], collected[anatomy.down]  # on the execution device
+        W_o = get_weight(linears[anatomy.o]).detach().float().to(H_o.device)
         units = head_units(anatomy, config.kv)
-        full = greedy_remove(W_o, collected[anatomy.o], [u.columns for u in units], max_heads * per_group,
+        full = greedy_remove(W_o, H_o, [u.columns for u in units], max_heads * per_group,
                              config.damp, _partition(anatomy, config.kv))
         for h in range(1, max_heads + 1):
             head_err[h] += full.errors[h * per_group - 1]
-        W_d = get_weight(linears[anatomy.down]).detach().float()
-        curve = greedy_remove_columns(W_d, collected[anatomy.down], len(chan_curve) - 1, config.damp)
+        W_d = get_weight(linears[anatomy.down]).detach().float().to(H_d.device)
+        curve = greedy_remove_columns(W_d, H_d, len(chan_curve) - 1, config.damp)
         chan_curve[1:] += torch.tensor(curve.errors, dtype=torch.float64)
         hidden = outputs
     best = min(options, key=lambda hc: head_err[hc[0]] + float(chan_curve[hc[1]]))
