@@ -33,24 +33,32 @@ class LayerCall:
     hidden_as_kwarg: bool
 
     def run(self, layer: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
-        args, kwargs = to_device((self.args, self.kwargs), device)
+        """The layer's output for ``hidden``. Inputs are cast to the layer's precision (which may be
+        a wider compute dtype); the output keeps ``hidden``'s, the model's own between layers."""
+        dtype = next(layer.parameters()).dtype
+        args, kwargs = to_device((self.args, self.kwargs), device, dtype)
+        state = hidden.to(device=device, dtype=dtype)
         if self.hidden_as_kwarg:
-            out = layer(*args, hidden_states=hidden, **kwargs)
+            out = layer(*args, hidden_states=state, **kwargs)
         else:
-            out = layer(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+            out = layer(state, *args, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.to(hidden.dtype)
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (floating ones also to
+    ``dtype`` when given)."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_device(item, device) for item in obj)
+        return tuple(to_device(item, device, dtype) for item in obj)
     if isinstance(obj, list):
-        return [to_device(item, device) for item in obj]
+        return [to_device(item, device, dtype) for item in obj]
     if isinstance(obj, dict):
-        return {key: to_device(value, device) for key, value in obj.items()}
+        return {key: to_device(value, device, dtype) for key, value in obj.items()}
     return obj
 
 

@@ -31,7 +31,7 @@ def model_card(record: dict[str, Any]) -> str:
         f"achieved {record['sparsity_achieved']:.2%} |",
     ]
     cal = record["calibration"]
-    lines.append(f"| calibration | {cal['source']}: {cal['nsamples']} × {cal['seqlen']} tokens, seed {cal['seed']} |")
+    lines.append(f"| calibration | {cal['source']}: {cal['samples']} × {cal['seqlen']} tokens, seed {cal['seed']} |")
     ev = record.get("evaluation")
     if ev:
         lines += [
@@ -45,6 +45,7 @@ def model_card(record: dict[str, Any]) -> str:
     v = record["versions"]
     lines.append(f"| software | llmprune {v['llmprune']}, torch {v['torch']}, "
                  f"transformers {v['transformers']}, Python {v['python']} |")
+    lines += tasks_table(record)
     lines += ["", "Reproduce:", "", "```", shlex.join(record["command"] or record["argv"]), "```", ""]
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]
@@ -55,6 +56,28 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"| {item['name']} | {shape} | {item['sparsity']:.2%} | {item['error']:.4f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def tasks_table(record: dict[str, Any]) -> list[str]:
+    """lm-eval results, dense and pruned side by side (value ± stderr)."""
+    tasks = record.get("tasks")
+    if not tasks:
+        return []
+    dense, pruned = tasks.get("dense", {}).get("results", {}), tasks.get("pruned", {}).get("results", {})
+    limit = tasks.get("pruned", {}).get("limit")
+    lines = ["", f"lm-eval {tasks.get('pruned', {}).get('lm_eval', '')} zero-/few-shot results"
+             + (f" (limit {limit} examples per task)" if limit else "") + ":", "",
+             "| task | metric | dense | pruned |", "|---|---|---|---|"]
+    for task in sorted(set(dense) | set(pruned)):
+        metrics = sorted(m for m in {**dense.get(task, {}), **pruned.get(task, {})} if not m.endswith("_stderr"))
+        for metric in metrics:
+            cells = []
+            for side in (dense, pruned):
+                row = side.get(task, {})
+                value, err = row.get(metric), row.get(f"{metric}_stderr")
+                cells.append("" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if err else ""))
+            lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def _mb(n: int | None) -> str:
@@ -94,8 +117,10 @@ def structured_card(record: dict[str, Any]) -> str:
                      f"{sp['device']}) | {sp['tokens_per_s_dense']:.1f} tok/s | {sp['tokens_per_s_pruned']:.1f} "
                      f"tok/s ({sp['speedup']:.2f}x) |")
     cal = record["calibration"]
-    lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['nsamples']} × {cal['seqlen']} "
-              f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}.", "",
+    lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
+              f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
+    lines += tasks_table(record)
+    lines += ["",
               "Reproduce:", "", "```", shlex.join(record["command"] or record["argv"]), "```", ""]
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]

@@ -25,8 +25,12 @@ def _prune_parser() -> argparse.ArgumentParser:
         description="Prune the linear layers of a Hugging Face causal LM, one decoder layer at a time. "
         "Subcommand: 'llmprune eval DIR' measures a saved model.",
     )
-    p.add_argument("--model", required=True,
-                   help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id")
+    p.add_argument("--model", default=None,
+                   help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id (required unless a "
+                   "--recipe names it)")
+    p.add_argument("--recipe", default=None, help="a YAML recipe (see recipes/); flags given as well override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set calibration.samples=64 (repeatable)")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=None,
                    help="magnitude | wanda | sparsegpt (default); structured patterns: obs (default) | "
@@ -61,10 +65,24 @@ def _prune_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
     e = p.add_argument_group("evaluation")
     _eval_args(e)
+    e.add_argument("--eval-tasks", default=None, help="lm-eval tasks run dense and pruned, e.g. arc_easy,hellaswag")
+    _task_args(e)
     o = p.add_argument_group("output and execution")
     o.add_argument("--out", default=None, help="folder for the pruned checkpoint (atomic; refused if it exists)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    o.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload the saved checkpoint to this repo")
+    o.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     _exec_args(o)
+    m = p.add_argument_group("models larger than memory")
+    m.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="read each decoder layer from the safetensors shards and write it pruned to --out as it "
+                   "finishes (auto: when the checkpoint takes over half the free memory)")
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted streaming run from its last complete layer (same settings)")
+    m.add_argument("--offload-dir", default=None,
+                   help="keep calibration activations in files here instead of memory (streaming)")
+    m.add_argument("--device-map", default=None,
+                   help="place layers with accelerate: auto, or a max-memory spec such as 0=20GiB,1=20GiB,cpu=64GiB")
     return p
 
 
@@ -76,19 +94,62 @@ def _eval_args(e: Any, default_source: str | None = "wikipedia") -> None:
     e.add_argument("--eval-batch-size", type=int, default=1)
 
 
+def _task_args(e: Any) -> None:
+    e.add_argument("--tasks-include", default=None, help="a folder of local lm-eval task YAML files")
+    e.add_argument("--tasks-limit", "--limit", dest="tasks_limit", type=float, default=None,
+                   help="examples per lm-eval task (a count, or a fraction below 1)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    e.add_argument("--tasks-batch-size", type=int, default=8, help="lm-eval batch size (8)")
+
+
 def _exec_args(o: Any) -> None:
-    o.add_argument("--device", default="auto",
+    o.add_argument("--device", default=None,
                    help="where each layer is processed: auto (CUDA if present), cpu, cuda:1")
-    o.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
+    o.add_argument("--dtype", default=None, help="auto (keep the checkpoint's), float32, bfloat16, float16")
     o.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     o.add_argument("--json", default=None, help="also write the results record to this file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmprune eval", description="Perplexity of a saved (or any) model.")
+    p = argparse.ArgumentParser(prog="llmprune eval",
+                                description="Perplexity and lm-eval tasks of a saved (or any) model.")
     p.add_argument("model", help="a folder, .gguf, built-in name or Hub id")
     _eval_args(p)
+    p.add_argument("--ppl", dest="eval", help="same as --eval: the perplexity text (none = skip)")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks, e.g. arc_easy,hellaswag")
+    _task_args(p)
+    _exec_args(p)
+    return p
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmprune push", description="Upload a pruned checkpoint to the Hugging Face "
+                                "Hub (token from HF_TOKEN or `hf auth login`; never printed).")
+    p.add_argument("folder", help="an llmprune output folder")
+    p.add_argument("--repo", required=True, help="OWNER/NAME of the model repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    return p
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmprune sweep", description="Prune a grid of methods x sparsities x "
+                                "patterns, writing a table (JSON, CSV) and a plot of perplexity against sparsity; "
+                                "rerun the same command to finish an interrupted sweep.")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7", help="unstructured sparsities")
+    p.add_argument("--patterns", default="2:4,4:8", help="N:M patterns (empty: none)")
+    p.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv and sweep.png")
+    p.add_argument("--calib", default="wikipedia")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eval", default="wikipedia")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=20)
+    p.add_argument("--eval-batch-size", type=int, default=1)
     _exec_args(p)
     return p
 
@@ -133,36 +194,87 @@ def _eval_config(args: argparse.Namespace) -> Any:
     return EvalConfig(source, args.eval_seqlen, args.eval_windows, args.eval_batch_size)
 
 
+# CLI option (argparse dest) -> recipe key. The CLI builds its job through the same recipe data,
+# so a recipe and the equivalent flags give the same job.
+FLAG_KEYS = {
+    "model": "model", "pattern": "prune.pattern", "sparsity": "prune.sparsity", "params": "prune.params",
+    "kv": "prune.kv", "group": "prune.group", "update": "prune.update", "blocksize": "prune.blocksize",
+    "damp": "prune.damp", "sequential": "prune.sequential", "calib": "calibration.source",
+    "nsamples": "calibration.samples", "seqlen": "calibration.seqlen", "seed": "calibration.seed",
+    "batch_size": "batch_size", "eval": "evaluation.source", "eval_seqlen": "evaluation.seqlen",
+    "eval_windows": "evaluation.windows", "eval_batch_size": "evaluation.batch_size", "out": "out",
+    "overwrite": "overwrite", "device": "device", "dtype": "dtype", "decode_tokens": "decode_tokens",
+    "stream": "stream", "resume": "resume", "offload_dir": "offload_dir", "device_map": "device_map",
+    "eval_tasks": "tasks.names", "tasks_include": "tasks.include", "tasks_limit": "tasks.limit",
+    "num_fewshot": "tasks.num_fewshot", "tasks_batch_size": "tasks.batch_size", "push_to_hub": "push_to_hub",
+    "private": "private",
+}
+# Options that only one kind of pruning takes: left out of the other kind's data unless given.
+ONLY_UNSTRUCTURED = {"group", "update", "blocksize"}
+ONLY_STRUCTURED = {"params", "kv", "decode_tokens"}
+
+
+def _explicit(argv: Sequence[str]) -> dict[str, Any]:
+    """The options the user actually typed (defaults suppressed)."""
+    unset = object()  # not a string: argparse would run a string default through the option's type
+    parser = _prune_parser()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest not in ("help", "set")})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset and k != "set"}
+
+
+def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """Recipe data for this command line: the recipe (if any), the flags, then ``--set``."""
+    from llmprune.recipe import apply_set, read_recipe
+
+    explicit = _explicit(argv)
+    data: dict[str, Any] = read_recipe(args.recipe) if args.recipe else {}
+    given = explicit if args.recipe else {**vars(args), **explicit}
+    pattern = given.get("pattern", (data.get("prune") or {}).get("pattern", "unstructured"))
+    structured = pattern in STRUCTURES
+    for dest, value in given.items():
+        key = FLAG_KEYS.get(dest)
+        if key is None or (dest not in explicit and (
+                (structured and dest in ONLY_UNSTRUCTURED) or (not structured and dest in ONLY_STRUCTURED))):
+            continue
+        if dest == "params" and not structured and value is not None:
+            raise LlmpruneError("--params applies to --pattern structured; use --sparsity")
+        if dest == "eval" and str(value).lower() == "none":
+            value = None
+        if dest == "eval_tasks":
+            value = [t.strip() for t in value.split(",") if t.strip()] if value else []
+        head, _, rest = key.partition(".")
+        if rest:
+            data.setdefault(head, {})[rest] = value
+        else:
+            data[key] = value
+    method = explicit.get("method", None if args.recipe else args.method)
+    if method is not None:
+        data.setdefault("prune", {})["score" if structured else "method"] = method
+    prune = data.setdefault("prune", {})
+    if not structured and prune.get("sparsity") is None and ":" not in str(prune.get("pattern", "")):
+        prune["sparsity"] = 0.5  # the default of unstructured pruning
+    for assignment in args.set:
+        apply_set(data, assignment)
+    if not data.get("model"):
+        raise LlmpruneError("give --model (or a --recipe that names one)")
+    return data
+
+
 def cmd_prune(argv: Sequence[str]) -> int:
     args = _prune_parser().parse_args(argv)
     _setup(args)
-    from llmprune.config import CalibrationConfig, PruneConfig
-    from llmprune.job import Job, run
+    from llmprune.job import run
+    from llmprune.recipe import job_from_dict
 
-    prune: Any
-    if args.pattern in STRUCTURES:
-        from llmprune.structured.run import StructuredConfig
-
-        prune = StructuredConfig(args.pattern, args.sparsity, args.params, args.method or "obs", args.kv,
-                                 args.damp, args.sequential)
-    else:
-        if args.params is not None:
-            raise LlmpruneError("--params applies to --pattern structured; use --sparsity")
-        sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
-        prune = PruneConfig(args.method or "sparsegpt", args.pattern, sparsity, args.group, args.update,
-                            args.blocksize, args.damp, args.sequential)
     if args.decode_tokens < 0:
         raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
-    job = Job(
-        model=args.model,
-        prune=prune,
-        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
-        evaluation=_eval_config(args),
-        out=args.out, overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size, decode_tokens=args.decode_tokens,
-    )
+    job = job_from_dict(job_data(args, argv))
     record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv])
     print(summary(record))
+    if record.get("tasks"):
+        print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]).replace("value ", "dense ", 1))
+    if record.get("pushed_to"):
+        print(f"pushed to {record['pushed_to']}")
     _write_json(args, record)
     return 0
 
@@ -175,16 +287,89 @@ def cmd_eval(argv: Sequence[str]) -> int:
     from llmprune.loading import load
 
     config = _eval_config(args)
-    if config.source is None:
-        raise LlmpruneError("llmprune eval needs an --eval text")
+    names = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    if config.source is None and not names:
+        raise LlmpruneError("llmprune eval needs a perplexity text (--eval/--ppl) or --tasks")
+    manager = None
+    if names:
+        from llmprune.tasks import check_tasks
+
+        manager = check_tasks(names, args.tasks_include)
     model, tokenizer = load(args.model, args.dtype)
+    device = resolve_device(args.device)
     bars = _Bars(args.quiet)
-    result = evaluate_ppl(model, tokenizer, config, resolve_device(args.device),
-                          lambda done, total: bars("eval", done, total))
-    result["model"] = args.model
-    print(f"{'model':<40} {'ppl':>10}   protocol")
-    print(f"{args.model:<40} {result['ppl']:>10.3f}   {_protocol(result)}")
+    result: dict[str, Any] = {"model": args.model}
+    if config.source is not None:
+        result.update(evaluate_ppl(model, tokenizer, config, device, lambda done, total: bars("eval", done, total)))
+        print(f"{'model':<40} {'ppl':>10}   protocol")
+        print(f"{args.model:<40} {result['ppl']:>10.3f}   {_protocol(result)}")
+    if names:
+        from llmprune.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, names, include=args.tasks_include,
+                                         limit=args.tasks_limit, num_fewshot=args.num_fewshot,
+                                         batch_size=args.tasks_batch_size, device=device, manager=manager)
+        print(tasks_summary(result["tasks"]))
     _write_json(args, result)
+    return 0
+
+
+def tasks_summary(tasks: dict[str, Any], pruned: dict[str, Any] | None = None) -> str:
+    """lm-eval results as a table (one model, or dense and pruned side by side)."""
+    rows = [f"{'task':<24}{'metric':<12}{'value':>18}" + (f"{'pruned':>18}" if pruned else "")]
+    for task, metrics in tasks["results"].items():
+        for metric in sorted(m for m in metrics if not m.endswith("_stderr")):
+            cells = []
+            for side in (tasks, pruned) if pruned else (tasks,):
+                row = side["results"].get(task, {})
+                value, err = row.get(metric), row.get(f"{metric}_stderr")
+                cells.append("" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if err else ""))
+            rows.append(f"{task:<24}{metric:<12}" + "".join(f"{c:>18}" for c in cells))
+    return "\n".join(rows)
+
+
+def cmd_push(argv: Sequence[str]) -> int:
+    args = _push_parser().parse_args(argv)
+    from pathlib import Path
+
+    from llmprune.hub import push
+
+    url = push(Path(args.folder), args.repo, private=args.private)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def cmd_sweep(argv: Sequence[str]) -> int:
+    args = _sweep_parser().parse_args(argv)
+    _setup(args)
+    from llmprune.config import CalibrationConfig
+    from llmprune.job import EvalConfig
+    from llmprune.sweep import SweepConfig, run_sweep, table
+
+    def floats(text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise LlmpruneError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
+
+    config = SweepConfig(
+        model=args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        sparsities=floats(args.sparsities), patterns=tuple(p.strip() for p in args.patterns.split(",") if p.strip()),
+        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
+        evaluation=EvalConfig(None if str(args.eval).lower() == "none" else args.eval, args.eval_seqlen,
+                              args.eval_windows, args.eval_batch_size),
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+    )
+
+    def progress(point: str, done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"[{done + 1}/{total}] {point}", file=sys.stderr, flush=True)
+
+    record = run_sweep(config, args.out, progress=progress)
+    print(table(record))
+    print(f"{len(record['points'])} points; this run took {record['seconds_this_run']:.0f} s; "
+          f"table and plot in {args.out} (sweep.json, sweep.csv, sweep.png)")
+    _write_json(args, record)
     return 0
 
 
@@ -200,7 +385,7 @@ def summary(record: dict[str, Any]) -> str:
             ("method", f"{record['method']} {record['pattern']} (update {record['resolved_options']['update']}"
                        f", sequential {record['config']['sequential']})"),
             ("sparsity", f"target {record['sparsity_target']:.2%}, achieved {record['sparsity_achieved']:.2%}"),
-            ("calibration", f"{record['calibration']['source']}, {record['calibration']['nsamples']} x "
+            ("calibration", f"{record['calibration']['source']}, {record['calibration']['samples']} x "
                             f"{record['calibration']['seqlen']} tokens, seed {record['calibration']['seed']}")]
     ev = record.get("evaluation")
     if ev:
@@ -208,10 +393,23 @@ def summary(record: dict[str, Any]) -> str:
                  ("ppl protocol", _protocol(ev))]
     t = record["timings"]
     rows.append(("pruning time", f"{t['prune_s']:.1f} s on {record['device']}, {record['threads']} threads"))
+    if record.get("streaming"):
+        st = record["streaming"]
+        rows.append(("streaming", f"layers read from {st['source']}" + (
+            f", resumed after layer {st['resumed_at_layer']}" if st["resumed_at_layer"] else "")))
+    if record.get("memory"):
+        rows.append(("peak memory", _memory(record["memory"])))
     if record.get("out"):
         rows.append(("saved to", record["out"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _memory(memory: dict[str, Any]) -> str:
+    text = f"{memory['peak_rss_bytes'] / 1e9:.2f} GB RSS"
+    for device, size in (memory.get("peak_device_bytes") or {}).items():
+        text += f", {size / 1e9:.2f} GB on {device}"
+    return text
 
 
 def structured_summary(record: dict[str, Any]) -> str:
@@ -249,7 +447,8 @@ def _write_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
         write_json(args.json, record)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval": cmd_eval}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval": cmd_eval, "push": cmd_push,
+                                                       "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmprune: interrupted; nothing was written", file=sys.stderr)
+        print("llmprune: interrupted; no checkpoint was published (a streaming run continues with --resume)",
+              file=sys.stderr)
         return 130
 
 

@@ -97,12 +97,12 @@ class CalibrationConfig:
     ``c4``, ``ptb``) or a local ``.txt``/``.jsonl`` file. ``seqlen`` None = min(2048, model limit)."""
 
     source: str = "wikipedia"
-    nsamples: int = 128
+    samples: int = 128
     seqlen: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.nsamples, int) and self.nsamples > 0):
-            raise LlmpruneError(f"nsamples must be a positive integer, got {self.nsamples}")
+        if not (isinstance(self.samples, int) and self.samples > 0):
+            raise LlmpruneError(f"calibration samples must be a positive integer, got {self.samples}")
         if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen > 1):
             raise LlmpruneError(f"seqlen must be an integer > 1, got {self.seqlen}")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.activations import BatchFile
 from llmprune.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.config import PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
@@ -29,6 +30,10 @@ from llmprune.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar,
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
+
+
+# Where a layer's outputs go, one batch at a time: a list, or a file (activation offload).
+Sink = list[torch.Tensor] | BatchFile
 # Elements of the widest activation of one calibration batch: small batches are faster on a CPU
 # (they stay in cache), while a GPU prefers them large.
 CPU_BATCH_BUDGET = 2**22
@@ -187,35 +192,43 @@ class _Watcher:
 
 
 def _prune_linear(
-    name: str, linear: nn.Module, stats: _StatSet, method: Method, options: Options
+    name: str, linear: nn.Module, stats: _StatSet, method: Method, options: Options,
+    storage: torch.dtype | None = None,
 ) -> LinearReport:
     W = get_weight(linear).detach()
     result = method.prune(W, stats.values(method, options), options)
-    error = relative_error(W, result.weight, stats.sample.value())
-    set_weight(linear, result.weight)
+    # Computing in a wider dtype than the checkpoint's: round to what will be saved, so the next
+    # linears and layers see the weights the checkpoint will hold.
+    new = result.weight if storage is None else result.weight.to(storage)
+    error = relative_error(W, new.to(W.dtype), stats.sample.value())
+    set_weight(linear, new)
     written = get_weight(linear)
-    zeros = (written == 0).sum().item() / written.numel()
+    zeros = (written.numel() - torch.count_nonzero(written).item()) / written.numel()
     return LinearReport(name, (W.shape[0], W.shape[1]), zeros, error, result.damp_used)
 
 
 @torch.no_grad()
 def _run(
-    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device
-) -> list[torch.Tensor]:
-    return [call.run(layer, state.to(device), device).to("cpu") for state, call in zip(hidden, calls, strict=True)]
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device,
+    out: Sink,
+) -> Sink:
+    for state, call in zip(hidden, calls, strict=True):
+        out.append(call.run(layer, state.to(device), device).to("cpu"))
+    return out
 
 
 @torch.no_grad()
 def visit_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
     kinds: set[str], on_ready: Callable[[str, _StatSet], None], sequential: bool, device: torch.device,
-    lockstep: bool = False,
-) -> list[torch.Tensor]:
+    lockstep: bool = False, out: Sink | None = None,
+) -> Sink:
     """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
     each of ``targets`` once its input statistics are complete (``on_ready`` may change the
     linear; with ``sequential`` later linears then see its effect). Returns the layer's outputs
-    after all changes."""
+    after all changes, appended to ``out`` (default: a new list) one batch at a time."""
     pending = dict(targets)
+    sink: Sink = [] if out is None else out
     outputs: list[torch.Tensor] | None = None
     if sequential and lockstep:
         # Every batch waits at each linear until all batches have reached it; the linear's
@@ -249,23 +262,28 @@ def visit_layer(
                 on_ready(name, watcher.stats[watcher.leader[name]])
             if not ready:
                 break  # the rest never runs on calibration data
-        outputs = _run(layer, hidden, calls, device)
-    return outputs
+        return _run(layer, hidden, calls, device, sink)
+    for output in outputs:
+        sink.append(output)
+    return sink
 
 
 @torch.no_grad()
 def prune_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
     method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
-) -> tuple[list[torch.Tensor], list[LinearReport]]:
-    """Prune one decoder layer in place; returns its pruned outputs and per-linear reports."""
+    out: Sink | None = None, storage: torch.dtype | None = None,
+) -> tuple[Sink, list[LinearReport]]:
+    """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
+    ``storage``: the checkpoint's dtype when the layer is computed in a wider one."""
     linears = find_linears(layer)
     reports: dict[str, LinearReport] = {}
 
     def prune(name: str, stats: _StatSet) -> None:
-        reports[name] = _prune_linear(name, linears[name], stats, method, options)
+        reports[name] = _prune_linear(name, linears[name], stats, method, options, storage)
 
-    outputs = visit_layer(layer, hidden, calls, linears, method.needs(options), prune, sequential, device, lockstep)
+    outputs = visit_layer(layer, hidden, calls, linears, method.needs(options), prune, sequential, device,
+                          lockstep, out)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 
@@ -290,6 +308,45 @@ def validate_widths(layers_path: str, layers: nn.ModuleList, options: Options) -
                 )
 
 
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer is processed in: float16 on a CPU is computed in float32 (CPU float16
+    matmuls are several times slower than float32 ones); weights are rounded back to float16."""
+    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
+
+
+@dataclass
+class Resumed:
+    """Where a run picks up: the first layer still to prune and the inputs that feed it."""
+
+    start: int
+    hidden: Sequence[torch.Tensor]
+    linears: list[LinearReport] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+
+
+class LayerHost:
+    """Where the decoder layers' weights live between visits. This default keeps the whole model
+    in memory; :mod:`llmprune.stream` reads each layer from disk and writes it back pruned."""
+
+    def captured(self, model: nn.Module) -> None:
+        """Called once the calibration inputs of layer 0 are captured."""
+
+    def resume(self, hidden: list[torch.Tensor]) -> Resumed:
+        return Resumed(0, hidden)
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        """Make layer ``index``'s weights present (on the CPU or any device)."""
+
+    def sink(self, index: int) -> Sink:
+        """Where layer ``index``'s outputs go."""
+        return []
+
+    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport) -> Sequence[torch.Tensor]:
+        """Layer ``index`` is pruned (its reports are the last in ``report``); returns the
+        next layer's inputs."""
+        return outputs
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -300,46 +357,70 @@ def prune(
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    layer_devices: Sequence[torch.device] | None = None,
+    host: LayerHost | None = None,
+    captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
 
     ``calibration``: (nsamples, seqlen) token ids. ``device``: where each layer is processed
-    (default: CUDA if present); the model itself may stay on the CPU. ``cancel`` is polled
+    (default: CUDA if present); the model itself may stay on the CPU. ``layer_devices``: one
+    device per decoder layer instead (from an accelerate device map). ``cancel`` is polled
     between layers; when it returns True the run stops with :class:`Cancelled` (the model is
-    then partly pruned). Embeddings, norms and ``lm_head`` are never pruned.
+    then partly pruned). ``host`` decides where layer weights live between visits (default: in
+    ``model``). ``captured``: the inputs of layer 0 and every layer's call arguments, from an
+    earlier :func:`capture_layer_calls` of the same calibration batches (a sweep reuses them).
+    Embeddings, norms and ``lm_head`` are never pruned.
     """
     start = time.perf_counter()
     if calibration.ndim != 2 or calibration.dtype not in (torch.int64, torch.int32):
         raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")
     method = get_method(config.method)
     options = config.options()
+    host = host or LayerHost()
     layers_path, layers = find_decoder_layers(model)
     validate_widths(layers_path, layers, options)
     check_finite(model, skip=layers)
     run_device = resolve_device(device)
+    devices = list(layer_devices) if layer_devices is not None else [run_device] * len(layers)
+    if len(devices) != len(layers):
+        raise LlmpruneError(f"{len(devices)} layer devices given for {len(layers)} decoder layers")
     model.eval()
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
-    hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
-    report = PruneReport(config, layers_path, device=str(run_device), batch_size=size,
-                         one_pass=lockstep)
-    for index, layer in enumerate(layers):
+    batches = list(calibration.split(size))
+    if captured is not None and len(captured[0]) != len(batches):
+        raise LlmpruneError(f"captured inputs hold {len(captured[0])} batches, calibration has {len(batches)}")
+    inputs, calls = captured or capture_layer_calls(model, layers, batches)
+    host.captured(model)
+    resumed = host.resume(inputs)
+    del inputs
+    hidden: Sequence[torch.Tensor] = resumed.hidden
+    report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
+                         device=str(run_device), batch_size=size, one_pass=lockstep)
+    for index in range(resumed.start, len(layers)):
+        layer = layers[index]
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
         tick = time.perf_counter()
+        host.fetch(index, layer)
         check_finite(layer, prefix=f"{layers_path}.{index}")
-        home = next(layer.parameters()).device
-        layer.to(run_device)
-        hidden, linear_reports = prune_layer(
-            layer, hidden, calls[index], method, options, config.sequential, run_device, lockstep
+        param = next(layer.parameters())
+        home, storage = param.device, param.dtype
+        compute = compute_dtype(devices[index], storage)
+        layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
+        outputs, linear_reports = prune_layer(
+            layer, hidden, calls[index], method, options, config.sequential, devices[index], lockstep,
+            host.sink(index), storage if compute != storage else None,
         )
-        layer.to(home)
+        layer.to(home, dtype=storage) if compute != storage else layer.to(home)
         for item in linear_reports:
             item.name = f"{layers_path}.{index}.{item.name}"
         report.linears.extend(linear_reports)
         report.layer_seconds.append(time.perf_counter() - tick)
+        hidden = host.finish(index, layer, outputs, report)
         if progress is not None:
             progress(index + 1, len(layers))
     report.seconds = time.perf_counter() - start

@@ -27,7 +27,8 @@ from llmprune.driver import PruneReport, prune, resolve_device
 from llmprune.errors import LlmpruneError
 from llmprune.evaluate import perplexity
 from llmprune.export import check_output, save_checkpoint
-from llmprune.loading import BUILTIN_MODELS, load
+from llmprune.loading import BUILTIN_MODELS, load, resolve
+from llmprune.memory import available_bytes, memory_report
 from llmprune.model import model_max_length
 from llmprune.speed import decode_speed, weights_bytes
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
@@ -55,6 +56,25 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TasksConfig:
+    """lm-eval tasks run on the dense and the pruned model. ``names``: lm-eval task or group names
+    (empty: none); ``include``: a folder of local task YAMLs; ``limit``: examples per task (a
+    count, or a fraction below 1); ``num_fewshot``: None = each task's default."""
+
+    names: tuple[str, ...] = ()
+    include: str | None = None
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and not self.limit > 0:
+            raise LlmpruneError(f"task limit must be positive, got {self.limit}")
+        if self.batch_size < 1:
+            raise LlmpruneError(f"task batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
 class Job:
     """``prune``: a :class:`PruneConfig` (unstructured, N:M) or a :class:`StructuredConfig`
     (heads, channels, structured, layers). ``decode_tokens``: for structured runs, tokens
@@ -70,6 +90,25 @@ class Job:
     dtype: str | None = None
     batch_size: int | None = None
     decode_tokens: int = 64
+    stream: str = "auto"
+    resume: bool = False
+    offload_dir: str | None = None
+    device_map: str | None = None
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    push_to_hub: str | None = None
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stream not in ("auto", "on", "off"):
+            raise LlmpruneError(f"stream must be auto, on or off, got {self.stream!r}")
+        streaming_only = [flag for flag, value in (("--resume", self.resume), ("--offload-dir", self.offload_dir))
+                          if value]
+        if streaming_only and self.stream == "off":
+            raise LlmpruneError(f"{streaming_only[0]} needs streaming; drop --stream off")
+        if (streaming_only or self.stream == "on") and isinstance(self.prune, StructuredConfig):
+            raise LlmpruneError("streaming, --resume and --offload-dir apply to unstructured and N:M pruning")
+        if (streaming_only or self.stream == "on") and not self.out:
+            raise LlmpruneError("streaming writes the checkpoint as it goes; give --out")
 
 
 def _seqlen(requested: int | None, model: Any) -> int:
@@ -110,7 +149,22 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
     """Run ``job``; returns the record also written to ``llmprune.json``."""
     if job.out:
         check_output(job.out, job.overwrite)  # refuse before hours of work, not after
+    if job.push_to_hub and not job.out:
+        raise LlmpruneError("--push-to-hub uploads the saved checkpoint; give --out")
     device = resolve_device(job.device)
+    manager = None
+    if job.tasks.names:
+        from llmprune.tasks import check_tasks
+
+        manager = check_tasks(job.tasks.names, job.tasks.include)
+    folder = streaming_source(job)
+    if folder is not None:
+        if job.tasks.names:
+            raise LlmpruneError("lm-eval tasks need the whole model in memory, which a streaming run never "
+                                "holds; evaluate the result with `llmprune eval OUT --tasks ...`")
+        from llmprune.streamjob import run_streaming
+
+        return finish(job, run_streaming(job, folder, device, progress, cancel, command))
     timings: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[int, int], None] | None:
@@ -123,36 +177,120 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
     tick = time.perf_counter()
     cal = job.calibration
     seqlen = _seqlen(cal.seqlen, model)
-    calibration = calibration_data(tokenizer, cal.source, cal.nsamples, seqlen, cal.seed)
+    calibration = calibration_data(tokenizer, cal.source, cal.samples, seqlen, cal.seed)
     timings["calibration_data_s"] = time.perf_counter() - tick
 
     dense = pruned = None
     if job.evaluation.source:
         dense = evaluate_ppl(model, tokenizer, job.evaluation, device, stage("eval dense"))
         timings["eval_dense_s"] = dense.pop("seconds")
+    tasks: dict[str, Any] = {}
+    if manager is not None:
+        tasks["dense"] = run_tasks(model, tokenizer, job, device, manager, timings, "dense")
 
     if isinstance(job.prune, StructuredConfig):
-        return _run_structured(job, model, tokenizer, calibration, dense, timings, device, stage, cancel, command)
+        return finish(job, _run_structured(job, model, tokenizer, calibration, dense, timings, device, stage,
+                                           cancel, command, tasks, manager))
+    devices = None
+    if job.device_map:
+        from llmprune.model import find_decoder_layers
+        from llmprune.placement import layer_devices
+
+        layers_path, layers = find_decoder_layers(model)
+        devices = layer_devices(model, layers_path, len(layers), job.device_map)
     report = prune(model, job.prune, calibration, device=device, batch_size=job.batch_size,
-                   progress=stage("prune"), cancel=cancel)
+                   progress=stage("prune"), cancel=cancel, layer_devices=devices)
     timings["prune_s"] = report.seconds
 
     if job.evaluation.source:
         pruned = evaluate_ppl(model, tokenizer, job.evaluation, device, stage("eval pruned"))
         timings["eval_pruned_s"] = pruned.pop("seconds")
+    if manager is not None:
+        tasks["pruned"] = run_tasks(model, tokenizer, job, device, manager, timings, "pruned")
 
     record = build_record(job, model, report, calibration, dense, pruned, timings, device, command)
+    if tasks:
+        record["tasks"] = tasks
     if job.out:
         tick = time.perf_counter()
-        save_checkpoint(model, tokenizer, Path(job.out), record, model_card(record), job.overwrite)
+        save_checkpoint(model, tokenizer, Path(job.out), record, model_card, job.overwrite)
         record["timings"]["save_s"] = time.perf_counter() - tick
         record["out"] = str(Path(job.out).resolve())
+    return finish(job, record)
+
+
+def run_tasks(model: Any, tokenizer: Any, job: Job, device: torch.device, manager: Any,
+              timings: dict[str, float], which: str) -> dict[str, Any]:
+    from llmprune.tasks import evaluate_tasks
+
+    tick = time.perf_counter()
+    config = job.tasks
+    result = evaluate_tasks(model, tokenizer, config.names, include=config.include, limit=config.limit,
+                            num_fewshot=config.num_fewshot, batch_size=config.batch_size, device=device,
+                            manager=manager)
+    timings[f"tasks_{which}_s"] = time.perf_counter() - tick
+    return result
+
+
+def finish(job: Job, record: dict[str, Any]) -> dict[str, Any]:
+    """Push the published checkpoint when asked."""
+    if job.push_to_hub and record.get("out"):
+        from llmprune.hub import push
+
+        record["pushed_to"] = push(Path(record["out"]), job.push_to_hub, private=job.private)
     return record
+
+
+# A checkpoint is streamed (auto mode) when its weights take more than this share of the memory
+# still available: loading it whole would not leave room for statistics and activations.
+STREAM_SHARE = 0.5
+
+
+def streaming_source(job: Job) -> Path | None:
+    """The safetensors folder to stream from, or None to load the model into memory."""
+    forced = job.stream == "on" or job.resume or job.offload_dir is not None
+    if job.stream == "off" or isinstance(job.prune, StructuredConfig) or not job.out:
+        return None
+    where, gguf = resolve(job.model)
+    if gguf:
+        if forced:
+            raise LlmpruneError(f"{job.model} is a GGUF file; streaming needs a safetensors checkpoint "
+                                "(convert it once with save_pretrained)")
+        return None
+    folder = Path(where)
+    if not folder.is_dir():
+        folder = _hub_snapshot(where)
+    if not list(folder.glob("*.safetensors")):
+        if forced:
+            raise LlmpruneError(f"{folder} holds no safetensors weights; streaming needs them")
+        return None
+    if forced:
+        return folder
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    available = available_bytes()
+    return folder if available is not None and size > STREAM_SHARE * available else None
+
+
+def _hub_snapshot(repo: str) -> Path:
+    """The Hub checkpoint's files in the local cache (downloaded when the Hub is reachable)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception:  # offline, gated, unknown: the cache may still hold it
+        try:
+            return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+        except Exception as exc:
+            raise LlmpruneError(f"cannot load model {repo!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                                f"not a local folder or .gguf, and not in the Hugging Face cache or Hub "
+                                f"({type(exc).__name__})") from None
 
 
 def _run_structured(job: Job, model: Any, tokenizer: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
                     timings: dict[str, float], device: torch.device, stage: Callable[[str], Any],
-                    cancel: Callable[[], bool] | None, command: list[str] | None) -> dict[str, Any]:
+                    cancel: Callable[[], bool] | None, command: list[str] | None,
+                    tasks: dict[str, Any], manager: Any) -> dict[str, Any]:
     assert isinstance(job.prune, StructuredConfig)
     speed_dense = speed_pruned = None
     if job.decode_tokens:
@@ -168,8 +306,12 @@ def _run_structured(job: Job, model: Any, tokenizer: Any, calibration: torch.Ten
         timings["eval_pruned_s"] = pruned.pop("seconds")
     if job.decode_tokens:
         speed_pruned = decode_speed(pruned_model, tokenizer, job.decode_tokens, device=device)
+    if manager is not None:
+        tasks["pruned"] = run_tasks(pruned_model, tokenizer, job, device, manager, timings, "pruned")
     record = build_structured_record(job, pruned_model, report, calibration, dense, pruned, timings, device,
                                      command, speed_dense, speed_pruned, bytes_dense)
+    if tasks:
+        record["tasks"] = tasks
     if job.out:
         from llmprune.card import structured_card
 
@@ -206,6 +348,7 @@ def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, An
         "versions": versions(),
         "argv": sys.argv if command is None else command,
         "notes": notes,
+        "memory": memory_report(),
     }
 
 
@@ -268,5 +411,6 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
                         "tokens": calibration.numel(), "batch_size": report.batch_size,
                         "one_pass": report.one_pass},
+        "layer_seconds": report.layer_seconds,
         "layers": [dataclasses.asdict(item) for item in report.linears],
     }

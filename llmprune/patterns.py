@@ -78,7 +78,14 @@ def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     below = scores < threshold
     at = scores == threshold
     room = count - below.sum(-1, keepdim=True)  # how many of the tied entries still go
-    return below | (at & (at.cumsum(-1) <= room))
+    lowest = below | at
+    # Usually every entry equal to the threshold goes (it is one entry); only rows with more
+    # ties than room need the (costly, full-width) running count.
+    over = (at.sum(-1, keepdim=True) > room).squeeze(-1)
+    if bool(over.any()):
+        tied = at[over]
+        lowest[over] = below[over] | (tied & (tied.cumsum(-1) <= room[over]))
+    return lowest
 
 
 def keep_unstructured(scores: torch.Tensor, sparsity: float, group: Group = "row") -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_prune_run_writes_a_record(pruned_run, text_file):
     record = json.loads(pruned_run["record"].read_text())
     assert record["sparsity_achieved"] == pytest.approx(0.5, abs=1e-6)
     assert record["method"] == "sparsegpt" and record["pattern"] == "2:4"
-    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 32
+    assert record["calibration"]["samples"] == 4 and record["calibration"]["seqlen"] == 32
     assert record["evaluation"]["windows"] == 2 and record["evaluation"]["seqlen"] == 32
     assert len(record["layers"]) == tiny.LAYERS * 7  # q k v o gate up down per layer
     # The side file in the checkpoint holds the same facts as --json.

@@ -40,12 +40,13 @@ def _common(vocab_size: int) -> dict:
     return {"vocab_size": vocab_size, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
 
 
-def llama(vocab_size: int = VOCAB, seed: int = 0, intermediate_size: int = INTERMEDIATE) -> nn.Module:
+def llama(vocab_size: int = VOCAB, seed: int = 0, intermediate_size: int = INTERMEDIATE,
+          layers: int = LAYERS) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=intermediate_size, num_hidden_layers=LAYERS,
+        hidden_size=HIDDEN, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
         initializer_range=INIT_RANGE, **_common(vocab_size),
     )

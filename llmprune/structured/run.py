@@ -269,7 +269,7 @@ def block_influence(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: li
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
         home = next(layer.parameters()).device
         layer.to(device)
-        outputs = _run(layer, hidden, calls[index], device)
+        outputs = list(_run(layer, hidden, calls[index], device, []))
         layer.to(home)
         sims = [nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).flatten()
                 for a, b in zip(hidden, outputs, strict=True)]
@@ -386,8 +386,8 @@ def prune_structured(
                                for n, m in find_linears(layer).items()}
             pruner = _LayerPruner(layer, anatomy, config, heads, channels, layer_grads, compensate)
             layer_targets = {n: m for n, m in find_linears(layer).items() if n in targets}
-            hidden = visit_layer(layer, hidden, calls[index], layer_targets, kinds, pruner, config.sequential,
-                                 run_device, lockstep)
+            hidden = list(visit_layer(layer, hidden, calls[index], layer_targets, kinds, pruner,
+                                      config.sequential, run_device, lockstep))
             layer.to(home)
             _record(report, index, pruner, widths, config.kv)
             if progress is not None:
@@ -483,7 +483,7 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         linears = find_linears(layer)
         collected.clear()
         targets = {n: m for n, m in linears.items() if n in (anatomy.o, anatomy.down)}
-        outputs = visit_layer(layer, hidden, calls[index], targets, {HESSIAN}, keep, False, device, False)
+        outputs = list(visit_layer(layer, hidden, calls[index], targets, {HESSIAN}, keep, False, device, False))
         layer.to(home)
         H_o, H_d = collected[anatomy.o], collected[anatomy.down]  # on the execution device
         W_o = get_weight(linears[anatomy.o]).detach().float().to(H_o.device)

@@ -1,0 +1,325 @@
+"""Prune a model larger than memory: decoder layers streamed from safetensors shards to disk.
+
+The model is built without weights (accelerate's ``init_empty_weights``: parameters on the meta
+device). The embeddings and other non-layer tensors are read for the calibration capture,
+written to the first output shard and released. Then, for each decoder layer, its tensors are
+read from the source shards, the layer is pruned by the same :func:`llmprune.driver.prune` loop
+as in memory, written to a shard of its own and released again. Memory therefore holds one
+decoder layer, its statistics and the calibration activations (which may themselves live in a
+file, :class:`~llmprune.activations.BatchFile`).
+
+Every finished layer is recorded in a :class:`~llmprune.journal.Journal` in the output's
+temporary folder, so ``resume=True`` continues an interrupted run from its last complete layer
+and writes the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune import __version__
+from llmprune.activations import BatchFile, file_sha256
+from llmprune.driver import LayerHost, LinearReport, PruneReport, Resumed, Sink
+from llmprune.errors import LlmpruneError
+from llmprune.journal import FOLDER as JOURNAL_FOLDER
+from llmprune.journal import Journal
+from llmprune.model import find_decoder_layers
+from llmprune.shards import Checkpoint, shard_name, write_index, write_shard
+
+log = logging.getLogger(__name__)
+
+# Activations are moved to a file when input, output and one batch in flight would take more
+# than this share of the memory still available.
+OFFLOAD_SHARE = 0.25
+
+
+def staging_folder(out: Path) -> Path:
+    """The fixed temporary folder beside ``out`` that a streaming run writes and resumes."""
+    return out.parent / f".{out.name}.partial"
+
+
+def build_skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
+    """The model with every parameter on the meta device (no memory), buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config))
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def _own_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once) and persistent buffers, by full name: what a checkpoint holds."""
+    stem = prefix.rstrip(".")
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(prefix=stem))
+    persistent = module.state_dict(prefix=prefix)
+    tensors.update((n, b) for n, b in module.named_buffers(prefix=stem) if n in persistent)
+    return tensors
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor | None, device: str = "cpu") -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, device, value=value)
+
+
+def activation_bytes(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
+    return nsamples * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """Fail before any work when ``folder``'s file system lacks ``needed`` bytes."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise LlmpruneError(f"not enough disk for {what} in {folder}: needs {needed / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB free")
+
+
+class StreamHost(LayerHost):
+    """Reads each decoder layer from ``source`` and writes it, pruned, to ``staging``."""
+
+    def __init__(self, model: nn.Module, source: Checkpoint, staging: Path, journal: Journal,
+                 offload_dir: Path | None) -> None:
+        self.model, self.source, self.staging, self.journal = model, source, staging, journal
+        self.layers_path, self.layers = find_decoder_layers(model)
+        self.total = len(self.layers) + 1  # shard 1: everything outside the decoder layers
+        self.offload_dir = offload_dir
+        self.rest = {name: t for name, t in _own_tensors(model).items()
+                     if not name.startswith(self.layers_path + ".")}
+        self.previous: BatchFile | None = None
+
+    # -- the front: embeddings, final norm, lm_head ---------------------------------------
+    def load_rest(self) -> None:
+        """Read the non-layer tensors (needed for the calibration capture)."""
+        wanted = [n for n in self.rest if n in self.source.files or not self._is_buffer(n)]
+        for name, value in self.source.read(wanted).items():
+            _set(self.model, name, value)
+        self.model.tie_weights()  # type: ignore[operator]  # setting a tensor replaces the Parameter, which unties it
+
+    def release_rest(self) -> None:
+        for name in self.rest:
+            if not self._is_buffer(name):
+                _set(self.model, name, None, "meta")
+        self.model.tie_weights()  # type: ignore[operator]
+
+    def _is_buffer(self, name: str) -> bool:
+        return name not in dict(self.model.named_parameters())
+
+    def captured(self, model: nn.Module) -> None:
+        if self.journal.rest is None:
+            tensors = {n: t for n, t in _own_tensors(self.model).items() if n in self.rest}
+            name = shard_name(1, self.total)
+            path = write_shard(self.staging, name, tensors)
+            self.journal.record_rest({"shard": name, "sha256": file_sha256(path), "tensors": sorted(tensors),
+                                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values())})
+        self.release_rest()
+
+    # -- the decoder layers ----------------------------------------------------------------
+    def resume(self, hidden: list[torch.Tensor]) -> Resumed:
+        done = self.journal.layers
+        if not done:
+            return Resumed(0, hidden)
+        last = done[-1]
+        folder = self.offload_dir or self.journal.folder
+        stored = BatchFile.reopen(folder, last["activations"])
+        if len(stored) != len(hidden) or [tuple(t.shape) for t in hidden] != stored.shapes:
+            raise LlmpruneError(f"resume journal in {self.staging} holds activations of another shape")
+        self.previous = stored
+        inputs: Sequence[torch.Tensor] = stored if self.offload_dir else list(stored)
+        linears = [LinearReport(**{**item, "shape": tuple(item["shape"])}) for e in done for item in e["linears"]]
+        log.info("resuming after decoder layer %d of %d", last["index"] + 1, len(self.layers))
+        return Resumed(last["index"] + 1, inputs, linears, [e["seconds"] for e in done])
+
+    def _prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        prefix = self._prefix(index)
+        expected = set(_own_tensors(layer, prefix))
+        present = {n for n in self.source.files if n.startswith(prefix)}
+        if expected - present:
+            missing = sorted(expected - present)[0]
+            raise LlmpruneError(f"tensor {missing} is not in the checkpoint at {self.source.folder} "
+                                "(its names do not match this transformers version's model)")
+        for name, value in self.source.read(sorted(expected)).items():
+            _set(self.model, name, value)
+
+    def sink(self, index: int) -> Sink:
+        if self.offload_dir is None:
+            return []
+        return BatchFile(self.offload_dir / f"activations-{index:05d}.bin")
+
+    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport) -> Sequence[torch.Tensor]:
+        tensors = _own_tensors(layer, self._prefix(index))
+        name = shard_name(index + 2, self.total)
+        path = write_shard(self.staging, name, tensors)
+        if isinstance(outputs, BatchFile):
+            stored = outputs.close()
+        else:
+            stored = BatchFile(self.journal.folder / f"activations-{index:05d}.bin")
+            for batch in outputs:
+                stored.append(batch)
+            stored.close()
+        prefix = self._prefix(index)
+        self.journal.record_layer({
+            "index": index, "shard": name, "sha256": file_sha256(path), "tensors": sorted(tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "linears": [asdict(r) for r in report.linears if r.name.startswith(prefix)],
+            "seconds": report.layer_seconds[-1], "activations": stored.describe(),
+        })
+        if self.previous is not None:
+            self.previous.path.unlink(missing_ok=True)
+        self.previous = stored
+        layer.to("meta")
+        return stored if isinstance(outputs, BatchFile) else outputs
+
+    def finalize(self) -> None:
+        """Write the shard index and drop the journal: the folder is a complete checkpoint."""
+        entries = [self.journal.rest, *self.journal.layers]
+        weight_map = {tensor: entry["shard"] for entry in entries if entry for tensor in entry["tensors"]}
+        write_index(self.staging, weight_map, sum(entry["bytes"] for entry in entries if entry))
+        if self.previous is not None:
+            self.previous.path.unlink(missing_ok=True)
+        shutil.rmtree(self.staging / JOURNAL_FOLDER, ignore_errors=True)
+
+
+def fingerprint(source: str, config: Any, calibration: torch.Tensor, batch_size: int | None,
+                dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """What must match for a resumed run to write what an uninterrupted one would."""
+    return {
+        "model": source, "config": asdict(config), "dtype": str(dtype), "batch_size": batch_size,
+        "calibration_sha256": hashlib.sha256(calibration.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "calibration_shape": list(calibration.shape), "device": device,
+        "llmprune": __version__, "torch": torch.__version__.split("+")[0],
+    }
+
+
+def open_staging(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """The staging folder for ``out``: (path, whether it holds an interrupted run to resume)."""
+    staging = staging_folder(out)
+    if staging.exists() and not resume:
+        if not overwrite:
+            raise LlmpruneError(f"an interrupted run left {staging}; pass --resume to continue it, or "
+                                "--overwrite to discard it and start again")
+        shutil.rmtree(staging)
+    if staging.exists():
+        return staging, True
+    if resume:
+        log.warning("nothing to resume in %s; starting from the first layer", staging)
+    staging.mkdir(parents=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging, False
+
+
+def publish_staging(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished staging folder to ``out`` (replacing it only with ``overwrite``)."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise LlmpruneError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:
+    """Move every present tensor outside the decoder layers (embeddings, norm, lm_head, rotary
+    buffers) to ``device``; the layers' meta parameters stay where they are."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in named:
+        if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
+            set_module_tensor_to_device(model, name, device)
+
+
+class _Substitute:
+    """A decoder layer's forward that ignores the hidden states it is given and runs the real
+    layer on stored ones: the model's own tail (final norm, lm_head) then sees them."""
+
+    def __init__(self, layer: nn.Module, stored: torch.Tensor) -> None:
+        self.layer, self.stored = layer, stored
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.layer).forward
+        if args:
+            return forward(self.layer, self.stored.to(args[0].device), *args[1:], **kwargs)
+        kwargs["hidden_states"] = self.stored.to(kwargs["hidden_states"].device)
+        return forward(self.layer, **kwargs)
+
+
+@torch.no_grad()
+def stream_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
+                      device: torch.device, batch_size: int = 1,
+                      progress: Callable[[int, int], None] | None = None) -> float:
+    """:func:`llmprune.evaluate.perplexity` with one decoder layer in memory at a time, read from
+    ``source`` (the dense checkpoint, or the pruned shards written so far)."""
+    import math
+
+    from llmprune.capture import capture_layer_calls
+    from llmprune.evaluate import _summed_nll
+
+    reader = StreamHost.__new__(StreamHost)
+    reader.__dict__.update(host.__dict__)
+    reader.source = source
+    layers = reader.layers
+    batches = list(windows.split(batch_size))
+    reader.load_rest()
+    try:
+        hidden, calls = capture_layer_calls(model, layers, batches)
+        for index, layer in enumerate(layers[:-1]):
+            reader.fetch(index, layer)
+            layer.to(device)
+            hidden = [call.run(layer, state, device).to("cpu")
+                      for state, call in zip(hidden, calls[index], strict=True)]
+            layer.to("meta")
+            if progress is not None:
+                progress(index + 1, len(layers) + 1)
+        last = layers[-1]
+        reader.fetch(len(layers) - 1, last)
+        last.to(device)
+        _move_front(model, reader.layers_path, device)
+        total = 0.0
+        saved = [block.__dict__.get("forward") for block in layers]
+        try:
+            for block in layers[:-1]:
+                block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
+            for batch, state in zip(batches, hidden, strict=True):
+                last.forward = _Substitute(last, state)
+                logits = model(input_ids=batch.to(device), use_cache=False).logits
+                total += _summed_nll(logits, batch.to(device))
+        finally:
+            for block, original in zip(layers, saved, strict=True):
+                if original is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = original
+            _move_front(model, reader.layers_path, torch.device("cpu"))
+            last.to("meta")
+    finally:
+        reader.release_rest()
+    if progress is not None:
+        progress(len(layers) + 1, len(layers) + 1)
+    return math.exp(total / windows[:, 1:].numel())

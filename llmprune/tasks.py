@@ -1,0 +1,86 @@
+"""lm-eval tasks on an in-memory model, through lm-eval's own Python API.
+
+``HFLM(pretrained=model, tokenizer=tokenizer)`` wraps the (pruned) model without saving it, and
+``simple_evaluate`` runs any registered task or group, or tasks from a local folder of task YAMLs
+(``include``). The numbers are lm-eval's own: a direct ``lm_eval --model hf`` run on the saved
+checkpoint reports the same.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.errors import LlmpruneError
+
+log = logging.getLogger(__name__)
+
+
+def task_manager(include: str | None) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if include is not None:
+        from pathlib import Path
+
+        if not Path(include).is_dir():
+            raise LlmpruneError(f"--tasks-include {include} is not a folder of lm-eval task YAML files")
+        return TaskManager(include_path=str(include))
+    return TaskManager()
+
+
+def check_tasks(names: tuple[str, ...], include: str | None) -> Any:
+    """The task manager, once every name is known to it (before any work)."""
+    manager = task_manager(include)
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise LlmpruneError(f"unknown lm-eval task {name!r}{hint} (local tasks: --tasks-include DIR)")
+    return manager
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """lm-eval's ``results`` as {task: {metric: value, metric_stderr: value}}."""
+    table: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        row: dict[str, float] = {}
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric = key.split(",")[0]
+            row[metric] = float(value)
+        table[task] = row
+    return table
+
+
+@torch.no_grad()
+def evaluate_tasks(model: nn.Module, tokenizer: Any, names: tuple[str, ...], *, include: str | None = None,
+                   limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                   device: torch.device | None = None, manager: Any = None) -> dict[str, Any]:
+    """Run lm-eval ``names`` on ``model``; returns {"results": {task: metrics}, "n_samples", ...}."""
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = manager or check_tasks(names, include)
+    home = next(model.parameters()).device
+    if device is not None:
+        model.to(device)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        count = int(limit) if limit is not None and limit >= 1 else limit
+        out = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=count,
+                              num_fewshot=num_fewshot, log_samples=False, random_seed=0, numpy_random_seed=0,
+                              torch_random_seed=0, fewshot_random_seed=0)
+    finally:
+        model.to(home)
+    if out is None:  # lm-eval returns None on non-zero ranks only
+        raise LlmpruneError("lm-eval returned no results")
+    return {"results": summarize(out["results"]), "n_samples": {k: v.get("effective", v) if isinstance(v, dict)
+                                                                else v for k, v in out.get("n-samples", {}).items()},
+            "limit": limit, "num_fewshot": num_fewshot, "lm_eval": getattr(lm_eval, "__version__", "unknown")}

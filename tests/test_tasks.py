@@ -1,0 +1,89 @@
+"""lm-eval through its own API on the in-memory model, offline, on a task shipped with the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.errors import LlmpruneError
+from llmprune.job import EvalConfig, Job, TasksConfig, run
+
+DATA = Path(__file__).parent / "data"
+TASK = "llmprune_wiki_mc"
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """The shipped task YAML, pointed at the shipped JSONL by absolute path."""
+    folder = tmp_path_factory.mktemp("tasks")
+    text = (DATA / "wiki_mc.yaml").read_text().replace("DATA_FILE", str(DATA / "wiki_mc.jsonl"))
+    (folder / "wiki_mc.yaml").write_text(text)
+    return folder
+
+
+def direct_lm_eval(model_dir: Path, task_dir: Path, out: Path) -> dict:
+    """What lm-eval's own command line reports for a saved checkpoint."""
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+                    "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "8", "--device", "cpu",
+                    "--output_path", str(out), "--seed", "0"], check=True, capture_output=True, timeout=900)
+    result = next(out.rglob("results_*.json"))
+    return json.loads(result.read_text())["results"][TASK]
+
+
+def prune_with_tasks(model: str, text: str, task_dir: Path, out: Path, samples: int, seqlen: int) -> dict:
+    return run(Job(model=model, prune=PruneConfig("wanda", "unstructured", 0.5),
+                   calibration=CalibrationConfig(text, samples, seqlen), evaluation=EvalConfig(None),
+                   tasks=TasksConfig((TASK,), include=str(task_dir)), out=str(out), device="cpu"))
+
+
+def check_against_direct_run(record: dict, out: Path, source: Path, task_dir: Path, tmp_path: Path) -> None:
+    dense, pruned = (record["tasks"][k]["results"][TASK] for k in ("dense", "pruned"))
+    assert record["tasks"]["pruned"]["n_samples"][TASK] == 40
+    direct = direct_lm_eval(out, task_dir, tmp_path / "direct")
+    assert pruned["acc"] == pytest.approx(direct["acc,none"], abs=1e-12)
+    assert pruned["acc_norm"] == pytest.approx(direct["acc_norm,none"], abs=1e-12)
+    assert pruned["acc_stderr"] == pytest.approx(direct["acc_stderr,none"], abs=1e-12)
+    direct_dense = direct_lm_eval(source, task_dir, tmp_path / "direct-dense")
+    assert dense["acc"] == pytest.approx(direct_dense["acc,none"], abs=1e-12)
+    card = (out / "README.md").read_text()
+    assert f"| {TASK} | acc | {dense['acc']:.4f}" in card
+
+
+def test_tasks_on_a_tiny_model_match_a_direct_lm_eval_run(llama_dir, text_file, task_dir, tmp_path):
+    out = tmp_path / "out"
+    record = prune_with_tasks(str(llama_dir), str(text_file), task_dir, out, 4, 32)
+    check_against_direct_run(record, out, llama_dir, task_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_tasks_on_smollm2_match_a_direct_lm_eval_run(task_dir, tmp_path):
+    from llmprune.loading import resolve
+
+    out = tmp_path / "out"
+    record = prune_with_tasks("smollm2-135m", "wikipedia", task_dir, out, 8, 256)
+    dense = record["tasks"]["dense"]["results"][TASK]["acc"]
+    assert dense > 0.4  # the real model reads Wikipedia: far above the 0.25 of chance
+    check_against_direct_run(record, out, Path(resolve("smollm2-135m")[0]), task_dir, tmp_path)
+
+
+def test_eval_subcommand_runs_tasks_and_perplexity(llama_dir, text_file, task_dir, tmp_path, capsys):
+    from llmprune.cli import main
+
+    argv = ["eval", str(llama_dir), "--tasks", TASK, "--tasks-include", str(task_dir), "--limit", "8",
+            "--ppl", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--device", "cpu",
+            "--json", str(tmp_path / "r.json"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["tasks"]["n_samples"][TASK] == 8 and record["ppl"] > 1
+    assert TASK in printed and "acc" in printed
+
+
+def test_unknown_task_fails_before_any_work(llama_dir, task_dir):
+    with pytest.raises(LlmpruneError, match="unknown lm-eval task 'llmprune_wiki_mcq'; did you mean"):
+        run(Job(model=str(llama_dir), tasks=TasksConfig(("llmprune_wiki_mcq",), include=str(task_dir))))
