@@ -16,9 +16,27 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationConfig", "Cancelled", "EvalConfig", "Job", "LlmpruneError", "PruneConfig",
-    "PruneReport", "StructuredConfig", "StructuredReport", "__version__", "calibration_data", "decode_speed",
-    "load_model", "perplexity", "prune", "prune_structured", "run_job",
+    "CalibrationConfig",
+    "Cancelled",
+    "EvalConfig",
+    "Job",
+    "LlmpruneError",
+    "PruneConfig",
+    "PruneReport",
+    "StructuredConfig",
+    "StructuredReport",
+    "SweepConfig",
+    "TasksConfig",
+    "__version__",
+    "calibration_data",
+    "decode_speed",
+    "load_model",
+    "load_recipe",
+    "perplexity",
+    "prune",
+    "prune_structured",
+    "run_job",
+    "run_sweep",
 ]
 
 

@@ -9,11 +9,13 @@ from llmprune.data import calibration_data, evaluation_data
 from llmprune.driver import PruneReport, prune
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity as _perplexity
-from llmprune.job import EvalConfig, Job
+from llmprune.job import EvalConfig, Job, TasksConfig
 from llmprune.job import run as run_job
 from llmprune.loading import load as load_model
+from llmprune.recipe import load_recipe
 from llmprune.speed import decode_speed
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
+from llmprune.sweep import SweepConfig, run_sweep
 
 
 def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int = 2048,
@@ -23,7 +25,24 @@ def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: in
 
 
 __all__ = [
-    "CalibrationConfig", "Cancelled", "EvalConfig", "Job", "LlmpruneError", "PruneConfig",
-    "PruneReport", "StructuredConfig", "StructuredReport", "calibration_data", "decode_speed", "load_model",
-    "perplexity", "prune", "prune_structured", "run_job",
+    "CalibrationConfig",
+    "Cancelled",
+    "EvalConfig",
+    "Job",
+    "LlmpruneError",
+    "PruneConfig",
+    "PruneReport",
+    "StructuredConfig",
+    "StructuredReport",
+    "SweepConfig",
+    "TasksConfig",
+    "calibration_data",
+    "decode_speed",
+    "load_model",
+    "load_recipe",
+    "perplexity",
+    "prune",
+    "prune_structured",
+    "run_job",
+    "run_sweep",
 ]

@@ -269,6 +269,11 @@ def cmd_prune(argv: Sequence[str]) -> int:
     if args.decode_tokens < 0:
         raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
     job = job_from_dict(job_data(args, argv))
+    from llmprune.job import streaming_source
+    from llmprune.memory import return_freed_memory
+
+    if streaming_source(job) is not None:  # memory is the point of streaming: trade speed for it
+        return_freed_memory()
     record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv])
     print(summary(record))
     if record.get("tasks"):

@@ -93,9 +93,9 @@ def auto_batch_size(nsamples: int, seqlen: int, widest: int, device: torch.devic
     return max(1, min(nsamples, budget // max(1, seqlen * widest)))
 
 
-def fits_lockstep(nsamples: int, seqlen: int, widest: int) -> bool:
+def fits_lockstep(nsamples: int, seqlen: int, widest: int, budget: int | None = None) -> bool:
     """Whether every batch's activations may be alive at once (one-pass true-sequential)."""
-    return nsamples * seqlen * widest <= LOCKSTEP_BUDGET
+    return nsamples * seqlen * widest <= (LOCKSTEP_BUDGET if budget is None else budget)
 
 
 class _StatSet:
@@ -331,6 +331,11 @@ class LayerHost:
     def captured(self, model: nn.Module) -> None:
         """Called once the calibration inputs of layer 0 are captured."""
 
+    def lockstep_budget(self) -> int | None:
+        """Elements of the widest activation of all batches that may be alive at once
+        (None: :data:`LOCKSTEP_BUDGET`)."""
+        return None
+
     def resume(self, hidden: list[torch.Tensor]) -> Resumed:
         return Resumed(0, hidden)
 
@@ -389,7 +394,8 @@ def prune(
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
-    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest,
+                                                   host.lockstep_budget())
     batches = list(calibration.split(size))
     if captured is not None and len(captured[0]) != len(batches):
         raise LlmpruneError(f"captured inputs hold {len(captured[0])} batches, calibration has {len(batches)}")

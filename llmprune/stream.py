@@ -133,6 +133,16 @@ class StreamHost(LayerHost):
         self.release_rest()
 
     # -- the decoder layers ----------------------------------------------------------------
+    def lockstep_budget(self) -> int:
+        """Running every calibration batch through a layer at once (lockstep) keeps all their
+        activations alive; a streaming run allows that only while they are no larger than one
+        decoder layer's weights. Otherwise each batch runs alone, one pass per input group: the
+        same result (same batches, same order) for more compute and far less memory."""
+        from llmprune.driver import LOCKSTEP_BUDGET
+
+        layer = sum(t.numel() for t in _own_tensors(self.layers[0]).values())
+        return min(LOCKSTEP_BUDGET, layer)
+
     def resume(self, hidden: list[torch.Tensor]) -> Resumed:
         done = self.journal.layers
         if not done:

@@ -41,6 +41,14 @@ def check_tasks(names: tuple[str, ...], include: str | None) -> Any:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise LlmpruneError(f"unknown lm-eval task {name!r}{hint} (local tasks: --tasks-include DIR)")
+    from lm_eval.tasks import get_task_dict
+
+    try:  # loads each task's dataset now, so a missing one fails before any pruning
+        get_task_dict(list(names), manager)
+    except Exception as exc:  # datasets raises many kinds (offline, gated, missing files)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmpruneError(f"lm-eval cannot load the data of {', '.join(names)}: {first} "
+                            "(offline? local tasks: --tasks-include DIR)") from None
     return manager
 
 

@@ -65,6 +65,23 @@ def test_streaming_writes_what_the_in_memory_path_writes(arch, tokenizer, text_f
     assert not list(tmp_path.glob(".*partial*"))  # nothing left behind
 
 
+def test_streaming_without_lockstep_still_writes_what_the_in_memory_path_writes(tokenizer, text_file, tmp_path):
+    """More calibration activations than one layer's weights: streaming gives up the one-pass
+    lockstep (memory) for one pass per input group, in memory it stays; same tensors either way."""
+    from llmprune.driver import LOCKSTEP_BUDGET
+
+    source = save(tiny.llama(len(tokenizer)), tokenizer, tmp_path / "src")
+    calibration = CalibrationConfig(str(text_file), 24, 64)
+    assert 24 * 64 * tiny.INTERMEDIATE < LOCKSTEP_BUDGET
+    memory = run(Job(model=str(source), calibration=calibration, evaluation=EvalConfig(None),
+                     out=str(tmp_path / "mem"), device="cpu", batch_size=4, stream="off"))
+    streamed = run(Job(model=str(source), calibration=calibration, evaluation=EvalConfig(None),
+                       out=str(tmp_path / "str"), device="cpu", batch_size=4, stream="on"))
+    assert memory["calibration"]["one_pass"] and not streamed["calibration"]["one_pass"]
+    expected, actual = tensors(tmp_path / "mem"), tensors(tmp_path / "str")
+    assert all(torch.equal(expected[n], actual[n]) for n in expected)
+
+
 def test_sharded_source_and_output_load_in_stock_transformers(tokenizer, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -87,3 +87,27 @@ def test_eval_subcommand_runs_tasks_and_perplexity(llama_dir, text_file, task_di
 def test_unknown_task_fails_before_any_work(llama_dir, task_dir):
     with pytest.raises(LlmpruneError, match="unknown lm-eval task 'llmprune_wiki_mcq'; did you mean"):
         run(Job(model=str(llama_dir), tasks=TasksConfig(("llmprune_wiki_mcq",), include=str(task_dir))))
+
+
+def test_prune_cli_with_eval_tasks_prints_dense_and_pruned(llama_dir, text_file, task_dir, tmp_path, capsys):
+    from llmprune.cli import main
+
+    argv = ["--model", str(llama_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+            "--eval", "none", "--device", "cpu", "--out", str(tmp_path / "o"), "--eval-tasks", TASK,
+            "--tasks-include", str(task_dir), "--tasks-limit", "6", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("task"))
+    assert "dense" in header and "pruned" in header
+    record = json.loads((tmp_path / "o" / "llmprune.json").read_text())
+    assert record["tasks"]["dense"]["n_samples"][TASK] == 6 and record["tasks"]["pruned"]["limit"] == 6
+
+
+def test_tasks_with_an_unreachable_dataset_fail_before_any_work(llama_dir, tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    text = (DATA / "wiki_mc.yaml").read_text().replace("DATA_FILE", str(tmp_path / "missing.jsonl"))
+    (folder / "wiki_mc.yaml").write_text(text)
+    with pytest.raises(LlmpruneError, match="cannot load the data"):
+        run(Job(model=str(llama_dir), tasks=TasksConfig((TASK,), include=str(folder)), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
