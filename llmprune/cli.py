@@ -277,7 +277,7 @@ def cmd_prune(argv: Sequence[str]) -> int:
     record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv])
     print(summary(record))
     if record.get("tasks"):
-        print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]).replace("value ", "dense ", 1))
+        print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]))
     if record.get("pushed_to"):
         print(f"pushed to {record['pushed_to']}")
     _write_json(args, record)
@@ -321,7 +321,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 def tasks_summary(tasks: dict[str, Any], pruned: dict[str, Any] | None = None) -> str:
     """lm-eval results as a table (one model, or dense and pruned side by side)."""
-    rows = [f"{'task':<24}{'metric':<12}{'value':>18}" + (f"{'pruned':>18}" if pruned else "")]
+    rows = [f"{'task':<24}{'metric':<12}" + (f"{'dense':>18}{'pruned':>18}" if pruned else f"{'value':>18}")]
     for task, metrics in tasks["results"].items():
         for metric in sorted(m for m in metrics if not m.endswith("_stderr")):
             cells = []

@@ -15,6 +15,7 @@ and writes the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -104,6 +105,7 @@ class StreamHost(LayerHost):
         self.offload_dir = offload_dir
         self.rest = {name: t for name, t in _own_tensors(model).items()
                      if not name.startswith(self.layers_path + ".")}
+        self.parameters = {name for name, _ in model.named_parameters()}
         self.previous: BatchFile | None = None
 
     # -- the front: embeddings, final norm, lm_head ---------------------------------------
@@ -121,7 +123,7 @@ class StreamHost(LayerHost):
         self.model.tie_weights()  # type: ignore[operator]
 
     def _is_buffer(self, name: str) -> bool:
-        return name not in dict(self.model.named_parameters())
+        return name not in self.parameters
 
     def captured(self, model: nn.Module) -> None:
         if self.journal.rest is None:
@@ -291,8 +293,7 @@ def stream_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, wi
     from llmprune.capture import capture_layer_calls
     from llmprune.evaluate import _summed_nll
 
-    reader = StreamHost.__new__(StreamHost)
-    reader.__dict__.update(host.__dict__)
+    reader = copy.copy(host)  # the same model and layers, read from ``source``
     reader.source = source
     layers = reader.layers
     batches = list(windows.split(batch_size))

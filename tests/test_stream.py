@@ -263,8 +263,7 @@ def test_not_enough_disk_fails_before_work(four_layers, text_file, tmp_path, mon
 
 def test_streaming_flags_need_a_streamable_job(four_layers, text_file, tmp_path):
     with pytest.raises(LlmpruneError, match="needs streaming"):
-        resume_job(four_layers, text_file, tmp_path / "x", resume=True).__class__(
-            model="m", out="x", resume=True, stream="off")
+        Job(model="m", out="x", resume=True, stream="off")
     with pytest.raises(LlmpruneError, match="give --out"):
         Job(model="m", stream="on")
 
