@@ -25,7 +25,9 @@ def model_card(record: dict[str, Any]) -> str:
         f"| base model | {record['base_model_description']} |",
         f"| architecture | {record['architecture']} |",
         f"| method | {method} (update: {record['resolved_options']['update']}, "
-        f"sequential: {record['config']['sequential']}) |",
+        f"sequential: {record['config']['sequential']}"
+        + (f", damp: {record['resolved_options']['damp']:g}, shrink: {record['resolved_options'].get('shrink', 0):g}"
+           if record["resolved_options"]["update"] == "obs" else "") + ") |",
         f"| pattern | {pattern}" + (" (N kept in every M)" if ":" in pattern else "") + " |",
         f"| sparsity of pruned linears | target {record['sparsity_target']:.1%}, "
         f"achieved {record['sparsity_achieved']:.2%} |",

@@ -52,6 +52,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="'obs': refit kept weights with SparseGPT's OBS update after any mask")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (128)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
+    g.add_argument("--shrink", type=float, default=0.1,
+                   help="OBS Hessian shrinkage toward its diagonal, in [0, 1] (default 0.1; 0 = plain SparseGPT)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="true-sequential (default): prune q/k/v, then o, gate/up, down, each from inputs "
                    "through the already pruned ones (one forward pass per layer when the calibration fits "
@@ -199,6 +201,7 @@ def _eval_config(args: argparse.Namespace) -> Any:
 FLAG_KEYS = {
     "model": "model", "pattern": "prune.pattern", "sparsity": "prune.sparsity", "params": "prune.params",
     "kv": "prune.kv", "group": "prune.group", "update": "prune.update", "blocksize": "prune.blocksize",
+    "shrink": "prune.shrink",
     "damp": "prune.damp", "sequential": "prune.sequential", "calib": "calibration.source",
     "nsamples": "calibration.samples", "seqlen": "calibration.seqlen", "seed": "calibration.seed",
     "batch_size": "batch_size", "eval": "evaluation.source", "eval_seqlen": "evaluation.seqlen",
@@ -210,7 +213,7 @@ FLAG_KEYS = {
     "private": "private",
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
-ONLY_UNSTRUCTURED = {"group", "update", "blocksize"}
+ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink"}
 ONLY_STRUCTURED = {"params", "kv", "decode_tokens"}
 
 

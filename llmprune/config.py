@@ -24,6 +24,10 @@ class PruneConfig:
       default ``"obs"`` for SparseGPT, ``"none"`` otherwise.
     * ``blocksize``, ``damp``: SparseGPT's lazy-update block width and dampening, as a fraction of
       mean(diag H).
+    * ``shrink`` (default 0.1): the OBS solve uses (1 − shrink)·H + shrink·diag(H), shrinking the
+      calibration inputs' correlations toward zero while keeping their variances. The update
+      leans on those correlations, which few (or off-domain) calibration tokens estimate worst;
+      0 is the plain SparseGPT Hessian, 1 leaves no update at all (a Wanda-like w²·H_jj mask).
     * ``nm_select``: how SparseGPT picks each N:M group: ``joint`` (default: the pruned set with
       the least OBS error of the group as a whole) or ``score`` (per-weight w²/[H⁻¹]_jj, as
       the reference code).
@@ -42,6 +46,7 @@ class PruneConfig:
     damp: float = 0.01
     sequential: bool = True
     nm_select: Literal["joint", "score"] = "joint"
+    shrink: float = 0.1
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -68,6 +73,8 @@ class PruneConfig:
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise LlmpruneError(f"damp must be a positive fraction of mean(diag H), got {self.damp}")
+        if not (isinstance(self.shrink, (int, float)) and 0 <= self.shrink <= 1):
+            raise LlmpruneError(f"shrink must be in [0, 1] (0: the plain Hessian), got {self.shrink}")
         if self.nm_select not in ("joint", "score"):
             raise LlmpruneError(f"nm_select must be 'joint' or 'score', got {self.nm_select!r}")
 
@@ -88,6 +95,7 @@ class PruneConfig:
             blocksize=self.blocksize,
             damp=self.damp,
             nm_select=self.nm_select,
+            shrink=float(self.shrink),
         )
 
 

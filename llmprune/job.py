@@ -407,7 +407,7 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "config": dataclasses.asdict(job.prune),
         "resolved_options": {"group": options.group, "update": options.update,
                              "blocksize": options.blocksize, "damp": options.damp,
-                             "nm_select": options.nm_select},
+                             "nm_select": options.nm_select, "shrink": options.shrink},
         "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
                         "tokens": calibration.numel(), "batch_size": report.batch_size,
                         "one_pass": report.one_pass},

@@ -55,6 +55,7 @@ def test_prune_run_writes_a_record(pruned_run, text_file):
     record = json.loads(pruned_run["record"].read_text())
     assert record["sparsity_achieved"] == pytest.approx(0.5, abs=1e-6)
     assert record["method"] == "sparsegpt" and record["pattern"] == "2:4"
+    assert record["resolved_options"]["shrink"] == 0.1 and record["config"]["shrink"] == 0.1
     assert record["calibration"]["samples"] == 4 and record["calibration"]["seqlen"] == 32
     assert record["evaluation"]["windows"] == 2 and record["evaluation"]["seqlen"] == 32
     assert len(record["layers"]) == tiny.LAYERS * 7  # q k v o gate up down per layer
@@ -62,6 +63,7 @@ def test_prune_run_writes_a_record(pruned_run, text_file):
     saved = json.loads((pruned_run["out"] / "llmprune.json").read_text())
     assert saved["evaluation"] == record["evaluation"]
     assert saved["layers"] == record["layers"]
+    assert "shrink: 0.1" in (pruned_run["out"] / "README.md").read_text()  # the model card says it too
 
 
 def test_prune_run_output_loads_in_stock_transformers(pruned_run, llama_dir):

@@ -83,6 +83,7 @@ def outputs(folder: Path) -> list[str]:
     (["--method", "obs"], "unknown method 'obs'"),
     (["--device", "bogus"], "unknown device 'bogus'"),
     (["--eval-windows", "-1"], "eval windows must be >= 0"),
+    (["--shrink", "1.5"], "shrink must be in [0, 1]"),
 ])
 def test_bad_options(options, expected, llama_dir, text_file, tmp_path, capsys):
     message = refused(["--model", str(llama_dir), *options, "--calib", str(text_file), *FAST,

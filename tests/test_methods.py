@@ -8,13 +8,15 @@ import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Options, get_method
-from llmprune.methods.sparsegpt import inverse_hessian_factor, keep_group, obs_update
+from llmprune.methods.sparsegpt import inverse_hessian_factor, keep_group, obs_update, shrink_to_diagonal
 from llmprune.patterns import Pattern, keep_nm, prune_count
 
 
 def opts(pattern="unstructured", sparsity=0.5, group="layer", update="none", blocksize=128, damp=0.01,
-         nm_select="joint"):
-    return Options(Pattern.parse(pattern), sparsity, group, update, blocksize, damp, nm_select)
+         nm_select="joint", shrink=0.0):
+    """Options for the known answers, which are those of the paper's algorithm: no shrinkage
+    unless a test asks for it."""
+    return Options(Pattern.parse(pattern), sparsity, group, update, blocksize, damp, nm_select, shrink)
 
 
 def hessian_of(X: torch.Tensor) -> torch.Tensor:
@@ -43,11 +45,16 @@ def naive_group_keep(w, U, n, select):
     return keep
 
 
-def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None, select="joint"):
-    """Algorithm 1 of the SparseGPT paper, one column at a time (slow, obviously correct)."""
+def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None, select="joint", shrink=0.0):
+    """Algorithm 1 of the SparseGPT paper, one column at a time (slow, obviously correct), on
+    the Hessian with its off-diagonal entries scaled by 1 − shrink."""
     W = W.clone().double()
     H = H.clone().double()
     rows, cols = W.shape
+    for i in range(cols):
+        for j in range(cols):
+            if i != j:
+                H[i, j] *= 1 - shrink
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
     W[:, dead] = 0
@@ -139,19 +146,21 @@ def test_obs_reconstructs_a_redundant_column_exactly():
     assert torch.allclose(result.weight[0, 1:], torch.tensor([6.5, 2.0, 0.25]), atol=1e-2)
 
 
-@pytest.mark.parametrize("pattern,select", [("unstructured", "joint"), ("2:4", "joint"), ("2:4", "score"),
-                                            ("4:8", "joint"), ("4:8", "score"), ("1:4", "joint")])
+@pytest.mark.parametrize("pattern,select,shrink", [
+    ("unstructured", "joint", 0.0), ("2:4", "joint", 0.0), ("2:4", "score", 0.0), ("4:8", "joint", 0.0),
+    ("4:8", "score", 0.0), ("1:4", "joint", 0.0), ("unstructured", "joint", 0.1), ("2:4", "joint", 0.3),
+    ("4:8", "score", 0.1)])
 @pytest.mark.parametrize("blocksize", [128, 16, 24])
-def test_sparsegpt_matches_naive_reference(pattern, select, blocksize):
+def test_sparsegpt_matches_naive_reference(pattern, select, shrink, blocksize):
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(512, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
     X[:, 5] = 0  # a dead input
     W = torch.randn(16, 64, generator=gen)
     H = hessian_of(X)
-    options = opts(pattern=pattern, blocksize=blocksize, nm_select=select)
+    options = opts(pattern=pattern, blocksize=blocksize, nm_select=select, shrink=shrink)
     result = get_method("sparsegpt").prune(W, {HESSIAN: H}, options)
     nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
-    W_ref, keep_ref = naive_sparsegpt(W, H, 0.5, nm, blocksize, select=select)
+    W_ref, keep_ref = naive_sparsegpt(W, H, 0.5, nm, blocksize, select=select, shrink=shrink)
     assert torch.equal(result.keep, keep_ref)
     assert torch.allclose(result.weight, W_ref, atol=2e-4)
     assert (result.weight[~result.keep] == 0).all()
@@ -159,6 +168,40 @@ def test_sparsegpt_matches_naive_reference(pattern, select, blocksize):
         assert (result.weight == 0).sum().item() >= prune_count(W.numel(), 0.5)
     else:
         assert ((result.weight != 0).reshape(16, -1, nm[1]).sum(-1) <= nm[0]).all()
+
+
+def test_shrink_to_diagonal_known_answer():
+    H = torch.tensor([[1.0, 0.8], [0.8, 2.0]])
+    assert torch.equal(shrink_to_diagonal(H, 0.0), H)
+    assert torch.allclose(shrink_to_diagonal(H, 0.5), torch.tensor([[1.0, 0.4], [0.4, 2.0]]))
+    assert torch.equal(shrink_to_diagonal(H, 1.0), torch.diag(H.diagonal()))
+    assert torch.equal(H, torch.tensor([[1.0, 0.8], [0.8, 2.0]]))  # the input is left alone
+
+
+def test_shrink_weakens_the_update_toward_correlated_inputs():
+    """Inputs x0, x1 with correlation 0.8 (H = 2·[[1, .8], [.8, 1]]), W = [[1, 1]], column 0
+    pruned. The OBS update adds w0·H01/H11 = 0.8 to w1 (the least-squares refit); with shrink
+    0.5 the correlation counts as 0.4 and w1 gets 0.4 (damping ~0)."""
+    H = 2 * torch.tensor([[1.0, 0.8], [0.8, 1.0]])
+    W = torch.tensor([[1.0, 1.0]])
+    keep = torch.tensor([[False, True]])
+    plain = obs_update(W, {HESSIAN: H}, keep, opts(damp=1e-9))
+    shrunk = obs_update(W, {HESSIAN: H}, keep, opts(damp=1e-9, shrink=0.5))
+    assert torch.allclose(plain.weight, torch.tensor([[0.0, 1.8]]), atol=1e-5)
+    assert torch.allclose(shrunk.weight, torch.tensor([[0.0, 1.4]]), atol=1e-5)
+
+
+def test_full_shrink_is_wanda_without_update():
+    """shrink 1: H diagonal, no update, and the OBS score w²·H_jj ranks as Wanda's |w|·‖x_j‖."""
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(400, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    W = torch.randn(12, 48, generator=gen)
+    for pattern in ("unstructured", "2:4"):
+        sgpt = get_method("sparsegpt").prune(W, {HESSIAN: hessian_of(X)},
+                                             opts(pattern=pattern, group="row", damp=1e-9, shrink=1.0))
+        wanda = get_method("wanda").prune(W, {COLUMN_NORMS: X.norm(dim=0)}, opts(pattern=pattern, group="row"))
+        assert torch.equal(sgpt.keep, wanda.keep)
+        assert torch.allclose(sgpt.weight, wanda.weight)
 
 
 def test_joint_nm_choice_sees_what_per_weight_scores_miss():

@@ -103,6 +103,8 @@ out: x
     assert from_cli(argv) == load_recipe(recipe)
     # Defaults agree too: the bare command line and the bare recipe.
     assert from_cli(["--model", "m"]) == job_from_dict({"model": "m"})
+    assert from_cli(["--model", "m", "--shrink", "0"]) == job_from_dict({"model": "m", "prune": {"shrink": 0.0}})
+    assert from_cli(["--model", "m"]).prune.shrink == 0.1
     structured = ["--model", "m", "--pattern", "structured", "--params", "0.2"]
     assert from_cli(structured) == job_from_dict({"model": "m", "prune": {"pattern": "structured", "params": 0.2}})
 

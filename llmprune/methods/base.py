@@ -25,6 +25,7 @@ class Options:
     blocksize: int = 128
     damp: float = 0.01
     nm_select: Literal["joint", "score"] = "joint"  # SparseGPT's N:M mask choice per group
+    shrink: float = 0.1  # OBS Hessian shrunk toward its diagonal: (1 - shrink)·H + shrink·diag(H)
 
 
 @dataclass

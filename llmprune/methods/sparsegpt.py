@@ -13,6 +13,9 @@ U = I/√(1+λ), err = 1·√(1+λ), and the update to column 1 is err·U_01 = 0
 [[0, 2]]: with uncorrelated inputs OBS reduces to plain masking. With correlated inputs the kept
 columns absorb what the pruned ones contributed (a least-squares refit).
 
+Hessian shrinkage (``shrink``, default 0.1): the solve uses (1 − shrink)·H + shrink·diag(H); see
+:func:`shrink_to_diagonal`. This is not in the paper; 0 gives its algorithm exactly.
+
 Mask choice: for unstructured sparsity the mask of each block is chosen on the weights *as
 updated so far* by the OBS score w²/[U_jj]² (adaptive mask selection, section 3.3); for N:M the
 choice is made every M columns, again on the updated weights. A fixed mask (Wanda's, say) can be
@@ -69,9 +72,29 @@ def prepare_stats(stats: Stats, options: Options) -> Stats:
     return prepare(stats, options)
 
 
+def shrink_to_diagonal(H: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 − shrink)·H + shrink·diag(H): off-diagonal entries scaled by 1 − shrink, diagonal kept.
+
+    The OBS update moves a pruned weight's contribution onto kept weights whose inputs are
+    correlated with its input; the off-diagonal of H is where a few thousand calibration tokens,
+    from one domain, are least reliable. Shrinking them (a covariance-shrinkage estimate toward
+    the diagonal target, as in Schäfer & Strimmer 2005) keeps the per-input energies exact and
+    tempers the update. Worked example: H = [[1, 0.8], [0.8, 1]], shrink 0.5 → [[1, 0.4], [0.4, 1]];
+    pruning w_0 moves 0.4·w_0 instead of 0.8·w_0 onto w_1. shrink 1 leaves a diagonal H: no
+    update, and the OBS score w²/[H⁻¹]_jj becomes w²·H_jj, Wanda's score squared.
+    """
+    if shrink == 0:
+        return H
+    diagonal = H.diagonal().clone()
+    shrunk = H * (1.0 - shrink)
+    shrunk.diagonal().copy_(diagonal)
+    return shrunk
+
+
 def prepare(stats: Stats, options: Options) -> Stats:
-    """Once per shared input: zero-input ("dead") columns and the factor U of the damped H⁻¹."""
-    H = stats[HESSIAN].float().clone()
+    """Once per shared input: zero-input ("dead") columns and the factor U of the damped H⁻¹
+    (of the Hessian shrunk toward its diagonal by ``options.shrink``)."""
+    H = shrink_to_diagonal(stats[HESSIAN].float(), options.shrink).clone()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     U, damp_used = inverse_hessian_factor(H, options.damp)
