@@ -4,7 +4,8 @@ Perplexity on the first 20 non-overlapping 512-token windows of the offline Wiki
 evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0). The orderings
 are checked with the Wikipedia calibration split (llmprune's default, disjoint from the
 evaluation split); magnitude and Wanda are also checked against the reference implementations'
-numbers, which were measured with the stdlib pydoc text as calibration. Slow (minutes):
+numbers, and SparseGPT 2:4 against the reference's, all measured with the stdlib pydoc text as
+calibration. Slow (minutes):
 deselect with -m "not slow" in a quick loop; CI runs it.
 """
 
@@ -24,7 +25,7 @@ from llmprune.export import save_checkpoint
 pytestmark = pytest.mark.slow
 
 # Perplexities of the original SparseGPT / Wanda code, pydoc calibration (engine issue).
-REFERENCE = {"dense": 14.07, "magnitude-50": 344.2, "wanda-50": 41.49}
+REFERENCE = {"dense": 14.07, "magnitude-50": 344.2, "wanda-50": 41.49, "sparsegpt-2:4": 155.49}
 
 RUNS = [  # name, method, pattern, sparsity, calibration
     ("magnitude-50", "magnitude", "unstructured", 0.5, "wikipedia"),
@@ -33,6 +34,7 @@ RUNS = [  # name, method, pattern, sparsity, calibration
     ("sparsegpt-2:4", "sparsegpt", "2:4", None, "wikipedia"),
     ("wanda-2:4", "wanda", "2:4", None, "wikipedia"),
     ("wanda-50-pydoc", "wanda", "unstructured", 0.5, "pydoc"),
+    ("sparsegpt-2:4-pydoc", "sparsegpt", "2:4", None, "pydoc"),
 ]
 
 
@@ -73,6 +75,12 @@ def test_magnitude_and_wanda_match_reference(results):
     # Magnitude does not depend on calibration at all.
     assert results["magnitude-50"][0] == pytest.approx(REFERENCE["magnitude-50"], rel=0.03)
     assert results["wanda-50-pydoc"][0] <= REFERENCE["wanda-50"] * 1.03
+
+
+def test_sparsegpt_2of4_at_least_as_good_as_reference(results):
+    # The hardest of the issue's SparseGPT targets: 2:4 from off-domain (pydoc) calibration.
+    # Measured 124.6 with the default Hessian shrinkage (161.2 without it).
+    assert results["sparsegpt-2:4-pydoc"][0] <= REFERENCE["sparsegpt-2:4"]
 
 
 def _linear_weights(folder):
