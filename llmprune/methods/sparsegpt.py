@@ -73,7 +73,8 @@ def prepare_stats(stats: Stats, options: Options) -> Stats:
 
 
 def shrink_to_diagonal(H: torch.Tensor, shrink: float) -> torch.Tensor:
-    """(1 − shrink)·H + shrink·diag(H): off-diagonal entries scaled by 1 − shrink, diagonal kept.
+    """(1 − shrink)·H + shrink·diag(H), a new tensor: off-diagonal entries scaled by 1 − shrink,
+    diagonal kept.
 
     The OBS update moves a pruned weight's contribution onto kept weights whose inputs are
     correlated with its input; the off-diagonal of H is where a few thousand calibration tokens,
@@ -84,7 +85,7 @@ def shrink_to_diagonal(H: torch.Tensor, shrink: float) -> torch.Tensor:
     update, and the OBS score w²/[H⁻¹]_jj becomes w²·H_jj, Wanda's score squared.
     """
     if shrink == 0:
-        return H
+        return H.clone()
     diagonal = H.diagonal().clone()
     shrunk = H * (1.0 - shrink)
     shrunk.diagonal().copy_(diagonal)
@@ -94,7 +95,7 @@ def shrink_to_diagonal(H: torch.Tensor, shrink: float) -> torch.Tensor:
 def prepare(stats: Stats, options: Options) -> Stats:
     """Once per shared input: zero-input ("dead") columns and the factor U of the damped H⁻¹
     (of the Hessian shrunk toward its diagonal by ``options.shrink``)."""
-    H = shrink_to_diagonal(stats[HESSIAN].float(), options.shrink).clone()
+    H = shrink_to_diagonal(stats[HESSIAN].float(), options.shrink)
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     U, damp_used = inverse_hessian_factor(H, options.damp)
