@@ -50,6 +50,14 @@ class BatchFile(Sequence[torch.Tensor]):
         self.offsets.append(self._size)
         self._size += len(data)
 
+    def clear(self) -> None:
+        """Forget what was written so far and start again (only while writing)."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path} is closed for writing")
+        self._file.seek(0)
+        self._file.truncate()
+        self.shapes, self.offsets, self._size, self._hash = [], [], 0, hashlib.sha256()
+
     def close(self) -> BatchFile:
         """Finish writing: flushed to disk, ready to read."""
         if self._file is not None:

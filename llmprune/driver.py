@@ -229,7 +229,6 @@ def visit_layer(
     after all changes, appended to ``out`` (default: a new list) one batch at a time."""
     pending = dict(targets)
     sink: Sink = [] if out is None else out
-    outputs: list[torch.Tensor] | None = None
     if sequential and lockstep:
         # Every batch waits at each linear until all batches have reached it; the linear's
         # statistics are then complete, so it is handled right there, before it is applied.
@@ -248,24 +247,22 @@ def visit_layer(
                 on_ready(name, stats)
 
         try:
-            outputs = Lockstep(dict(pending), on_arrival).run(layer, hidden, calls, device)
+            Lockstep(dict(pending), on_arrival).run(layer, hidden, calls, device, sink)
+            return sink
         except Diverged as why:
             log.info("%s; handling the rest of this layer group by group", why)
-    if outputs is None:
-        while pending:
-            watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
-            watcher.run(layer, hidden, calls)
-            # In "first_group" mode the next group's first linear was seen but not recorded.
-            ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
-            for name in ready:
-                del pending[name]
-                on_ready(name, watcher.stats[watcher.leader[name]])
-            if not ready:
-                break  # the rest never runs on calibration data
-        return _run(layer, hidden, calls, device, sink)
-    for output in outputs:
-        sink.append(output)
-    return sink
+            sink.clear()  # batches that finished before the run diverged saw a partly pruned layer
+    while pending:
+        watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
+        watcher.run(layer, hidden, calls)
+        # In "first_group" mode the next group's first linear was seen but not recorded.
+        ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
+        for name in ready:
+            del pending[name]
+            on_ready(name, watcher.stats[watcher.leader[name]])
+        if not ready:
+            break  # the rest never runs on calibration data
+    return _run(layer, hidden, calls, device, sink)
 
 
 @torch.no_grad()
@@ -406,7 +403,10 @@ def prune(
     hidden: Sequence[torch.Tensor] = resumed.hidden
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
                          device=str(run_device), batch_size=size, one_pass=lockstep)
-    for index in range(resumed.start, len(layers)):
+    first = resumed.start
+    # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
+    del resumed
+    for index in range(first, len(layers)):
         layer = layers[index]
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")

@@ -16,8 +16,8 @@ with :class:`Diverged` and leaves the linears not yet handed to ``on_arrival`` u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from greenlet import greenlet
@@ -26,6 +26,16 @@ from torch import nn
 from llmprune.capture import LayerCall
 
 OnArrival = Callable[[str, list[torch.Tensor]], None]
+
+
+class Appendable(Protocol):
+    """Where outputs go: a list, or an :class:`~llmprune.activations.BatchFile`."""
+
+    def append(self, tensor: torch.Tensor, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
 
 
 class Diverged(Exception):
@@ -44,11 +54,21 @@ class Lockstep:
         self.linears, self.on_arrival = linears, on_arrival
 
     def run(
-        self, layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device
-    ) -> list[torch.Tensor]:
-        """The layer's outputs for every batch (moved to the CPU), linears handled on arrival."""
+        self, layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device,
+        sink: Appendable | None = None,
+    ) -> Appendable:
+        """The layer's outputs for every batch (moved to the CPU), linears handled on arrival.
+        Each output goes to ``sink`` (default: a new list) as soon as it and those of all earlier
+        batches are ready, so a file sink never has all of them in memory at once."""
         scheduler = greenlet.getcurrent()
-        outputs: list[torch.Tensor | None] = [None] * len(hidden)
+        out: Appendable = [] if sink is None else sink
+        base = len(out)
+        finished: dict[int, torch.Tensor] = {}
+
+        def store(index: int, output: torch.Tensor) -> None:
+            finished[index] = output
+            while len(out) - base in finished:
+                out.append(finished.pop(len(out) - base))
 
         def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -58,8 +78,7 @@ class Lockstep:
 
         def batch(index: int) -> Callable[[], _Done]:
             def forward() -> _Done:
-                out = calls[index].run(layer, hidden[index].to(device), device)
-                outputs[index] = out.to("cpu")
+                store(index, calls[index].run(layer, hidden[index].to(device), device).to("cpu"))
                 return _DONE
 
             return forward
@@ -81,4 +100,4 @@ class Lockstep:
             for worker in workers:
                 if not worker.dead:
                     worker.throw(greenlet.GreenletExit)
-        return [out for out in outputs if out is not None]
+        return out

@@ -104,7 +104,8 @@ class InputSample:
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1])
         step = max(1, rows.shape[0] // self.size)
-        self.parts.append(rows[::step][: self.size].float())
+        # A copy, never a view: a view would keep the whole batch's activations alive.
+        self.parts.append(rows[::step][: self.size].to(torch.float32, copy=True))
 
     def value(self) -> torch.Tensor:
         return torch.cat(self.parts)

@@ -73,11 +73,32 @@ def test_batches_on_different_paths_stop_with_diverged():
     assert not layer.a._forward_pre_hooks and not layer.b._forward_pre_hooks
 
 
-def test_a_diverging_layer_is_finished_group_by_group():
-    """prune_layer falls back to one pass per group and gets what that path gets from the start."""
+def test_outputs_go_to_the_sink_in_batch_order_as_they_finish():
+    layer = TwoStep()
+    hidden = batches([1, 1, 1])
+
+    with torch.no_grad():
+        expected = [layer(x) for x in hidden]
+
+    class Sink(list[torch.Tensor]):
+        def append(self, tensor: torch.Tensor, /) -> None:
+            assert torch.equal(tensor, expected[len(self)])  # batch len(self), finished now
+            super().append(tensor)
+
+    sink = Sink()
+    with torch.no_grad():
+        returned = Lockstep(dict(layer.named_children()), lambda name, xs: None).run(
+            layer, hidden, [CALL] * 3, CPU, sink)
+    assert returned is sink and len(sink) == 3
+
+
+@pytest.mark.parametrize("signs", [[1, -1, 1], [-1, 1, 1]])
+def test_a_diverging_layer_is_finished_group_by_group(signs):
+    """prune_layer falls back to one pass per group and gets what that path gets from the start,
+    also when the first batches finished (and were stored) before the run diverged."""
     method = get_method("wanda")
     options = PruneConfig(method="wanda", sparsity=0.5).options()
-    hidden = batches([1, -1, 1])
+    hidden = batches(signs)
     results = {}
     for lockstep in (True, False):
         layer = TwoStep(route=True)
@@ -86,6 +107,7 @@ def test_a_diverging_layer_is_finished_group_by_group():
                                            device=CPU, lockstep=lockstep)
         results[lockstep] = (layer.a.weight.clone(), layer.b.weight.clone(), outputs)
         assert sorted(r.name for r in reports) == ["a", "b"]
+        assert len(outputs) == len(hidden)
     for got, want in zip(results[True][:2], results[False][:2], strict=True):
         assert torch.equal(got, want)
         assert (got == 0).float().mean().item() == 0.5

@@ -39,6 +39,17 @@ def test_input_sample_is_bounded_and_strided():
     assert sample.value().tolist() == [[0.0, 1.0], [4.0, 5.0], [8.0, 9.0], [12.0, 13.0]]
 
 
+def test_input_sample_copies_its_rows():
+    """A view of the rows would keep the whole batch's activations alive (and follow its changes)."""
+    x = torch.arange(20.0).reshape(10, 2)
+    sample = InputSample(size=4)
+    sample.add(x)
+    assert all(part.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for part in sample.parts)
+    assert all(part.untyped_storage().nbytes() == part.numel() * 4 for part in sample.parts)
+    x.zero_()
+    assert sample.value()[1].tolist() == [4.0, 5.0]
+
+
 def test_relative_error_known_answer():
     W = torch.tensor([[1.0, 1.0]])
     X = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

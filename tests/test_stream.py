@@ -270,6 +270,21 @@ def test_streaming_flags_need_a_streamable_job(four_layers, text_file, tmp_path)
 
 # -- the activation file -----------------------------------------------------------------------
 
+def test_batch_file_clear_starts_again(tmp_path):
+    """What a layer whose lockstep run diverged does with the batches it had already written."""
+    first, second = torch.randn(2, 3), torch.randn(1, 3)
+    stored = BatchFile(tmp_path / "a.bin")
+    stored.append(first)
+    stored.clear()
+    stored.append(second)
+    stored.close()
+    assert len(stored) == 1 and torch.equal(stored[0], second)
+    assert (tmp_path / "a.bin").stat().st_size == second.numel() * 4
+    assert BatchFile.reopen(tmp_path, stored.describe()).sha256 == stored.sha256
+    with pytest.raises(RuntimeError, match="closed"):
+        stored.clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_batch_file_round_trip_and_integrity(dtype, tmp_path):
     batches = [torch.randn(2, 5, 8).to(dtype), torch.randn(1, 5, 8).to(dtype)]
