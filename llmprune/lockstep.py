@@ -62,13 +62,15 @@ class Lockstep:
         batches are ready, so a file sink never has all of them in memory at once."""
         scheduler = greenlet.getcurrent()
         out: Appendable = [] if sink is None else sink
-        base = len(out)
-        finished: dict[int, torch.Tensor] = {}
+        finished: dict[int, torch.Tensor] = {}  # outputs waiting for an earlier batch's
+        next_up = 0
 
         def store(index: int, output: torch.Tensor) -> None:
+            nonlocal next_up
             finished[index] = output
-            while len(out) - base in finished:
-                out.append(finished.pop(len(out) - base))
+            while next_up in finished:
+                out.append(finished.pop(next_up))
+                next_up += 1
 
         def pre_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
