@@ -119,6 +119,9 @@ def structured_card(record: dict[str, Any]) -> str:
                      f"{sp['device']}) | {sp['tokens_per_s_dense']:.1f} tok/s | {sp['tokens_per_s_pruned']:.1f} "
                      f"tok/s ({sp['speedup']:.2f}x) |")
     cal = record["calibration"]
+    if record["config"].get("drop_layers"):
+        lines += ["", f"{record['config']['drop_layers']} whole decoder layers (least block influence) were "
+                  "dropped first; heads and channels of the others removed the rest."]
     lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
               f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
     lines += tasks_table(record)

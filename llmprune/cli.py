@@ -40,6 +40,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "channels and layers the fraction of them to remove")
     g.add_argument("--params", type=float, default=None,
                    help="--pattern structured: fraction of decoder-layer parameters to remove")
+    g.add_argument("--drop-layers", type=int, default=0, metavar="K",
+                   help="--pattern structured: also drop K whole decoder layers (least block influence); "
+                   "heads and channels remove the rest of --params (default 0: width only)")
     g.add_argument("--kv", choices=["query", "groups"], default="query",
                    help="heads under grouped-query attention: the same number of query heads from every KV "
                    "group (default), or whole KV groups")
@@ -200,7 +203,8 @@ def _eval_config(args: argparse.Namespace) -> Any:
 # so a recipe and the equivalent flags give the same job.
 FLAG_KEYS = {
     "model": "model", "pattern": "prune.pattern", "sparsity": "prune.sparsity", "params": "prune.params",
-    "kv": "prune.kv", "group": "prune.group", "update": "prune.update", "blocksize": "prune.blocksize",
+    "drop_layers": "prune.drop_layers", "kv": "prune.kv", "group": "prune.group", "update": "prune.update",
+    "blocksize": "prune.blocksize",
     "shrink": "prune.shrink",
     "damp": "prune.damp", "sequential": "prune.sequential", "calib": "calibration.source",
     "nsamples": "calibration.samples", "seqlen": "calibration.seqlen", "seed": "calibration.seed",
@@ -214,7 +218,7 @@ FLAG_KEYS = {
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
 ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink"}
-ONLY_STRUCTURED = {"params", "kv", "decode_tokens"}
+ONLY_STRUCTURED = {"params", "drop_layers", "kv", "decode_tokens"}
 
 
 def _explicit(argv: Sequence[str]) -> dict[str, Any]:
@@ -423,7 +427,9 @@ def _memory(memory: dict[str, Any]) -> str:
 def structured_summary(record: dict[str, Any]) -> str:
     st, params = record["structure"], record["parameters"]
     rows = [("model", record["base_model"]),
-            ("pruning", f"{record['pattern']} by {record['method']} (target {record['target']:.0%})"),
+            ("pruning", f"{record['pattern']} by {record['method']} (target {record['target']:.0%}"
+                        + (f", {record['config']['drop_layers']} whole layers dropped first)"
+                           if record["config"].get("drop_layers") else ")")),
             ("attention heads", f"{st['attention_heads'][0]} -> {st['attention_heads'][1]} "
                                 f"({st['kv_heads_after']} KV)"),
             ("MLP width", f"{st['intermediate_size'][0]} -> {st['intermediate_size'][1]}"),

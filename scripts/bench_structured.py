@@ -13,7 +13,9 @@ nothing else on the machine): decode speed of the dense model and of each patter
 ``--speed-ratio`` of decoder-layer parameters, batch 1, greedy, same prompt, same process and
 threads, alternating for ``--speed-rounds`` rounds (median of the per-round ratios, with their
 range); size is the safetensors written by save_pretrained. The last column, dense weight bytes
-over pruned weight bytes, is what a memory-bound decode step can gain at most.
+over pruned weight bytes, is what a memory-bound decode step of a width-pruned model can gain at
+most. ``structured+K`` adds ``--drop-layers K`` (K whole layers first, heads/channels for the rest
+of the ratio); a second plot, ``<out>-speed.png``, puts perplexity against speed-up.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def main() -> None:
     parser.add_argument("--scores", default="obs,magnitude,wanda-sp,flap,taylor")
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
     parser.add_argument("--speed-ratio", type=float, default=0.25)
-    parser.add_argument("--speed-patterns", default="structured,layers",
-                        help="patterns measured for decode speed at --speed-ratio (empty: skip)")
+    parser.add_argument("--speed-patterns", default="structured,structured+4,structured+7,layers",
+                        help="patterns measured for decode speed at --speed-ratio (empty: skip); "
+                        "structured+K also drops K whole layers (--drop-layers K)")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--speed-rounds", type=int, default=5,
                         help="dense/pruned decode measurements, alternating; the median ratio is reported")
@@ -96,11 +99,15 @@ def main() -> None:
     if patterns:
         print(f"\nDecode speed at {args.speed_ratio:.0%} of decoder-layer parameters (batch 1, greedy, "
               f"{args.decode_tokens} tokens, {torch.get_num_threads()} threads)", flush=True)
-        print(f"{'pattern':<12} {'removed':>8} {'ppl':>9} {'disk MB':>8} {'tok/s':>7} {'dense tok/s':>12} "
-              f"{'speedup':>8} {'rounds':>9} {'bytes ratio':>11}", flush=True)
+        print(f"{'pattern':<14} {'layers':>6} {'heads':>5} {'mlp':>5} {'removed':>8} {'ppl':>9} {'disk MB':>8} "
+              f"{'tok/s':>7} {'dense tok/s':>12} {'speedup':>8} {'rounds':>9} {'bytes ratio':>11}", flush=True)
         for pattern in patterns:
-            kwargs = {"params": args.speed_ratio} if pattern == "structured" else {"sparsity": args.speed_ratio}
-            pruned, report = prune_structured(copy.deepcopy(model), StructuredConfig(pattern, **kwargs), calibration)
+            base, _, drop = pattern.partition("+")
+            if base == "structured":
+                config = StructuredConfig(base, params=args.speed_ratio, drop_layers=int(drop or 0))
+            else:
+                config = StructuredConfig(base, sparsity=args.speed_ratio)
+            pruned, report = prune_structured(copy.deepcopy(model), config, calibration)
             ppl = perplexity(pruned, windows)
             with tempfile.TemporaryDirectory() as folder:
                 pruned.save_pretrained(folder)
@@ -116,18 +123,28 @@ def main() -> None:
             # At batch 1 every weight is read once per token (the tied lm_head in full), so on a
             # memory-bound CPU the weight bytes bound the speed-up.
             bound = weights_bytes(model) / weights_bytes(pruned)
-            speed_rows.append({"pattern": pattern, "removed": report.layer_params_removed, "ppl": ppl,
+            speed_rows.append({"pattern": pattern, "layers": report.layers_after, "heads": report.heads_after,
+                               "intermediate": report.intermediate_after,
+                               "removed": report.layer_params_removed, "ppl": ppl,
                                "disk_mb": disk, "tokens_per_s": p, "dense_tokens_per_s": d, "speedup": r,
                                "speedup_rounds": ratios, "weights_bytes_ratio": bound})
-            print(f"{pattern:<12} {report.layer_params_removed:>8.1%} {ppl:>9.2f} {disk:>8.1f} {p:>7.1f} {d:>12.1f} "
+            print(f"{pattern:<14} {report.layers_after:>6} {report.heads_after:>5} {report.intermediate_after:>5} "
+                  f"{report.layer_params_removed:>8.1%} {ppl:>9.2f} {disk:>8.1f} {p:>7.1f} {d:>12.1f} "
                   f"{r:>7.2f}x {min(ratios):>5.2f}-{max(ratios):.2f} {bound:>10.3f}x", flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"threads": torch.get_num_threads(), "layer_params": layer_params, "quality": rows, "speed": speed_rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    written = [out.with_suffix(".json")]
+    if len(rows) > 1:
+        plot(rows, out.with_suffix(".png"))
+        written.append(out.with_suffix(".png"))
+    if speed_rows:
+        speed_path = out.with_name(out.name + "-speed.png")
+        plot_speed(speed_rows, rows[0]["ppl"], speed_path, args.speed_ratio)
+        written.append(speed_path)
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -155,6 +172,37 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("SmolLM2-135M, structured pruning")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_speed(rows: list[dict[str, Any]], dense_ppl: float, path: Path, ratio: float) -> None:
+    """Perplexity against decode speed-up at one ratio: the depth/width trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([1.0], [dense_ppl], color="black", zorder=3)
+    ax.annotate("dense", (1.0, dense_ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for r in rows:
+        low, high = min(r["speedup_rounds"]), max(r["speedup_rounds"])
+        ax.errorbar([r["speedup"]], [r["ppl"]], xerr=[[r["speedup"] - low], [high - r["speedup"]]],
+                    fmt="o", capsize=3)
+        ax.annotate(f"{r['pattern']}: {r['layers']} layers, {r['removed']:.1%}", (r["speedup"], r["ppl"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    bound = max(r["weights_bytes_ratio"] for r in rows if r["pattern"].startswith("structured")) \
+        if any(r["pattern"].startswith("structured") for r in rows) else None
+    if bound is not None:
+        ax.axvline(bound, color="grey", linestyle="--", linewidth=1)
+        ax.text(bound, 0.03, " width-only bound\n (weight bytes)", transform=ax.get_xaxis_transform(),
+                va="bottom", fontsize=7, color="grey")
+    ax.set_xlabel("decode speed-up over dense (median of rounds; bars: range)")
+    ax.set_ylabel("perplexity (Wikipedia eval, 20 x 512)")
+    ax.set_yscale("log")
+    ax.set_title(f"SmolLM2-135M, about {ratio:.0%} of decoder-layer parameters removed")
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -210,7 +210,8 @@ def test_progress_bars_without_quiet(llama_dir, text_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("pattern,amount", [("heads", ["--sparsity", "0.5"]), ("structured", ["--params", "0.3"]),
-                                            ("layers", ["--sparsity", "0.5"])])
+                                            ("layers", ["--sparsity", "0.5"]),
+                                            ("structured", ["--params", "0.6", "--drop-layers", "1"])])
 def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, tmp_path, capsys, pattern, amount):
     from transformers import AutoModelForCausalLM
 
@@ -234,8 +235,12 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
     config = json.loads((out / "config.json").read_text())
     if pattern == "heads":
         assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 2
-    if pattern == "layers":
+    if pattern == "layers" or "--drop-layers" in amount:
         assert config["num_hidden_layers"] == 1
+    if "--drop-layers" in amount:
+        assert record["config"]["drop_layers"] == 1
+        assert record["parameters"]["decoder_layer_fraction_removed"] == pytest.approx(0.6, abs=0.02)
+        assert "1 whole layers dropped first" in table and "1 whole decoder layers" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]["after"]
 
@@ -246,6 +251,8 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
     (["--pattern", "heads", "--sparsity", "0.9"], "would leave no heads"),
     (["--pattern", "channels", "--sparsity", "0.3", "--method", "wanda"], "unknown structured score"),
     (["--pattern", "2:4", "--params", "0.2"], "--params applies to --pattern structured"),
+    (["--pattern", "structured", "--params", "0.3", "--drop-layers", "1"], "more than --params 30%"),
+    (["--pattern", "heads", "--sparsity", "0.5", "--drop-layers", "1"], "applies to --pattern structured"),
 ])
 def test_structured_bad_input_is_one_line_and_writes_nothing(llama_dir, text_file, tmp_path, capsys, argv, message):
     out = tmp_path / "out"

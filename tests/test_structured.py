@@ -117,6 +117,7 @@ CASES = [
     ("heads", dict(sparsity=0.5), "flap"),
     ("channels", dict(sparsity=0.25), "taylor"),
     ("layers", dict(sparsity=0.5), "obs"),
+    ("structured", dict(params=0.6, drop_layers=1), "obs"),
 ]
 
 
@@ -130,7 +131,7 @@ def test_smaller_model_is_consistent_and_loads_stock(models, arch, pattern, kwar
     config = StructuredConfig(pattern=pattern, score=score, **kwargs)
     pruned, report = prune_structured(dense, config, ids, device="cpu")
     new = pruned.config
-    if pattern == "layers":  # the dense model with those layers taken out by hand
+    if pattern == "layers" or kwargs.get("drop_layers"):  # the dense model with those layers taken out by hand
         dense.model.layers = torch.nn.ModuleList([dense.model.layers[i] for i in report.plan.layers])
     # Masked in-memory model (zeroed columns) and the physically smaller one agree.
     assert torch.allclose(logits(dense, probe), logits(pruned, probe), atol=1e-4)
@@ -148,6 +149,10 @@ def test_smaller_model_is_consistent_and_loads_stock(models, arch, pattern, kwar
         assert new.num_hidden_layers == 1
         if hasattr(new, "layer_types"):
             assert len(new.layer_types) == 1
+    if kwargs.get("drop_layers"):
+        assert new.num_hidden_layers == cfg.num_hidden_layers - 1
+        assert len(getattr(new, "layer_types", None) or [None] * new.num_hidden_layers) == new.num_hidden_layers
+        assert abs(report.layer_params_removed - kwargs["params"]) < 0.02
     for name, param in pruned.named_parameters():
         assert param.shape == pruned.state_dict()[name].shape
     pruned.save_pretrained(tmp_path)
@@ -167,6 +172,33 @@ def test_removing_nothing_is_the_identity(models, arch):
                                           tiny.random_ids(3, SEQLEN, seed=5), device="cpu")
         assert report.params_after == report.params_before, pattern
         assert torch.allclose(logits(pruned, probe), expected, atol=1e-5), pattern
+
+
+def test_dropping_a_layer_that_adds_nothing_is_lossless():
+    """A layer whose o_proj and down_proj are zero leaves the residual stream as it is: its block
+    influence is 0, so it is the layer dropped, and at params = 1/3 of 3 layers no width is left
+    to remove, so the smaller model computes what the dense one does."""
+    dense = tiny.llama(layers=3, seed=3)
+    for proj in (dense.model.layers[1].self_attn.o_proj, dense.model.layers[1].mlp.down_proj):
+        proj.weight.data.zero_()
+    probe = tiny.random_ids(2, SEQLEN, seed=6)
+    expected = logits(dense, probe)
+    config = StructuredConfig("structured", params=1 / 3, drop_layers=1)
+    pruned, report = prune_structured(copy.deepcopy(dense), config, tiny.random_ids(4, SEQLEN, seed=5), device="cpu")
+    assert report.plan.layers == [0, 2]
+    dropped = [e for e in report.errors if e.get("removed")]
+    assert [e["layer"] for e in dropped] == [1] and dropped[0]["block_influence"] == pytest.approx(0, abs=1e-6)
+    assert (pruned.config.num_attention_heads, pruned.config.intermediate_size) == (tiny.HEADS, tiny.INTERMEDIATE)
+    assert torch.allclose(logits(pruned, probe), expected, atol=1e-5)
+
+
+def test_width_share_makes_up_the_rest_of_params():
+    from llmprune.structured.run import width_share
+
+    # SmolLM2's 30 layers: dropping 7 leaves 7.5 - 7 layers' worth to take from the 23 kept.
+    assert width_share(StructuredConfig("structured", params=0.25, drop_layers=7), 30) == pytest.approx(0.5 / 23)
+    assert width_share(StructuredConfig("structured", params=0.25), 30) == 0.25
+    assert width_share(StructuredConfig("structured", params=0.5, drop_layers=1), 2) == 0.0
 
 
 def test_flap_compensates_with_a_bias_llama_can_take(models):
@@ -196,6 +228,8 @@ def test_obs_beats_one_shot_scores_on_the_layer_loss(models):
     (dict(pattern="heads", sparsity=0.9), "would leave no heads"),
     (dict(pattern="heads", sparsity=0.9, kv="groups"), "would leave no heads"),
     (dict(pattern="layers", sparsity=0.99), "would leave none"),
+    (dict(pattern="structured", params=0.5, drop_layers=2), "would leave none"),
+    (dict(pattern="structured", params=0.3, drop_layers=1), "more than --params 30%"),
 ])
 def test_removing_everything_is_refused(models, kwargs, message):
     with pytest.raises(LlmpruneError, match=message):
@@ -209,6 +243,8 @@ def test_removing_everything_is_refused(models, kwargs, message):
     (dict(pattern="channels", sparsity=1.0), r"in \[0, 1\)"),
     (dict(pattern="rows", sparsity=0.2), "unknown structure"),
     (dict(pattern="heads", sparsity=0.2, score="sparsegpt"), "unknown structured score"),
+    (dict(pattern="heads", sparsity=0.2, drop_layers=1), "applies to --pattern structured"),
+    (dict(pattern="structured", params=0.2, drop_layers=-1), "whole number"),
 ])
 def test_bad_structured_configs(kwargs, message):
     with pytest.raises(LlmpruneError, match=message):

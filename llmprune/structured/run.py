@@ -59,6 +59,10 @@ class StructuredConfig:
       of allocating them (see :func:`allocate`, which returns it).
     * ``kv``: with grouped-query attention, ``query`` removes the same number of query heads
       from every KV group; ``groups`` removes whole KV groups (their query heads and K/V head).
+    * ``drop_layers``: for ``structured``, drop this many whole decoder layers (lowest block
+      influence on the dense model) and remove the rest of ``params`` as heads and channels of
+      the layers kept. Depth buys more decode speed per parameter than width (each layer also
+      costs fixed per-token work), at a price in quality; 0 (default) is width only.
     """
 
     pattern: str = "heads"
@@ -69,6 +73,7 @@ class StructuredConfig:
     damp: float = 0.01
     sequential: bool = True
     split: tuple[int, int] | None = None  # structured: (head units, channels) per layer, skips allocation
+    drop_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.pattern not in STRUCTURES:
@@ -85,6 +90,10 @@ class StructuredConfig:
             raise LlmpruneError(f"{what} must be in [0, 1), got {amount}")
         if self.pattern == "layers" and self.score != "obs":
             raise LlmpruneError("layer removal ranks layers by block influence; it takes no --method")
+        if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
+            raise LlmpruneError(f"drop_layers must be a whole number >= 0, got {self.drop_layers!r}")
+        if self.drop_layers and self.pattern != "structured":
+            raise LlmpruneError("drop_layers applies to --pattern structured (--pattern layers drops layers alone)")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise LlmpruneError(f"damp must be positive, got {self.damp}")
 
@@ -140,6 +149,30 @@ def head_count(widths: Widths, fraction: float, kv: str) -> int:
     if count >= total:
         raise LlmpruneError(f"removing {fraction:.0%} of heads would leave no heads ({count} of {total} {unit})")
     return count
+
+
+def width_share(config: StructuredConfig, n_layers: int) -> float:
+    """The share of each kept layer's parameters that heads and channels must remove so that,
+    with ``drop_layers`` whole layers gone, ``params`` of the decoder-layer parameters go."""
+    drop = config.drop_layers
+    if drop >= n_layers:
+        raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers would leave none")
+    share = (config.amount * n_layers - drop) / (n_layers - drop)
+    if share < -1e-9:
+        raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers removes {drop / n_layers:.1%} of the "
+                            f"decoder-layer parameters, more than --params {config.amount:.0%}")
+    return max(share, 0.0)
+
+
+def layers_to_drop(config: StructuredConfig, layers: nn.ModuleList, hidden: list[torch.Tensor],
+                   calls: list[list[Any]], device: torch.device,
+                   cancel: Callable[[], bool] | None) -> tuple[set[int], list[float]]:
+    """``drop_layers`` layers of least block influence on the dense model, and every layer's influence."""
+    if not config.drop_layers:
+        return set(), []
+    influence = block_influence(layers, hidden, calls, device, None, cancel)
+    order = sorted(range(len(layers)), key=lambda i: (influence[i], i))
+    return set(order[:config.drop_layers]), influence
 
 
 def unit_params(widths: Widths, anatomy: LayerAnatomy, kv: str) -> tuple[int, int]:
@@ -348,6 +381,7 @@ def prune_structured(
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
 
+    share = width_share(config, len(layers)) if pattern == "structured" else config.amount
     grads = gradients
     if config.score == "taylor" and grads is None:
         grads = taylor_gradients(model, calibration, layers_path, run_device)
@@ -363,7 +397,9 @@ def prune_structured(
         report.errors = [{"layer": i, "block_influence": bi, "removed": i not in report.plan.layers}
                          for i, bi in enumerate(influence)]
     else:
-        heads, channels = _counts(config, widths, anatomy, model, layers, hidden, calls, run_device, lockstep, cancel)
+        dropped, influence = layers_to_drop(config, layers, hidden, calls, run_device, cancel)
+        report.plan = Plan([i for i in range(len(layers)) if i not in dropped])
+        heads, channels = _counts(config, widths, anatomy, layers, hidden, calls, run_device, cancel, share, dropped)
         compensate = set()
         if config.score == "flap":
             for name, flag in ((anatomy.o, "attention_bias"), (anatomy.down, "mlp_bias")):
@@ -378,6 +414,11 @@ def prune_structured(
         for index, layer in enumerate(layers):
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
+            if index in dropped:  # gone: the next layer's inputs are this layer's inputs
+                report.errors.append({"layer": index, "block_influence": influence[index], "removed": True})
+                if progress is not None:
+                    progress(index + 1, len(layers))
+                continue
             home = next(layer.parameters()).device
             layer.to(run_device)
             layer_grads = None
@@ -390,6 +431,8 @@ def prune_structured(
                                       config.sequential, run_device, lockstep))
             layer.to(home)
             _record(report, index, pruner, widths, config.kv)
+            if influence:
+                report.errors[-1]["block_influence"] = influence[index]
             if progress is not None:
                 progress(index + 1, len(layers))
 
@@ -426,10 +469,11 @@ def _record(report: StructuredReport, index: int, pruner: _LayerPruner, widths: 
                           "removed_channels": len(pruner.removed_channels), **pruner.info})
 
 
-def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, model: nn.Module,
-            layers: nn.ModuleList, hidden: list[torch.Tensor], calls: list[list[Any]], device: torch.device,
-            lockstep: bool, cancel: Callable[[], bool] | None) -> tuple[int, int]:
-    """(head units to remove per layer, channels to remove per layer)."""
+def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, layers: nn.ModuleList,
+            hidden: list[torch.Tensor], calls: list[list[Any]], device: torch.device,
+            cancel: Callable[[], bool] | None, share: float, dropped: set[int]) -> tuple[int, int]:
+    """(head units to remove per layer, channels to remove per layer); for ``structured``,
+    ``share`` of every layer not in ``dropped``."""
     if config.pattern == "heads":
         return head_count(widths, config.amount, config.kv), 0
     assert widths.intermediate is not None
@@ -440,20 +484,24 @@ def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, mod
         if channels >= widths.intermediate:
             raise LlmpruneError(f"removing {config.amount:.0%} of MLP channels would leave none")
         return 0, channels
-    return allocate(config, widths, anatomy, layers, hidden, calls, device, cancel)
+    return allocate(config, widths, anatomy, layers, hidden, calls, device, cancel, share, dropped)
 
 
 def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, layers: nn.ModuleList,
              hidden: list[torch.Tensor], calls: list[list[Any]], device: torch.device,
-             cancel: Callable[[], bool] | None) -> tuple[int, int]:
-    """Split ``params`` between heads and channels: a pass over the dense layers collects the
-    OBS error of removing 0, 1, ... head units and channels per layer; the feasible split with
-    the least total error wins. Errors of o_proj and down_proj are in the same units (both
-    write the residual stream), so they add up."""
+             cancel: Callable[[], bool] | None, share: float | None = None,
+             dropped: set[int] | None = None) -> tuple[int, int]:
+    """Split ``share`` (default ``params``) of every layer's parameters between heads and
+    channels: a pass over the dense layers (those in ``dropped`` skipped, as they will be)
+    collects the OBS error of removing 0, 1, ... head units and channels per layer; the
+    feasible split with the least total error wins. Errors of o_proj and down_proj are in the
+    same units (both write the residual stream), so they add up."""
     assert widths.intermediate is not None
+    share = config.amount if share is None else share
+    dropped = dropped or set()
     head_p, channel_p = unit_params(widths, anatomy, config.kv)
     per_group = widths.kv_heads if config.kv == "query" else 1  # heads removed per head unit count
-    target = config.amount * _layer_params(layers) / len(layers)
+    target = share * _layer_params(layers) / len(layers)
     max_heads = (widths.kv_heads if config.kv == "groups" else widths.group_size) - 1
     options = []
     for h in range(max_heads + 1):
@@ -464,9 +512,9 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         if c < widths.intermediate:
             options.append((h, c))
     if not options:
-        raise LlmpruneError(f"cannot remove {config.amount:.0%} of the decoder-layer parameters "
+        raise LlmpruneError(f"cannot remove {share:.0%} of the decoder-layer parameters "
                             "with heads and channels")
-    if len(options) == 1 or config.amount == 0:
+    if len(options) == 1 or share == 0:
         return options[0]
     head_err = [0.0] * (max_heads + 1)
     chan_curve = torch.zeros(max(c for _, c in options) + 1, dtype=torch.float64)
@@ -478,6 +526,8 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
     for index, layer in enumerate(layers):
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled while allocating, after {index} of {len(layers)} decoder layers")
+        if index in dropped:
+            continue
         home = next(layer.parameters()).device
         layer.to(device)
         linears = find_linears(layer)
@@ -512,5 +562,7 @@ def plan_split(model: nn.Module, config: StructuredConfig, calibration: torch.Te
     run_device = resolve_device(device)
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
+    share = width_share(config, len(layers))
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
-    return allocate(config, widths, anatomy, layers, hidden, calls, run_device, None)
+    dropped, _ = layers_to_drop(config, layers, hidden, calls, run_device, None)
+    return allocate(config, widths, anatomy, layers, hidden, calls, run_device, None, share, dropped)
