@@ -43,6 +43,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-layers", type=int, default=0, metavar="K",
                    help="--pattern structured: also drop K whole decoder layers (least block influence); "
                    "heads and channels remove the rest of --params (default 0: width only)")
+    g.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --drop-layers: refit the down_proj before each dropped run to carry what it "
+                   "added (default; --no-bridge turns it off)")
     g.add_argument("--kv", choices=["query", "groups"], default="query",
                    help="heads under grouped-query attention: the same number of query heads from every KV "
                    "group (default), or whole KV groups")
@@ -203,8 +206,8 @@ def _eval_config(args: argparse.Namespace) -> Any:
 # so a recipe and the equivalent flags give the same job.
 FLAG_KEYS = {
     "model": "model", "pattern": "prune.pattern", "sparsity": "prune.sparsity", "params": "prune.params",
-    "drop_layers": "prune.drop_layers", "kv": "prune.kv", "group": "prune.group", "update": "prune.update",
-    "blocksize": "prune.blocksize",
+    "drop_layers": "prune.drop_layers", "bridge": "prune.bridge", "kv": "prune.kv", "group": "prune.group",
+    "update": "prune.update", "blocksize": "prune.blocksize",
     "shrink": "prune.shrink",
     "damp": "prune.damp", "sequential": "prune.sequential", "calib": "calibration.source",
     "nsamples": "calibration.samples", "seqlen": "calibration.seqlen", "seed": "calibration.seed",
@@ -218,7 +221,7 @@ FLAG_KEYS = {
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
 ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink"}
-ONLY_STRUCTURED = {"params", "drop_layers", "kv", "decode_tokens"}
+ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens"}
 
 
 def _explicit(argv: Sequence[str]) -> dict[str, Any]:

@@ -107,6 +107,8 @@ out: x
     assert from_cli(["--model", "m"]).prune.shrink == 0.1
     structured = ["--model", "m", "--pattern", "structured", "--params", "0.2"]
     assert from_cli(structured) == job_from_dict({"model": "m", "prune": {"pattern": "structured", "params": 0.2}})
+    depth = from_cli([*structured, "--drop-layers", "3", "--no-bridge"]).prune
+    assert depth == StructuredConfig("structured", params=0.2, drop_layers=3, bridge=False)
 
 
 def test_recipe_then_flags_then_set(tmp_path):

@@ -201,6 +201,72 @@ def test_width_share_makes_up_the_rest_of_params():
     assert width_share(StructuredConfig("structured", params=0.5, drop_layers=1), 2) == 0.0
 
 
+# --- bridging dropped layers ------------------------------------------------------------------
+
+
+def test_fit_bridge_recovers_a_linear_map_on_the_kept_channels():
+    from llmprune.structured.bridge import fit_bridge
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    M = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    keep = [0, 2, 3, 5]
+    M[:, [1, 4]] = 0  # the dropped run reads only kept channels: a linear map can carry all of it
+    delta = A @ M.T
+    D, gain = fit_bridge(A.T @ A, delta.T @ A, keep, damp=1e-10)
+    assert torch.allclose(D, M, atol=1e-6)
+    assert gain == pytest.approx(delta.square().sum().item(), rel=1e-6)
+    D, gain = fit_bridge(A.T @ A, torch.zeros(4, 6, dtype=torch.float64), keep, damp=0.01)
+    assert D.abs().max() == 0 and gain == 0  # nothing was added: nothing changes
+
+
+def test_bridge_matches_a_naive_ridge_fit_and_explains_what_it_says():
+    from llmprune.capture import capture_layer_calls
+    from llmprune.structured.bridge import bridge
+
+    model = tiny.llama(layers=3, seed=4)
+    layers, cpu = model.model.layers, torch.device("cpu")
+    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(4, SEQLEN, seed=5).split(2)))
+    down = layers[0].mlp.down_proj
+    seen = []
+    hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        before = [c.run(layers[0], h, cpu) for h, c in zip(hidden, calls[0], strict=True)]
+        hook.remove()
+        target = [c.run(layers[2], c1.run(layers[1], b, cpu), cpu)
+                  for b, c1, c in zip(before, calls[1], calls[2], strict=True)]
+    # Slow reference: every token's down_proj input, ridge solution on the kept channels.
+    keep = list(range(0, tiny.INTERMEDIATE, 2))
+    A = torch.cat(seen).double()[:, keep]
+    delta = torch.cat([(t - b).reshape(-1, t.shape[-1]) for t, b in zip(target, before, strict=True)]).double()
+    G = A.T @ A
+    expected = torch.linalg.solve(G + 0.01 * G.diagonal().mean() * torch.eye(len(keep), dtype=G.dtype),
+                                  A.T @ delta).T
+    W = down.weight.detach().clone()
+    outputs, explained = bridge(layers[0], down, hidden, calls[0], [(layers[1], calls[1]), (layers[2], calls[2])],
+                                keep, 0.01, cpu)
+    change = (down.weight.detach() - W).double()
+    assert torch.allclose(change[:, keep], expected, rtol=1e-3, atol=1e-6)
+    assert change[:, 1::2].abs().max() == 0
+    old = sum(float((t - b).square().sum()) for t, b in zip(target, before, strict=True))
+    new = sum(float((t - o).square().sum()) for t, o in zip(target, outputs, strict=True))
+    assert new < old and explained == pytest.approx(1 - new / old, rel=1e-3)
+
+
+def test_structured_depth_bridges_each_dropped_run():
+    dense = tiny.llama(layers=4, seed=2)
+    ids = tiny.random_ids(4, SEQLEN, seed=5)
+    _, report = prune_structured(copy.deepcopy(dense), StructuredConfig("structured", params=0.5, drop_layers=2),
+                                 ids, device="cpu")
+    dropped = sorted(e["layer"] for e in report.errors if e.get("removed"))
+    bridged = [j for e in report.errors for j in e.get("bridged_layers", [])]
+    assert sorted(bridged) == [j for j in dropped if j > 0]  # a dropped first layer has nothing before it
+    assert all(0 <= e["bridge_explained"] <= 1 for e in report.errors if "bridged_layers" in e)
+    _, plain = prune_structured(copy.deepcopy(dense), StructuredConfig("structured", params=0.5, drop_layers=2,
+                                                                       bridge=False), ids, device="cpu")
+    assert not any("bridged_layers" in e for e in plain.errors)
+
+
 def test_flap_compensates_with_a_bias_llama_can_take(models):
     dense = copy.deepcopy(models["llama"])
     pruned, report = prune_structured(dense, StructuredConfig(pattern="channels", sparsity=0.5, score="flap"),

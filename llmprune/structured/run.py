@@ -35,6 +35,7 @@ from llmprune.methods.base import HESSIAN
 from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
 from llmprune.stats import MEAN_VAR
 from llmprune.structured.anatomy import LayerAnatomy, Widths, inspect_layer, widths_of
+from llmprune.structured.bridge import bridge
 from llmprune.structured.obs import Removal, greedy_remove, greedy_remove_columns
 from llmprune.structured.scores import SCORES, STATS_OF, Unit, unit_scores
 from llmprune.structured.shrink import Plan, shrink
@@ -63,6 +64,9 @@ class StructuredConfig:
       influence on the dense model) and remove the rest of ``params`` as heads and channels of
       the layers kept. Depth buys more decode speed per parameter than width (each layer also
       costs fixed per-token work), at a price in quality; 0 (default) is width only.
+    * ``bridge``: with ``drop_layers`` and the ``obs`` score, refit the down_proj of the last
+      kept layer before each run of dropped layers to carry the best linear part of what they
+      added (see :mod:`llmprune.structured.bridge`).
     """
 
     pattern: str = "heads"
@@ -74,6 +78,7 @@ class StructuredConfig:
     sequential: bool = True
     split: tuple[int, int] | None = None  # structured: (head units, channels) per layer, skips allocation
     drop_layers: int = 0
+    bridge: bool = True
 
     def __post_init__(self) -> None:
         if self.pattern not in STRUCTURES:
@@ -158,10 +163,12 @@ def width_share(config: StructuredConfig, n_layers: int) -> float:
     if drop >= n_layers:
         raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers would leave none")
     share = (config.amount * n_layers - drop) / (n_layers - drop)
-    if share < -1e-9:
+    if abs(share) < 1e-9:  # params = drop / n_layers, in floating point: depth only
+        return 0.0
+    if share < 0:
         raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers removes {drop / n_layers:.1%} of the "
                             f"decoder-layer parameters, more than --params {config.amount:.0%}")
-    return max(share, 0.0)
+    return share
 
 
 def layers_to_drop(config: StructuredConfig, layers: nn.ModuleList, hidden: list[torch.Tensor],
@@ -427,10 +434,22 @@ def prune_structured(
                                for n, m in find_linears(layer).items()}
             pruner = _LayerPruner(layer, anatomy, config, heads, channels, layer_grads, compensate)
             layer_targets = {n: m for n, m in find_linears(layer).items() if n in targets}
+            inputs = hidden
             hidden = list(visit_layer(layer, hidden, calls[index], layer_targets, kinds, pruner,
                                       config.sequential, run_device, lockstep))
+            after = _run_after(index, dropped, len(layers))
+            explained = None
+            if after and config.bridge and config.score == "obs":
+                assert widths.intermediate is not None
+                removed = set(pruner.removed_channels)
+                kept = [j for j in range(widths.intermediate) if j not in removed]
+                hidden, explained = bridge(layer, find_linears(layer)[anatomy.down], inputs, calls[index],
+                                           [(layers[j], calls[j]) for j in after], kept, config.damp, run_device)
+            del inputs
             layer.to(home)
             _record(report, index, pruner, widths, config.kv)
+            if explained is not None:
+                report.errors[-1].update(bridged_layers=after, bridge_explained=explained)
             if influence:
                 report.errors[-1]["block_influence"] = influence[index]
             if progress is not None:
@@ -445,6 +464,16 @@ def prune_structured(
     report.layer_params_after = _layer_params(new_layers)
     report.seconds = time.perf_counter() - start
     return pruned, report
+
+
+def _run_after(index: int, dropped: set[int], n_layers: int) -> list[int]:
+    """The dropped layers right after layer ``index``, up to the next kept one."""
+    run = []
+    for j in range(index + 1, n_layers):
+        if j not in dropped:
+            break
+        run.append(j)
+    return run
 
 
 def get_weight_grad(grads: dict[str, torch.Tensor], name: str, linear: nn.Module) -> torch.Tensor:
