@@ -119,9 +119,14 @@ def structured_card(record: dict[str, Any]) -> str:
                      f"{sp['device']}) | {sp['tokens_per_s_dense']:.1f} tok/s | {sp['tokens_per_s_pruned']:.1f} "
                      f"tok/s ({sp['speedup']:.2f}x) |")
     cal = record["calibration"]
-    if record["config"].get("drop_layers"):
-        lines += ["", f"{record['config']['drop_layers']} whole decoder layers (least block influence) were "
-                  "dropped first; heads and channels of the others removed the rest."]
+    drop = record["config"].get("drop_layers")
+    if drop:
+        shares = [e["bridge_explained"] for e in record.get("layers", []) if "bridge_explained" in e]
+        lines += ["", f"Depth: {drop} of {st['decoder_layers'][0]} decoder layers (least block influence) were "
+                  "dropped first; heads and channels of the layers kept removed the rest of the target. "
+                  + (f"Bridges: the down_proj before each dropped run was refitted to carry "
+                     f"{', '.join(f'{x:.0%}' for x in shares)} of what the run added (calibration tokens)."
+                     if shares else "No bridges (the dropped layers' contribution is simply gone).")]
     lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
               f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
     lines += tasks_table(record)

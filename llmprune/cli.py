@@ -248,6 +248,8 @@ def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             continue
         if dest == "params" and not structured and value is not None:
             raise LlmpruneError("--params applies to --pattern structured; use --sparsity")
+        if dest in ("drop_layers", "bridge") and not structured:
+            raise LlmpruneError(f"--{dest.replace('_', '-')} applies to --pattern structured")
         if dest == "eval" and str(value).lower() == "none":
             value = None
         if dest == "eval_tasks":
@@ -427,12 +429,20 @@ def _memory(memory: dict[str, Any]) -> str:
     return text
 
 
+def _depth(record: dict[str, Any]) -> str:
+    drop = record["config"].get("drop_layers")
+    if not drop:
+        return ""
+    bridged = sum(len(e.get("bridged_layers", [])) for e in record.get("layers", []))
+    plural = "s" if drop > 1 else ""
+    return f"; depth: {drop} layer{plural} dropped first, {bridged} of them bridged"
+
+
 def structured_summary(record: dict[str, Any]) -> str:
     st, params = record["structure"], record["parameters"]
     rows = [("model", record["base_model"]),
             ("pruning", f"{record['pattern']} by {record['method']} (target {record['target']:.0%}"
-                        + (f", {record['config']['drop_layers']} whole layers dropped first)"
-                           if record["config"].get("drop_layers") else ")")),
+                        f"{_depth(record)})"),
             ("attention heads", f"{st['attention_heads'][0]} -> {st['attention_heads'][1]} "
                                 f"({st['kv_heads_after']} KV)"),
             ("MLP width", f"{st['intermediate_size'][0]} -> {st['intermediate_size'][1]}"),

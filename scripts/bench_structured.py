@@ -189,9 +189,7 @@ def plot_speed(rows: list[dict[str, Any]], dense_ppl: float, path: Path, ratio: 
     for r in rows:
         low, high = min(r["speedup_rounds"]), max(r["speedup_rounds"])
         ax.errorbar([r["speedup"]], [r["ppl"]], xerr=[[r["speedup"] - low], [high - r["speedup"]]],
-                    fmt="o", capsize=3)
-        ax.annotate(f"{r['pattern']}: {r['layers']} layers, {r['removed']:.1%}", (r["speedup"], r["ppl"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    fmt="o", capsize=3, label=f"{r['pattern']}: {r['layers']} layers, {r['removed']:.1%}")
     bound = max(r["weights_bytes_ratio"] for r in rows if r["pattern"].startswith("structured")) \
         if any(r["pattern"].startswith("structured") for r in rows) else None
     if bound is not None:
@@ -201,8 +199,9 @@ def plot_speed(rows: list[dict[str, Any]], dense_ppl: float, path: Path, ratio: 
     ax.set_xlabel("decode speed-up over dense (median of rounds; bars: range)")
     ax.set_ylabel("perplexity (Wikipedia eval, 20 x 512)")
     ax.set_yscale("log")
-    ax.set_title(f"SmolLM2-135M, about {ratio:.0%} of decoder-layer parameters removed")
+    ax.set_title(f"SmolLM2-135M, about {ratio:.0%} of decoder-layer parameters removed", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

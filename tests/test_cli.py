@@ -240,7 +240,7 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
     if "--drop-layers" in amount:
         assert record["config"]["drop_layers"] == 1
         assert record["parameters"]["decoder_layer_fraction_removed"] == pytest.approx(0.6, abs=0.02)
-        assert "1 whole layers dropped first" in table and "1 whole decoder layers" in card
+        assert "depth: 1 layer dropped first" in table and "Depth: 1 of 2 decoder layers" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]["after"]
 
@@ -253,6 +253,8 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
     (["--pattern", "2:4", "--params", "0.2"], "--params applies to --pattern structured"),
     (["--pattern", "structured", "--params", "0.3", "--drop-layers", "1"], "more than --params 30%"),
     (["--pattern", "heads", "--sparsity", "0.5", "--drop-layers", "1"], "applies to --pattern structured"),
+    (["--pattern", "2:4", "--drop-layers", "1"], "--drop-layers applies to --pattern structured"),
+    (["--pattern", "2:4", "--no-bridge"], "--bridge applies to --pattern structured"),
 ])
 def test_structured_bad_input_is_one_line_and_writes_nothing(llama_dir, text_file, tmp_path, capsys, argv, message):
     out = tmp_path / "out"

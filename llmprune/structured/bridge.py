@@ -10,6 +10,11 @@ moves the best linear part of Δ into the model at no cost in size or speed (tra
 spirit of ReplaceMe's linear replacement of pruned blocks). Only the channels the layer keeps are
 refitted; removed ones stay zero. Worked example: if Δ = M a exactly, D = M (up to damping) and the
 dropped run is reproduced exactly; if Δ = 0, D = 0 and nothing changes.
+
+The linear model needs down_proj's output to reach the residual stream as it is. Where it does
+not (Gemma's post-feed-forward norm, Granite's residual multiplier), the refit is checked: it is
+kept only if it measurably brings the layer's outputs closer to the dropped run's on the
+calibration tokens, and the share it carries is that measured one.
 """
 
 from __future__ import annotations
@@ -41,43 +46,49 @@ def fit_bridge(G: torch.Tensor, C: torch.Tensor, keep: Sequence[int], damp: floa
 
 
 @torch.no_grad()
-def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], calls: Sequence[LayerCall],
-           dropped: Sequence[tuple[nn.Module, Sequence[LayerCall]]], keep: Sequence[int], damp: float,
-           device: torch.device) -> tuple[list[torch.Tensor], float]:
-    """Refit ``down`` (in ``layer``) so that ``layer`` also adds what the ``dropped`` layers (each
-    with its calls, after ``layer`` in this order) would have added; returns ``layer``'s new
-    outputs for ``inputs`` and the share of the dropped layers' contribution the fit explains."""
-    homes = [next(m.parameters()).device for m, _ in dropped]
-    for module, _ in dropped:
-        module.to(device)
-    layer.to(device)
+def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+           calls: Sequence[LayerCall], dropped: Sequence[tuple[nn.Module, Sequence[LayerCall]]],
+           keep: Sequence[int], damp: float, device: torch.device) -> tuple[list[torch.Tensor], float]:
+    """Refit ``down`` (in ``layer``, already on ``device``) so that ``layer`` also adds what the
+    ``dropped`` layers (each with its calls, in order after ``layer``) would have added to its
+    ``outputs`` for ``inputs``. Returns ``layer``'s outputs afterwards and the share of the
+    dropped layers' contribution they now carry, measured on these tokens. Where the fit does
+    not help (an architecture whose MLP output is normalised or scaled before the residual add,
+    so the linear model above does not hold), the weight is put back and the share is 0."""
+    # What the dropped run would add, one dropped layer on the device at a time.
+    aims: list[torch.Tensor] = list(outputs)
+    for module, module_calls in dropped:
+        home = next(module.parameters()).device
+        try:
+            module.to(device)
+            aims = list(_run(module, aims, module_calls, device, []))
+        finally:
+            module.to(home)
     seen: list[torch.Tensor] = []
     hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     G = C = None
-    total = 0.0
+    before = 0.0
     try:
-        # One batch at a time: only G and C are kept, not every token's activations.
-        for b, state in enumerate(inputs):
+        for call, state, aim in zip(calls, inputs, aims, strict=True):
             seen.clear()
-            out = calls[b].run(layer, state, device)
-            aim = out
-            for module, module_calls in dropped:
-                aim = module_calls[b].run(module, aim, device)
-            a = seen[0].double()
-            delta = (aim - out).reshape(-1, out.shape[-1]).double()
+            out = call.run(layer, state, device).double()
+            a = seen[0].float()
+            delta = (aim.to(device).double() - out).reshape(-1, out.shape[-1]).float()
             if G is None or C is None:
-                G = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
-                C = torch.zeros(delta.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+                G = torch.zeros(a.shape[1], a.shape[1], device=a.device)
+                C = torch.zeros(delta.shape[1], a.shape[1], device=a.device)
             G += a.T @ a
             C += delta.T @ a
-            total += float(delta.square().sum())
+            before += float(delta.double().square().sum())
     finally:
         hook.remove()
-        for (module, _), home in zip(dropped, homes, strict=True):
-            module.to(home)
     assert G is not None and C is not None
-    D, gain = fit_bridge(G, C, keep, damp)
-    W = get_weight(down).detach()
+    D, _ = fit_bridge(G, C, keep, damp)
+    W = get_weight(down).detach().clone()
     set_weight(down, W.double() + D.to(W.device))
-    outputs = list(_run(layer, inputs, calls, device, []))
-    return outputs, gain / total if total > 0 else 0.0
+    new = list(_run(layer, inputs, calls, device, []))
+    after = sum(float((aim.double() - out.double()).square().sum()) for aim, out in zip(aims, new, strict=True))
+    if before == 0 or after >= before:
+        set_weight(down, W)
+        return list(outputs), 0.0
+    return new, 1 - after / before

@@ -66,7 +66,8 @@ class StructuredConfig:
       costs fixed per-token work), at a price in quality; 0 (default) is width only.
     * ``bridge``: with ``drop_layers`` and the ``obs`` score, refit the down_proj of the last
       kept layer before each run of dropped layers to carry the best linear part of what they
-      added (see :mod:`llmprune.structured.bridge`).
+      added (see :mod:`llmprune.structured.bridge`). The one-shot scores are left without it,
+      as published.
     """
 
     pattern: str = "heads"
@@ -160,10 +161,12 @@ def width_share(config: StructuredConfig, n_layers: int) -> float:
     """The share of each kept layer's parameters that heads and channels must remove so that,
     with ``drop_layers`` whole layers gone, ``params`` of the decoder-layer parameters go."""
     drop = config.drop_layers
+    if not drop:
+        return config.amount
     if drop >= n_layers:
         raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers would leave none")
     share = (config.amount * n_layers - drop) / (n_layers - drop)
-    if abs(share) < 1e-9:  # params = drop / n_layers, in floating point: depth only
+    if abs(share) < 1e-3:  # params ≈ drop / n_layers as typed (0.2333 for 7 of 30): depth only
         return 0.0
     if share < 0:
         raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers removes {drop / n_layers:.1%} of the "
@@ -443,7 +446,7 @@ def prune_structured(
                 assert widths.intermediate is not None
                 removed = set(pruner.removed_channels)
                 kept = [j for j in range(widths.intermediate) if j not in removed]
-                hidden, explained = bridge(layer, find_linears(layer)[anatomy.down], inputs, calls[index],
+                hidden, explained = bridge(layer, find_linears(layer)[anatomy.down], inputs, hidden, calls[index],
                                            [(layers[j], calls[j]) for j in after], kept, config.damp, run_device)
             del inputs
             layer.to(home)
@@ -541,7 +544,7 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         if c < widths.intermediate:
             options.append((h, c))
     if not options:
-        raise LlmpruneError(f"cannot remove {share:.0%} of the decoder-layer parameters "
+        raise LlmpruneError(f"cannot remove {share:.0%} of each decoder layer's parameters "
                             "with heads and channels")
     if len(options) == 1 or share == 0:
         return options[0]
