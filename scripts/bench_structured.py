@@ -190,8 +190,8 @@ def plot_speed(rows: list[dict[str, Any]], dense_ppl: float, path: Path, ratio: 
         low, high = min(r["speedup_rounds"]), max(r["speedup_rounds"])
         ax.errorbar([r["speedup"]], [r["ppl"]], xerr=[[r["speedup"] - low], [high - r["speedup"]]],
                     fmt="o", capsize=3, label=f"{r['pattern']}: {r['layers']} layers, {r['removed']:.1%}")
-    bound = max(r["weights_bytes_ratio"] for r in rows if r["pattern"].startswith("structured")) \
-        if any(r["pattern"].startswith("structured") for r in rows) else None
+    # Every structured+K row removes the same parameters, so they share one bytes ratio.
+    bound = next((r["weights_bytes_ratio"] for r in rows if r["pattern"].startswith("structured")), None)
     if bound is not None:
         ax.axvline(bound, color="grey", linestyle="--", linewidth=1)
         ax.text(bound, 0.03, " width-only bound\n (weight bytes)", transform=ax.get_xaxis_transform(),
