@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from llmprune.errors import LlmpruneError
-
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+from llmprune.loading import DTYPES
 
 
 class BatchFile(Sequence[torch.Tensor]):

@@ -9,7 +9,7 @@ from llmprune.data import calibration_data, evaluation_data
 from llmprune.driver import PruneReport, prune
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity as _perplexity
-from llmprune.job import EvalConfig, Job, TasksConfig
+from llmprune.job import EvalConfig, Job, TasksConfig, window_length
 from llmprune.job import run as run_job
 from llmprune.loading import load as load_model
 from llmprune.recipe import load_recipe
@@ -18,10 +18,11 @@ from llmprune.structured.run import StructuredConfig, StructuredReport, prune_st
 from llmprune.sweep import SweepConfig, run_sweep
 
 
-def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int = 2048,
+def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int | None = None,
                windows: int | None = None) -> float:
-    """Perplexity on the first ``windows`` non-overlapping windows of ``source``'s evaluation text."""
-    return _perplexity(model, evaluation_data(tokenizer, source, seqlen, windows))
+    """Perplexity on the first ``windows`` non-overlapping windows of ``source``'s evaluation
+    text; ``seqlen`` None = min(2048, the model's limit), and longer than the limit is an error."""
+    return _perplexity(model, evaluation_data(tokenizer, source, window_length(seqlen, model), windows))
 
 
 __all__ = [

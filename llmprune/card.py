@@ -5,9 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+from llmprune.data import SPLIT_SOURCES
 
 
 def model_card(record: dict[str, Any]) -> str:
@@ -19,7 +17,7 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {base}: {method} {pattern}, {record['sparsity_achieved']:.1%} sparse", ""]
     lines += [
-        f"Pruned with [llmprune](https://github.com/llmprune/llmprune) {record['llmprune_version']}. "
+        f"Pruned with llmprune {record['llmprune_version']}. "
         "The weights are dense safetensors with exact zeros; stock `transformers` loads them.", "",
         "| | |", "|---|---|",
         f"| base model | {record['base_model_description']} |",
@@ -29,9 +27,13 @@ def model_card(record: dict[str, Any]) -> str:
         + (f", damp: {record['resolved_options']['damp']:g}, shrink: {record['resolved_options'].get('shrink', 0):g}"
            if record["resolved_options"]["update"] == "obs" else "") + ") |",
         f"| pattern | {pattern}" + (" (N kept in every M)" if ":" in pattern else "") + " |",
-        f"| sparsity of pruned linears | target {record['sparsity_target']:.1%}, "
+        f"| sparsity of the decoder layers' weights | target {record['sparsity_target']:.1%}, "
         f"achieved {record['sparsity_achieved']:.2%} |",
     ]
+    if record.get("unpruned_weights"):
+        lines.append(f"| not pruned | {len(record['unpruned_weights'])} weight matrices that are not linear layers "
+                     f"(e.g. {record['unpruned_weights'][0]}); the pruned linears are "
+                     f"{record['sparsity_of_pruned_linears']:.2%} sparse |")
     cal = record["calibration"]
     lines.append(f"| calibration | {cal['source']}: {cal['samples']} × {cal['seqlen']} tokens, seed {cal['seed']} |")
     ev = record.get("evaluation")
@@ -39,7 +41,7 @@ def model_card(record: dict[str, Any]) -> str:
         lines += [
             f"| perplexity, dense | {ev['ppl_dense']:.3f} |",
             f"| perplexity, pruned | {ev['ppl_pruned']:.3f} |",
-            f"| perplexity protocol | {ev['source']} evaluation split, first {ev['windows']} "
+            f"| perplexity protocol | {text_name(ev)}, first {ev['windows']} "
             f"non-overlapping windows of {ev['seqlen']} tokens{' (BOS first)' if ev['bos'] else ''} |",
         ]
     t = record["timings"]
@@ -58,6 +60,16 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"| {item['name']} | {shape} | {item['sparsity']:.2%} | {item['error']:.4f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def text_name(ev: dict[str, Any]) -> str:
+    """The evaluation text as the protocol names it: a source's held-out split, or a warning
+    that it is the calibration text itself."""
+    if ev.get("same_text_as_calibration"):
+        return f"{ev['source']} (the calibration text itself: not held out)"
+    if ev["source"] in SPLIT_SOURCES:
+        return f"{ev['source']} evaluation split"
+    return str(ev["source"])
 
 
 def tasks_table(record: dict[str, Any]) -> list[str]:
@@ -96,7 +108,7 @@ def structured_card(record: dict[str, Any]) -> str:
     removed = params["decoder_layer_fraction_removed"]
     lines += ["---", "", f"# {base}: {record['pattern']} pruning ({record['method']}), "
               f"{removed:.1%} of decoder-layer parameters removed", "",
-              f"Pruned with [llmprune](https://github.com/llmprune/llmprune) {record['llmprune_version']}. "
+              f"Pruned with llmprune {record['llmprune_version']}. "
               "The model is physically smaller: stock `transformers` loads it with the rewritten config "
               "(no remote code).", "", "| | before | after |", "|---|---|---|",
               f"| attention heads per layer | {st['attention_heads'][0]} | {st['attention_heads'][1]} "
@@ -111,7 +123,7 @@ def structured_card(record: dict[str, Any]) -> str:
         lines.append(f"| safetensors on disk | | {_mb(record['checkpoint_bytes'])} |")
     ev = record.get("evaluation")
     if ev:
-        lines.append(f"| perplexity ({ev['source']} eval, {ev['windows']} × {ev['seqlen']}) | "
+        lines.append(f"| perplexity ({text_name(ev)}, {ev['windows']} × {ev['seqlen']}) | "
                      f"{ev['ppl_dense']:.3f} | {ev['ppl_pruned']:.3f} |")
     sp = record.get("decode_speed")
     if sp:
@@ -127,7 +139,11 @@ def structured_card(record: dict[str, Any]) -> str:
                   + (f"Bridges: the down_proj before each dropped run was refitted to carry "
                      f"{', '.join(f'{x:.0%}' for x in shares)} of what the run added (calibration tokens)."
                      if shares else "No bridges (the dropped layers' contribution is simply gone).")]
-    lines += ["", f"Score: {record['method']}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
+    dropped = record.get("dropped_layers")
+    if dropped:
+        lines += ["", f"Dropped decoder layers (original indices): {', '.join(f'layer {i}' for i in dropped)}."]
+    what = "Layers ranked by block influence" if record["pattern"] == "layers" else f"Score: {record['method']}"
+    lines += ["", f"{what}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
               f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
     lines += tasks_table(record)
     lines += ["",

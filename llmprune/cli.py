@@ -12,19 +12,37 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from llmprune import __version__
 from llmprune.errors import LlmpruneError
 
 PATTERN_HELP = ("'unstructured', N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros), or a structure "
                 "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers")
-STRUCTURES = ("heads", "channels", "structured", "layers")
+SUBCOMMANDS = """subcommands:
+  llmprune eval MODEL    perplexity and lm-eval tasks of a saved (or any) model
+  llmprune push DIR      upload a pruned checkpoint to the Hugging Face Hub
+  llmprune sweep         a grid of methods x sparsities x patterns, with a table and a plot
+  (llmprune SUBCOMMAND --help for each)"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"llmprune {__version__}")
+    return p
 
 
 def _prune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llmprune",
-        description="Prune the linear layers of a Hugging Face causal LM, one decoder layer at a time. "
-        "Subcommand: 'llmprune eval DIR' measures a saved model.",
-    )
+    p = _parser("llmprune", "Prune the linear layers of a Hugging Face causal LM, one decoder layer at a time.",
+                SUBCOMMANDS)
     p.add_argument("--model", default=None,
                    help="smollm2-135m (built in, offline), a folder, a .gguf, or a Hub id (required unless a "
                    "--recipe names it)")
@@ -52,12 +70,15 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-tokens", type=int, default=64,
                    help="structured patterns: tokens generated to measure decode speed before/after (0 = skip)")
     g.add_argument("--pattern", default="unstructured", help=PATTERN_HELP)
+    g.add_argument("--allow-partial", action="store_true",
+                   help="prune the linear layers even when the decoder layers hold weights no method can prune "
+                   "(fused mixture-of-experts weights); both sparsities are reported")
     g.add_argument("--group", choices=["row", "layer"], default=None,
                    help="comparison group of unstructured masks (default: the method's reference choice)")
     g.add_argument("--update", choices=["none", "obs"], default=None,
                    help="'obs': refit kept weights with SparseGPT's OBS update after any mask")
-    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block (128)")
-    g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
+    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag H")
     g.add_argument("--shrink", type=float, default=0.1,
                    help="OBS Hessian shrinkage toward its diagonal, in [0, 1] (default 0.1; 0 = plain SparseGPT)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
@@ -67,10 +88,11 @@ def _prune_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="wikipedia",
                    help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=None, help="default: min(2048, model limit)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: auto)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(2048, model limit))")
+    c.add_argument("--seed", type=int, default=0, help="seed of the windows' random offsets")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="calibration samples per forward (default, or 0: auto)")
     e = p.add_argument_group("evaluation")
     _eval_args(e)
     e.add_argument("--eval-tasks", default=None, help="lm-eval tasks run dense and pruned, e.g. arc_easy,hellaswag")
@@ -99,7 +121,7 @@ def _eval_args(e: Any, default_source: str | None = "wikipedia") -> None:
                    help="perplexity text: wikipedia (offline eval split), pydoc, wikitext2, c4, ptb, a file, or none")
     e.add_argument("--eval-seqlen", type=int, default=None, help="window length (default: min(2048, model limit))")
     e.add_argument("--eval-windows", type=int, default=16, help="first N windows (default 16; 0 = all)")
-    e.add_argument("--eval-batch-size", type=int, default=1)
+    e.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward")
 
 
 def _task_args(e: Any) -> None:
@@ -107,21 +129,22 @@ def _task_args(e: Any) -> None:
     e.add_argument("--tasks-limit", "--limit", dest="tasks_limit", type=float, default=None,
                    help="examples per lm-eval task (a count, or a fraction below 1)")
     e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
-    e.add_argument("--tasks-batch-size", type=int, default=8, help="lm-eval batch size (8)")
+    e.add_argument("--tasks-batch-size", type=int, default=8, help="lm-eval batch size")
 
 
 def _exec_args(o: Any) -> None:
     o.add_argument("--device", default=None,
-                   help="where each layer is processed: auto (CUDA if present), cpu, cuda:1")
-    o.add_argument("--dtype", default=None, help="auto (keep the checkpoint's), float32, bfloat16, float16")
-    o.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+                   help="where each layer is processed: auto (CUDA if present), cpu, cuda:1 (default: auto)")
+    o.add_argument("--dtype", default=None,
+                   help="auto (keep the checkpoint's), float32, bfloat16, float16 (default: auto)")
+    o.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default, or 0: torch's choice)")
     o.add_argument("--json", default=None, help="also write the results record to this file")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmprune eval",
-                                description="Perplexity and lm-eval tasks of a saved (or any) model.")
+    p = _parser("llmprune eval", "Perplexity and lm-eval tasks of a saved (or any) model.")
     p.add_argument("model", help="a folder, .gguf, built-in name or Hub id")
     _eval_args(p)
     p.add_argument("--ppl", dest="eval", help="same as --eval: the perplexity text (none = skip)")
@@ -132,8 +155,8 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _push_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmprune push", description="Upload a pruned checkpoint to the Hugging Face "
-                                "Hub (token from HF_TOKEN or `hf auth login`; never printed).")
+    p = _parser("llmprune push", "Upload a pruned checkpoint to the Hugging Face Hub (token from HF_TOKEN or "
+                "`hf auth login`; never printed).")
     p.add_argument("folder", help="an llmprune output folder")
     p.add_argument("--repo", required=True, help="OWNER/NAME of the model repo (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -141,23 +164,24 @@ def _push_parser() -> argparse.ArgumentParser:
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmprune sweep", description="Prune a grid of methods x sparsities x "
-                                "patterns, writing a table (JSON, CSV) and a plot of perplexity against sparsity; "
-                                "rerun the same command to finish an interrupted sweep.")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7", help="unstructured sparsities")
+    p = _parser("llmprune sweep", "Prune a grid of methods x sparsities x patterns, writing a table (JSON, CSV) "
+                "and a plot of perplexity against sparsity; rerun the same command to finish an interrupted "
+                "sweep. The grid is printed before any work; give --methods, --sparsities and --patterns to "
+                "choose it (the defaults are the README's 18-point grid, about 20 minutes on SmolLM2 and 2 cores).")
+    p.add_argument("--model", default="smollm2-135m", help="as for llmprune --model")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma-separated methods")
+    p.add_argument("--sparsities", default="0.3,0.5,0.6,0.7", help="unstructured sparsities (empty: none)")
     p.add_argument("--patterns", default="2:4,4:8", help="N:M patterns (empty: none)")
     p.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv and sweep.png")
-    p.add_argument("--calib", default="wikipedia")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--eval", default="wikipedia")
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=20)
-    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--calib", default="wikipedia", help="calibration text")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows' random offsets")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default, or 0: auto)")
+    p.add_argument("--eval", default="wikipedia", help="perplexity text")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length")
+    p.add_argument("--eval-windows", type=int, default=20, help="first N windows (0 = all)")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward")
     _exec_args(p)
     return p
 
@@ -184,7 +208,14 @@ class _Bars:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.WARNING, format="llmprune: %(levelname)s: %(message)s")
+    if args.threads is not None and args.threads < 0:
+        raise LlmpruneError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
+    if getattr(args, "json", None):
+        from llmprune.export import check_json_path
+
+        check_json_path(args.json)  # before the work, not after it
+    # force: each command (and each in-process call) writes to the stderr of its own time
+    logging.basicConfig(level=logging.WARNING, format="llmprune: %(levelname)s: %(message)s", force=True)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -217,10 +248,10 @@ FLAG_KEYS = {
     "stream": "stream", "resume": "resume", "offload_dir": "offload_dir", "device_map": "device_map",
     "eval_tasks": "tasks.names", "tasks_include": "tasks.include", "tasks_limit": "tasks.limit",
     "num_fewshot": "tasks.num_fewshot", "tasks_batch_size": "tasks.batch_size", "push_to_hub": "push_to_hub",
-    "private": "private",
+    "private": "private", "allow_partial": "prune.allow_partial",
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
-ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink"}
+ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial"}
 ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens"}
 
 
@@ -235,6 +266,7 @@ def _explicit(argv: Sequence[str]) -> dict[str, Any]:
 def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Recipe data for this command line: the recipe (if any), the flags, then ``--set``."""
     from llmprune.recipe import apply_set, read_recipe
+    from llmprune.structured.run import STRUCTURES
 
     explicit = _explicit(argv)
     data: dict[str, Any] = read_recipe(args.recipe) if args.recipe else {}
@@ -262,9 +294,6 @@ def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     method = explicit.get("method", None if args.recipe else args.method)
     if method is not None:
         data.setdefault("prune", {})["score" if structured else "method"] = method
-    prune = data.setdefault("prune", {})
-    if not structured and prune.get("sparsity") is None and ":" not in str(prune.get("pattern", "")):
-        prune["sparsity"] = 0.5  # the default of unstructured pruning
     for assignment in args.set:
         apply_set(data, assignment)
     if not data.get("model"):
@@ -280,19 +309,23 @@ def cmd_prune(argv: Sequence[str]) -> int:
 
     if args.decode_tokens < 0:
         raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
-    job = job_from_dict(job_data(args, argv))
+    job = job_from_dict(job_data(args, argv), origin=f"recipe {args.recipe}" if args.recipe else None)
     from llmprune.job import streaming_source
     from llmprune.memory import return_freed_memory
 
     if streaming_source(job) is not None:  # memory is the point of streaming: trade speed for it
         return_freed_memory()
-    record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv])
-    print(summary(record))
-    if record.get("tasks"):
-        print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]))
+
+    def saved(record: dict[str, Any]) -> None:  # before any push, which may fail
+        print(summary(record), flush=True)
+        if record.get("tasks"):
+            print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]), flush=True)
+        _write_json(args, record)
+
+    record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv], on_saved=saved)
     if record.get("pushed_to"):
         print(f"pushed to {record['pushed_to']}")
-    _write_json(args, record)
+        _write_json(args, record)
     return 0
 
 
@@ -378,6 +411,12 @@ def cmd_sweep(argv: Sequence[str]) -> int:
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
     )
 
+    from llmprune.sweep import point_key
+
+    keys = [point_key(p) for p in config.points()]
+    print(f"llmprune sweep: {len(keys)} points on {args.model} ({', '.join(keys)}); finished points in "
+          f"{args.out} are reused", file=sys.stderr, flush=True)
+
     def progress(point: str, done: int, total: int) -> None:
         if not args.quiet:
             print(f"[{done + 1}/{total}] {point}", file=sys.stderr, flush=True)
@@ -391,7 +430,9 @@ def cmd_sweep(argv: Sequence[str]) -> int:
 
 
 def _protocol(ev: dict[str, Any]) -> str:
-    return f"{ev['source']} eval split, {ev['windows']} x {ev['seqlen']} tokens" + (", BOS" if ev["bos"] else "")
+    from llmprune.card import text_name
+
+    return f"{text_name(ev)}, {ev['windows']} x {ev['seqlen']} tokens" + (", BOS" if ev["bos"] else "")
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -401,7 +442,11 @@ def summary(record: dict[str, Any]) -> str:
     rows = [("model", record["base_model"]),
             ("method", f"{record['method']} {record['pattern']} (update {record['resolved_options']['update']}"
                        f", sequential {record['config']['sequential']})"),
-            ("sparsity", f"target {record['sparsity_target']:.2%}, achieved {record['sparsity_achieved']:.2%}"),
+            ("sparsity", f"target {record['sparsity_target']:.2%}, achieved {record['sparsity_achieved']:.2%} of "
+                         "all decoder-layer weights" + (
+                             f" ({record['sparsity_of_pruned_linears']:.2%} of the pruned linears; "
+                             f"{len(record['unpruned_weights'])} weight matrices left dense)"
+                             if record.get("unpruned_weights") else "")),
             ("calibration", f"{record['calibration']['source']}, {record['calibration']['samples']} x "
                             f"{record['calibration']['seqlen']} tokens, seed {record['calibration']['seed']}")]
     ev = record.get("evaluation")
@@ -416,8 +461,7 @@ def summary(record: dict[str, Any]) -> str:
             f", resumed after layer {st['resumed_at_layer']}" if st["resumed_at_layer"] else "")))
     if record.get("memory"):
         rows.append(("peak memory", _memory(record["memory"])))
-    if record.get("out"):
-        rows.append(("saved to", record["out"]))
+    rows.append(("saved to", record.get("out") or "nothing: no --out was given"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -460,9 +504,11 @@ def structured_summary(record: dict[str, Any]) -> str:
         rows.append(("decode speed", f"{sp['tokens_per_s_dense']:.1f} -> {sp['tokens_per_s_pruned']:.1f} tok/s "
                                      f"({sp['speedup']:.2f}x; batch 1, greedy, {sp['new_tokens']} tokens, "
                                      f"{sp['threads']} threads)"))
+    if record.get("dropped_layers"):
+        rows.append(("dropped layers", ", ".join(str(i) for i in record["dropped_layers"])))
     rows.append(("pruning time", f"{record['timings']['prune_s']:.1f} s on {record['device']}"))
-    if record.get("out"):
-        rows.append(("saved to", f"{record['out']} ({record.get('checkpoint_bytes', 0) / 1e6:.1f} MB safetensors)"))
+    rows.append(("saved to", f"{record['out']} ({record.get('checkpoint_bytes', 0) / 1e6:.1f} MB safetensors)"
+                 if record.get("out") else "nothing: no --out was given"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -478,20 +524,39 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval
                                                        "sweep": cmd_sweep}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, a container stopping), raised where the program is, so
+    every cleanup that runs for Ctrl-C runs for it too."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command: Callable[[Sequence[str]], int] = cmd_prune
     if argv and argv[0] in COMMANDS:
         command = COMMANDS[argv.pop(0)]
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return command(argv)
     except LlmpruneError as exc:
         print(f"llmprune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llmprune: interrupted; no checkpoint was published (a streaming run continues with --resume)",
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"llmprune: {what}; no checkpoint was published (a streaming run continues with --resume)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from llmprune.errors import LlmpruneError
 from llmprune.methods import Options, get_method
 from llmprune.patterns import Pattern
 
+DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -17,7 +19,8 @@ class PruneConfig:
 
     * ``method``: ``magnitude``, ``wanda`` or ``sparsegpt``.
     * ``pattern``: ``"unstructured"`` or ``"N:M"`` (N kept in every M consecutive weights).
-    * ``sparsity``: fraction of zeros in [0, 1); implied by an N:M pattern when left ``None``.
+    * ``sparsity``: fraction of zeros in [0, 1). ``None`` (default): the pattern's own for N:M
+      (2:4 = 0.5, 1:4 = 0.75), 0.5 for unstructured.
     * ``group``: comparison group of unstructured masks, ``"row"`` or ``"layer"``
       (default: the method's reference choice: magnitude and SparseGPT per layer, Wanda per row).
     * ``update``: ``"obs"`` re-fits kept weights with SparseGPT's OBS update after any mask;
@@ -35,11 +38,14 @@ class PruneConfig:
       of linears that shares an input (q/k/v → o → gate/up → down) is pruned from inputs that
       already pass through the pruned earlier groups. False prunes every linear from the dense
       layer's statistics, as the reference implementations do.
+    * ``allow_partial`` (default False): prune the linear layers even when the decoder layers
+      also hold weight matrices no method can prune (fused mixture-of-experts weights); without
+      it such a model is refused before any work. The report then gives both sparsities.
     """
 
     method: str = "sparsegpt"
     pattern: str = "unstructured"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None
     group: Literal["row", "layer"] | None = None
     update: Literal["none", "obs"] | None = None
     blocksize: int = 128
@@ -47,14 +53,14 @@ class PruneConfig:
     sequential: bool = True
     nm_select: Literal["joint", "score"] = "joint"
     shrink: float = 0.1
+    allow_partial: bool = False
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
         pattern = Pattern.parse(self.pattern)
         implied = pattern.implied_sparsity
         if self.sparsity is None:
-            if implied is None:
-                raise LlmpruneError("unstructured pruning needs a sparsity in [0, 1)")
+            pass
         elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity)
                   and 0 <= self.sparsity < 1):
             raise LlmpruneError(f"sparsity must be in [0, 1) (the fraction of zeros), got {self.sparsity}")
@@ -81,7 +87,9 @@ class PruneConfig:
     @property
     def target_sparsity(self) -> float:
         implied = Pattern.parse(self.pattern).implied_sparsity
-        return implied if implied is not None else float(self.sparsity or 0.0)
+        if implied is not None:
+            return implied
+        return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
 
     def options(self) -> Options:
         """The per-matrix options handed to the method."""

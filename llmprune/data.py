@@ -23,6 +23,7 @@ from llmprune.errors import LlmpruneError
 SPLITS = ("calibration", "evaluation")
 HUB_SETS = ("wikitext2", "c4", "ptb")
 BUILTIN = ("wikipedia", "pydoc")
+SPLIT_SOURCES = ("wikipedia", *HUB_SETS)  # sources whose calibration and evaluation texts are disjoint
 
 
 def load_text(source: str, split: str) -> str:
@@ -40,6 +41,8 @@ def load_text(source: str, split: str) -> str:
     if source in HUB_SETS:
         return _hub_text(source, split)
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise LlmpruneError(f"text source {path} is a folder; give a .txt or .jsonl file")
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
         return _file_text(path)
     raise LlmpruneError(
@@ -47,10 +50,24 @@ def load_text(source: str, split: str) -> str:
     )
 
 
+def check_text_source(source: str) -> None:
+    """Read a local text source now (a missing, undecodable or malformed file fails before any
+    work); named sources are checked when they are loaded."""
+    if source in BUILTIN or source in HUB_SETS:
+        return
+    load_text(source, "calibration")
+
+
 def _file_text(path: Path) -> str:
     if not path.is_file():
         raise LlmpruneError(f"text file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlmpruneError(f"text file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); convert it, e.g. iconv -t utf-8") from None
+    except OSError as exc:
+        raise LlmpruneError(f"cannot read text file {path}: {exc.strerror or exc}") from None
     if path.suffix not in (".jsonl", ".json"):
         return raw
     parts = []
@@ -70,28 +87,38 @@ def _file_text(path: Path) -> str:
 
 def _hub_text(name: str, split: str) -> str:
     """Standard sets, joined as in the SparseGPT/Wanda evaluation code."""
-    try:
-        from datasets import load_dataset
+    from llmprune.hub import describe_hub_error, hub_errors, hub_unreachable
 
+    offline = "; offline, use 'wikipedia', 'pydoc' or a local .txt/.jsonl file"
+    reason = hub_unreachable()
+    if reason is not None and "HF_HUB_OFFLINE" not in reason:  # offline mode reads the cache, quickly
+        raise LlmpruneError(f"cannot load dataset {name!r}: the Hugging Face Hub is unreachable ({reason}){offline} "
+                            "(HF_HUB_OFFLINE=1 uses a cached copy)")
+    from datasets import load_dataset
+
+    column = "sentence" if name == "ptb" else "text"
+    try:
         if name == "wikitext2":
             data: Any = load_dataset("wikitext", "wikitext-2-raw-v1",
                                      split="train" if split == "calibration" else "test")
-            return "\n\n".join(data["text"])
-        if name == "ptb":
-            data = load_dataset("ptb_text_only", "penn_treebank",
-                                split="train" if split == "calibration" else "test")
-            return " ".join(data["sentence"])
-        shard = ("en/c4-train.00000-of-01024.json.gz" if split == "calibration"
-                 else "en/c4-validation.00000-of-00008.json.gz")
-        data = load_dataset("allenai/c4", data_files={"x": shard}, split="x")
-        texts = data["text"] if split == "calibration" else data["text"][:1100]
-        return "\n\n".join(texts) if split == "calibration" else " ".join(texts)
-    except Exception as exc:  # datasets raises many kinds when the Hub is unreachable
-        raise LlmpruneError(
-            f"cannot load dataset {name!r} through datasets ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs Hugging Face Hub access. "
-            "Offline, use 'wikipedia', 'pydoc' or a local .txt/.jsonl file"
-        ) from None
+        elif name == "ptb":
+            data = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calibration" else "test")
+        else:
+            shard = ("en/c4-train.00000-of-01024.json.gz" if split == "calibration"
+                     else "en/c4-validation.00000-of-00008.json.gz")
+            data = load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+    except hub_errors() as exc:
+        raise LlmpruneError(f"cannot load dataset {name!r} through datasets: {describe_hub_error(exc)}"
+                            f"{offline if reason else ''}") from None
+    if column not in data.column_names:
+        raise LlmpruneError(f"dataset {name!r} has no column {column!r} (its columns: "
+                            f"{', '.join(data.column_names)}); its schema changed")
+    texts = data[column]
+    if name == "ptb":
+        return " ".join(texts)
+    if name == "c4" and split == "evaluation":
+        return " ".join(texts[:1100])
+    return "\n\n".join(texts)
 
 
 def wants_bos(tokenizer: Any) -> int | None:

@@ -24,7 +24,16 @@ from llmprune.config import PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.lockstep import Diverged, Lockstep
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
-from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
+from llmprune.model import (
+    check_finite,
+    count_zeros,
+    find_decoder_layers,
+    find_linears,
+    get_weight,
+    set_weight,
+    unprunable_weights,
+    weight_matrices,
+)
 from llmprune.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
 
 log = logging.getLogger(__name__)
@@ -63,13 +72,40 @@ class PruneReport:
     device: str = "cpu"
     batch_size: int = 0
     one_pass: bool = False  # true-sequential in a single forward per layer (batches in lockstep)
+    weight_counts: list[tuple[int, int]] = field(default_factory=list)  # per layer: (zeros, elements)
+    unpruned: list[str] = field(default_factory=list)  # weight matrices no method could prune
 
     @property
     def sparsity(self) -> float:
-        """Overall fraction of zeros over the pruned linears (weighted by size)."""
+        """Fraction of exact zeros over **every** weight matrix inside the decoder layers: what
+        the checkpoint really holds, whatever the method could reach."""
+        zeros, total = (sum(c[i] for c in self.weight_counts) for i in (0, 1))
+        return zeros / total if total else 0.0
+
+    @property
+    def linear_sparsity(self) -> float:
+        """Fraction of zeros over the pruned linears only (weighted by size)."""
         total = sum(r.shape[0] * r.shape[1] for r in self.linears)
         zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.linears)
         return zeros / total if total else 0.0
+
+
+def as_token_ids(calibration: Any) -> torch.Tensor:
+    """Calibration token ids as a (nsamples, seqlen) integer tensor; equal-length lists of ids
+    are accepted too."""
+    if isinstance(calibration, (list, tuple)):
+        try:
+            calibration = torch.tensor(calibration, dtype=torch.long)
+        except (ValueError, TypeError, RuntimeError):
+            raise LlmpruneError("calibration must be (nsamples, seqlen) token ids: a tensor, or a list of "
+                                "equal-length lists of ints (see llmprune.calibration_data)") from None
+    if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2 or calibration.dtype not in (
+            torch.int64, torch.int32) or calibration.numel() == 0:
+        got = (f"{tuple(calibration.shape)} {calibration.dtype}" if isinstance(calibration, torch.Tensor)
+               else type(calibration).__name__)
+        raise LlmpruneError(f"calibration must be a (nsamples, seqlen) tensor of token ids, got {got} "
+                            "(see llmprune.calibration_data)")
+    return calibration
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -84,6 +120,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise LlmpruneError(f"device {device!r} requested but CUDA is not available here")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise LlmpruneError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if resolved.type == "meta":
+        raise LlmpruneError("device 'meta' holds no data; use auto, cpu, cuda or cuda:N")
+    if resolved.type not in ("cpu", "cuda"):
+        # mps, xpu, ...: torch has a backend module per device type that says whether it works here
+        backend = getattr(torch.backends, resolved.type, None) or getattr(torch, resolved.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise LlmpruneError(f"device {device!r} requested but this torch build or machine has no "
+                                f"{resolved.type} support; use auto, cpu, cuda or cuda:N")
     return resolved
 
 
@@ -305,6 +350,29 @@ def validate_widths(layers_path: str, layers: nn.ModuleList, options: Options) -
                 )
 
 
+def check_prunable(model: nn.Module, allow_partial: bool) -> list[str]:
+    """Names of the decoder-layer weight matrices no method can prune (fused 3-D expert weights,
+    say). Unless ``allow_partial``, any such weight stops the run before work: the checkpoint
+    would be called pruned while much of it is untouched."""
+    layers_path, layers = find_decoder_layers(model)
+    unpruned, sizes = [], [0, 0]
+    for index, layer in enumerate(layers):
+        found = unprunable_weights(layer)
+        unpruned += [f"{layers_path}.{index}.{name}" for name in found]
+        sizes[0] += sum(p.numel() for p in found.values())
+        sizes[1] += sum(p.numel() for p in weight_matrices(layer).values())
+    if unpruned and not allow_partial:
+        name = unpruned[0]
+        param = model.get_parameter(name)
+        raise LlmpruneError(
+            f"the decoder layers hold {len(unpruned)} weight matrices that are not linear layers, "
+            f"{sizes[0] / sizes[1]:.1%} of their weights (e.g. {name}, shape {'x'.join(map(str, param.shape))}; "
+            "fused mixture-of-experts weights are not supported yet): pruning would leave them dense; "
+            "allow_partial (--allow-partial) prunes the linear layers anyway and reports both sparsities"
+        )
+    return unpruned
+
+
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype a layer is processed in: float16 on a CPU is computed in float32 (CPU float16
     matmuls are several times slower than float32 ones); weights are rounded back to float16."""
@@ -319,6 +387,7 @@ class Resumed:
     hidden: Sequence[torch.Tensor]
     linears: list[LinearReport] = field(default_factory=list)
     layer_seconds: list[float] = field(default_factory=list)
+    weight_counts: list[tuple[int, int]] = field(default_factory=list)
 
 
 class LayerHost:
@@ -375,12 +444,12 @@ def prune(
     Embeddings, norms and ``lm_head`` are never pruned.
     """
     start = time.perf_counter()
-    if calibration.ndim != 2 or calibration.dtype not in (torch.int64, torch.int32):
-        raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")
+    calibration = as_token_ids(calibration)
     method = get_method(config.method)
     options = config.options()
     host = host or LayerHost()
     layers_path, layers = find_decoder_layers(model)
+    unpruned = check_prunable(model, config.allow_partial)
     validate_widths(layers_path, layers, options)
     check_finite(model, skip=layers)
     run_device = resolve_device(device)
@@ -402,7 +471,8 @@ def prune(
     del inputs
     hidden: Sequence[torch.Tensor] = resumed.hidden
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
-                         device=str(run_device), batch_size=size, one_pass=lockstep)
+                         device=str(run_device), batch_size=size, one_pass=lockstep,
+                         weight_counts=list(resumed.weight_counts), unpruned=unpruned)
     first = resumed.start
     # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
     del resumed
@@ -422,6 +492,7 @@ def prune(
             host.sink(index), storage if compute != storage else None,
         )
         layer.to(home, dtype=storage) if compute != storage else layer.to(home)
+        report.weight_counts.append(count_zeros(layer))
         for item in linear_reports:
             item.name = f"{layers_path}.{index}.{item.name}"
         report.linears.extend(linear_reports)

@@ -1,18 +1,25 @@
-"""Write a pruned checkpoint that stock transformers loads, atomically.
+"""Write a pruned checkpoint that stock transformers loads, atomically and safely.
 
 The folder is assembled under a hidden temporary name beside ``out`` and renamed into place only
 when complete, so an interrupted run never leaves a folder that looks like a finished checkpoint.
 No ``sparsity_config`` goes into config.json (vLLM refuses checkpoints that carry one); what was
 done is recorded in ``llmprune.json`` and the model card instead.
+
+What ``--overwrite`` may replace is decided here, once, for every kind of run: only a folder that
+llmprune itself wrote (its ``llmprune.json`` lists every file in it) or an empty one, never the
+working folder or a folder above it, never a folder that holds the model or texts of the run.
+While a run writes ``out`` it holds an exclusive OS lock (``flock``) on ``.NAME.lock`` beside it,
+so a second run on the same output is refused at once instead of mixing files with the first.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,67 +27,242 @@ from llmprune.errors import LlmpruneError
 
 RECORD = "llmprune.json"
 CARD = "README.md"
+JOURNAL_FOLDER = ".llmprune-journal"  # the resume journal of an unfinished streaming run
+# Written by llmprune before outputs listed their files in llmprune.json: an older output whose
+# folder holds only names like these is still recognised as one.
+_OLD_OUTPUT_FILES = ("*.safetensors", "*.json", "README.md", "tokenizer*", "*.txt", "*.model", "*.jinja")
 
 
-def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` exists without ``overwrite`` or is unwritable."""
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (read without changing the umask,
+    which ``os.umask`` cannot do and which would race with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:  # elsewhere: ask the file system
+        probe = Path(tmp) / "probe"
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+        return probe.stat().st_mode & 0o777
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _output_files(record_path: Path) -> set[str] | None:
+    """The file names an llmprune output's record lists (None: not an llmprune record)."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "llmprune_version" not in record:
+        return None
+    files = record.get("files")
+    return {str(f) for f in files} if isinstance(files, list) else set()
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is empty, an unfinished streaming output (its resume
+    journal), or an llmprune output holding nothing but the files its record lists."""
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or (path / JOURNAL_FOLDER / "journal.json").is_file():
+        return
+    listed = _output_files(path / RECORD)
+    if listed is None:
+        raise LlmpruneError(f"--overwrite replaces only a folder llmprune wrote, and {path} is not an llmprune "
+                            f"output (no {RECORD}); remove it yourself or choose another --out")
+    if not listed:  # written before records listed their files
+        other = [n for n in entries if (path / n).is_dir() or not any(Path(n).match(g) for g in _OLD_OUTPUT_FILES)]
+    else:
+        other = [n for n in entries if n not in listed | {RECORD}]
+    if other:
+        raise LlmpruneError(f"--overwrite would delete {path / other[0]}, which llmprune did not write "
+                            f"({len(other)} such entr{'y' if len(other) == 1 else 'ies'}); move it away first")
+
+
+def check_output(out: str | os.PathLike[str], overwrite: bool, protect: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Fail early (before any work) if ``out`` cannot be written or may not be replaced.
+
+    ``protect``: paths the run reads (the model's folder, text files), which ``out`` may neither
+    be nor contain."""
     path = Path(out).expanduser().resolve()
-    if path.exists() and not overwrite:
-        raise LlmpruneError(f"output folder {path} already exists; choose another --out or pass --overwrite")
+    if _is_within(Path.cwd().resolve(), path):
+        raise LlmpruneError(f"--out {path} is the working folder or holds it; choose a new folder")
+    for item in protect:
+        source = Path(item).expanduser().resolve()
+        if _is_within(source, path):
+            raise LlmpruneError(f"--out {path} would replace {source}, which this run reads; choose another --out")
     if path.exists() and not path.is_dir():
         raise LlmpruneError(f"output path {path} exists and is not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.probe-"):
-            pass
-    except OSError as exc:
-        raise LlmpruneError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    if path.exists() and not overwrite:
+        raise LlmpruneError(f"output folder {path} already exists; choose another --out or pass --overwrite")
+    if path.exists():
+        check_replaceable(path)
+    probe_folder(path.parent)
     return path
 
 
-def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Call ``write(staging)`` on a hidden temporary folder beside ``out``, then rename it to
-    ``out``; on any error the temporary folder is removed and ``out`` is untouched."""
-    out = check_output(out, overwrite)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
-    old: Path | None = None
+def probe_folder(folder: Path) -> None:
+    """Fail unless files can be created in ``folder`` (made if missing)."""
     try:
-        write(staging)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, old)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".llmprune-probe-"):
+            pass
+    except OSError as exc:
+        raise LlmpruneError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def check_json_path(path: str | os.PathLike[str]) -> Path:
+    """Fail early if a ``--json`` record cannot be written to ``path``."""
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise LlmpruneError(f"--json {target} is a folder; give a file name")
+    probe_folder(target.parent)
+    if target.exists() and not os.access(target, os.W_OK):
+        raise LlmpruneError(f"--json {target} is not writable")
+    return target
+
+
+class OutputLock:
+    """An exclusive lock on an output folder, held while a run writes it: ``flock`` on the file
+    ``.NAME.lock`` beside it (the kernel drops it when the process dies, however it dies)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out.parent / f".{out.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise LlmpruneError(f"{self.out} is being written by another llmprune run (pid {owner}); "
+                                    "wait for it to finish or choose another --out") from None
+            # Its previous holder may have removed the file between our open and our lock: then
+            # the lock is on a name nobody else can find, so start again on the current file.
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody can take a stale file
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def make_staging(out: Path, suffix: str | None = None) -> Path:
+    """A hidden temporary folder beside ``out``, with the mode a new folder gets under the umask
+    (``mkdtemp`` makes it private; a checkpoint is not). ``suffix``: a fixed name
+    (``.NAME.SUFFIX``) instead of a unique one."""
+    if suffix is None:
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    else:
+        staging = out.parent / f".{out.name}.{suffix}"
+        staging.mkdir(parents=True)
+    staging.chmod(0o777 & (file_mode() | 0o111))
+    return staging
+
+
+def finish_files(folder: Path) -> list[str]:
+    """Give every file in ``folder`` the umask's mode (some writers make them private) and
+    return their names."""
+    mode = file_mode()
+    names = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            path.chmod(mode)
+        names.append(path.name)
+    return names
+
+
+def publish_folder(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``staging`` to ``out``; an existing ``out`` (which
+    :func:`check_output` allowed) is swapped out first and removed only once the new one is in
+    place, so a failure leaves the old folder where it was."""
+    old: Path | None = None
+    if out.exists():
+        if not overwrite:
+            raise LlmpruneError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+        check_replaceable(out)
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.replace(out, old)
+    try:
         os.replace(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if old is not None and not out.exists():
             os.replace(old, out)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Call ``write(staging)`` on a hidden temporary folder beside ``out``, then rename it to
+    ``out``; on any error (Ctrl-C and SIGTERM included) the temporary folder is removed and
+    ``out`` is untouched."""
+    out = check_output(out, overwrite)
+    staging = make_staging(out)
+    try:
+        write(staging)
+        publish_folder(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+def write_metadata(folder: Path, record: dict[str, Any], card: str | Callable[[dict[str, Any]], str]) -> None:
+    """Finish a checkpoint folder whose weights, config and tokenizer are written: drop any
+    ``sparsity_config`` from config.json, set ``record["checkpoint_bytes"]`` and
+    ``record["files"]``, then write the record and the card (a callable is given the record)."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("sparsity_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    record["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    record["files"] = sorted({*finish_files(folder), RECORD, CARD})
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / CARD).write_text(card(record) if callable(card) else card)
+    finish_files(folder)
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
                     card: str | Callable[[dict[str, Any]], str],
                     overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """safetensors (sharded above ``max_shard_size``) + config + tokenizer + record + card.
-    ``record["checkpoint_bytes"]`` is set to the size of the saved weights; a callable ``card``
-    is given the record after that."""
+    ``record["checkpoint_bytes"]`` and ``record["files"]`` are set before the record is
+    written; a callable ``card`` is given the record after that."""
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        record["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        config_path = folder / "config.json"
-        config = json.loads(config_path.read_text())
-        if config.pop("sparsity_config", None) is not None:
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
-        (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (folder / CARD).write_text(card(record) if callable(card) else card)
+        write_metadata(folder, record, card)
 
     return publish(out, overwrite, write)
 

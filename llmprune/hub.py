@@ -13,9 +13,55 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
-from llmprune.export import CARD, RECORD
+from llmprune.export import CARD, JOURNAL_FOLDER, RECORD
+from llmprune.shards import INDEX
 
-INDEX = "model.safetensors.index.json"
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be used now (None: it answers). A TCP connection to the
+    endpoint decides in at most ``timeout`` seconds, instead of the minute of retries
+    ``datasets`` and ``huggingface_hub`` spend before they give up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} is unreachable ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub (and datasets through it) raise for the Hub's answers and for a failing
+    network: OSError, and the errors of its HTTP client, which are not OSError."""
+    from huggingface_hub.utils import httpx as client
+
+    return (OSError, client.HTTPError)
+
+
+def describe_hub_error(exc: BaseException) -> str:
+    """The real cause of a failed Hub download or upload, in a few words."""
+    import errno
+
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.utils import httpx as client
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device ({exc.filename or 'the cache'})"
+    if isinstance(exc, GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub, then log in (hf auth login or HF_TOKEN)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such repository on the Hub (or it is private and no token with access was given)"
+    if isinstance(exc, (OfflineModeIsEnabled, client.TransportError, ConnectionError)):
+        return f"cannot reach the Hugging Face Hub ({type(exc).__name__}: {first})"
+    return f"{type(exc).__name__}: {first}"
 
 
 def check_pushable(folder: Path) -> dict[str, Any]:
@@ -42,7 +88,7 @@ def check_pushable(folder: Path) -> dict[str, Any]:
             raise LlmpruneError(f"{folder} is incomplete: shard {missing[0]} named by {INDEX} is missing")
     elif not (folder / "model.safetensors").is_file():
         raise LlmpruneError(f"{folder} is incomplete: no model.safetensors or {INDEX}")
-    if (folder / ".llmprune-journal").exists():
+    if (folder / JOURNAL_FOLDER).exists():
         raise LlmpruneError(f"{folder} still holds a resume journal; it is not a finished checkpoint")
     return record
 
@@ -54,17 +100,16 @@ def push(folder: Path, repo: str, *, private: bool = False, api: Any = None) -> 
         raise LlmpruneError(f"--repo must be OWNER/NAME, got {repo!r}")
     record = check_pushable(folder)
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = api or HfApi()
     message = f"llmprune: {record.get('method', '?')} {record.get('pattern', '')} of {record.get('base_model', '?')}"
+    reason = hub_unreachable(getattr(api, "endpoint", None))
+    if reason is not None:
+        raise LlmpruneError(f"push to {repo} failed: cannot reach the Hugging Face Hub ({reason})")
     try:
         url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message=message,
                           ignore_patterns=[".*", "**/.*"])
-    except HfHubHTTPError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LlmpruneError(f"push to {repo} failed: {first}") from None
-    except OSError as exc:
-        raise LlmpruneError(f"push to {repo} failed: cannot reach the Hub ({exc})") from None
+    except hub_errors() as exc:
+        raise LlmpruneError(f"push to {repo} failed: {describe_hub_error(exc)}") from None
     return str(url)

@@ -22,11 +22,11 @@ import torch
 from llmprune import __version__
 from llmprune.card import model_card
 from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.data import calibration_data, evaluation_data, wants_bos
-from llmprune.driver import PruneReport, prune, resolve_device
+from llmprune.data import SPLIT_SOURCES, calibration_data, check_text_source, evaluation_data, wants_bos
+from llmprune.driver import PruneReport, check_prunable, prune, resolve_device
 from llmprune.errors import LlmpruneError
 from llmprune.evaluate import perplexity
-from llmprune.export import check_output, save_checkpoint
+from llmprune.export import OutputLock, check_output, save_checkpoint
 from llmprune.loading import BUILTIN_MODELS, load, resolve
 from llmprune.memory import available_bytes, memory_report
 from llmprune.model import model_max_length
@@ -53,6 +53,8 @@ class EvalConfig:
             raise LlmpruneError(f"eval windows must be >= 0 (0 = all), got {self.windows}")
         if self.seqlen is not None and self.seqlen < 2:
             raise LlmpruneError(f"eval seqlen must be >= 2, got {self.seqlen}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise LlmpruneError(f"eval batch size must be >= 1 (windows per forward), got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -99,23 +101,29 @@ class Job:
     private: bool = False
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 0:
+            raise LlmpruneError(f"batch size must be >= 0 (0 or None: auto), got {self.batch_size}")
         if self.stream not in ("auto", "on", "off"):
             raise LlmpruneError(f"stream must be auto, on or off, got {self.stream!r}")
-        streaming_only = [flag for flag, value in (("--resume", self.resume), ("--offload-dir", self.offload_dir))
+        streaming_only = [flag for flag, value in (("resume", self.resume), ("offload_dir", self.offload_dir))
                           if value]
         if streaming_only and self.stream == "off":
-            raise LlmpruneError(f"{streaming_only[0]} needs streaming; drop --stream off")
+            raise LlmpruneError(f"{streaming_only[0]} needs streaming; drop stream='off' (--stream off)")
         if (streaming_only or self.stream == "on") and isinstance(self.prune, StructuredConfig):
-            raise LlmpruneError("streaming, --resume and --offload-dir apply to unstructured and N:M pruning")
+            raise LlmpruneError("streaming, resume and offload_dir apply to unstructured and N:M pruning")
         if (streaming_only or self.stream == "on") and not self.out:
-            raise LlmpruneError("streaming writes the checkpoint as it goes; give --out")
+            raise LlmpruneError("streaming writes the checkpoint as it goes; give an output folder (out, --out)")
 
 
-def _seqlen(requested: int | None, model: Any) -> int:
+def window_length(requested: int | None, model: Any) -> int:
+    """A calibration or evaluation window length: ``requested``, or min(2048, the model's limit);
+    longer than the limit is an error."""
     limit = model_max_length(model)
     default = min(2048, limit) if limit else 2048
     if requested is not None and limit is not None and requested > limit:
         raise LlmpruneError(f"seqlen {requested} exceeds the model's limit of {limit} tokens")
+    if requested is not None and requested < 2:
+        raise LlmpruneError(f"seqlen must be >= 2, got {requested}")
     return requested or default
 
 
@@ -123,7 +131,7 @@ def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.d
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of ``model`` under ``config``, with the protocol's facts."""
     assert config.source is not None
-    seqlen = _seqlen(config.seqlen, model)
+    seqlen = window_length(config.seqlen, model)
     windows = evaluation_data(tokenizer, config.source, seqlen, config.windows or None)
     home = next(model.parameters()).device
     model.to(device)
@@ -144,27 +152,91 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-        command: list[str] | None = None) -> dict[str, Any]:
-    """Run ``job``; returns the record also written to ``llmprune.json``."""
-    if job.out:
-        check_output(job.out, job.overwrite)  # refuse before hours of work, not after
+def read_paths(job: Job) -> list[Path]:
+    """Local paths the job reads (the model, its text files): the output may not replace them."""
+    candidates = [job.calibration.source, job.evaluation.source or ""]
+    if job.model in BUILTIN_MODELS:
+        from llmprune.assets import cache_dir
+
+        paths = [cache_dir() / "models" / job.model]
+    else:
+        candidates.append(job.model)
+        paths = []
+    return paths + [Path(c).expanduser() for c in candidates if c and Path(c).expanduser().exists()]
+
+
+def same_text(job: Job) -> bool:
+    """Whether evaluation scores the very text calibration was drawn from (a source without
+    disjoint splits: pydoc, or the same file): the perplexity is then not held out."""
+    cal, ev = job.calibration.source, job.evaluation.source
+    if ev is None or cal in SPLIT_SOURCES or ev in SPLIT_SOURCES:
+        return False
+    if cal == ev:
+        return True
+    a, b = Path(cal).expanduser(), Path(ev).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def check_job(job: Job) -> Path | None:
+    """Everything about ``job`` that can be refused before any work; returns the resolved
+    output folder (None: nothing is saved)."""
     if job.push_to_hub and not job.out:
-        raise LlmpruneError("--push-to-hub uploads the saved checkpoint; give --out")
+        raise LlmpruneError("push_to_hub (--push-to-hub) uploads the saved checkpoint; give an output folder (--out)")
+    if job.device_map and isinstance(job.prune, StructuredConfig):
+        raise LlmpruneError("device_map (--device-map) applies to unstructured and N:M pruning; structured pruning "
+                            "runs each layer on device (--device)")
+    for source in (job.calibration.source, job.evaluation.source):
+        if source:
+            check_text_source(source)
+    return check_output(job.out, job.overwrite, read_paths(job)) if job.out else None  # before hours of work
+
+
+def warn_before_work(job: Job) -> None:
+    """What the user should know about a job whose inputs all turned out fine (said once they
+    did, so a failing run shows only its error)."""
+    if not job.out:
+        log.warning("no output folder (--out) given: the pruned model is measured, then discarded")
+    if same_text(job):
+        log.warning("calibration and evaluation use the same text (%s): the perplexity is not measured on "
+                    "held-out text", job.evaluation.source)
+
+
+def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+        command: list[str] | None = None,
+        on_saved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``job``; returns the record also written to ``llmprune.json``. ``on_saved`` is given
+    the record once it is complete and the checkpoint published, before any Hub push, so a
+    failed push never loses it."""
+    out = check_job(job)
     device = resolve_device(job.device)
     manager = None
     if job.tasks.names:
         from llmprune.tasks import check_tasks
 
         manager = check_tasks(job.tasks.names, job.tasks.include)
-    folder = streaming_source(job)
-    if folder is not None:
-        if job.tasks.names:
-            raise LlmpruneError("lm-eval tasks need the whole model in memory, which a streaming run never "
-                                "holds; evaluate the result with `llmprune eval OUT --tasks ...`")
-        from llmprune.streamjob import run_streaming
+    lock = OutputLock(out).acquire() if out is not None else None
+    try:
+        folder = streaming_source(job)
+        if folder is not None:
+            if job.tasks.names:
+                raise LlmpruneError("lm-eval tasks need the whole model in memory, which a streaming run never "
+                                    "holds; evaluate the result with `llmprune eval OUT --tasks ...`")
+            from llmprune.streamjob import run_streaming
 
-        return finish(job, run_streaming(job, folder, device, progress, cancel, command))
+            assert out is not None
+            record = run_streaming(job, folder, out, device, progress, cancel, command)
+        else:
+            record = _run_in_memory(job, out, device, manager, progress, cancel, command)
+    finally:
+        if lock is not None:
+            lock.release()
+    if on_saved is not None:
+        on_saved(record)
+    return push_record(job, record)
+
+
+def _run_in_memory(job: Job, out: Path | None, device: torch.device, manager: Any, progress: Progress | None,
+                   cancel: Callable[[], bool] | None, command: list[str] | None) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[int, int], None] | None:
@@ -172,13 +244,16 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
 
     tick = time.perf_counter()
     model, tokenizer = load(job.model, job.dtype)
+    if isinstance(job.prune, PruneConfig):
+        check_prunable(model, job.prune.allow_partial)
     timings["load_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     cal = job.calibration
-    seqlen = _seqlen(cal.seqlen, model)
+    seqlen = window_length(cal.seqlen, model)
     calibration = calibration_data(tokenizer, cal.source, cal.samples, seqlen, cal.seed)
     timings["calibration_data_s"] = time.perf_counter() - tick
+    warn_before_work(job)
 
     dense = pruned = None
     if job.evaluation.source:
@@ -189,8 +264,8 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
         tasks["dense"] = run_tasks(model, tokenizer, job, device, manager, timings, "dense")
 
     if isinstance(job.prune, StructuredConfig):
-        return finish(job, _run_structured(job, model, tokenizer, calibration, dense, timings, device, stage,
-                                           cancel, command, tasks, manager))
+        return _run_structured(job, out, model, tokenizer, calibration, dense, timings, device, stage,
+                               cancel, command, tasks, manager)
     devices = None
     if job.device_map:
         from llmprune.model import find_decoder_layers
@@ -211,12 +286,12 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
     record = build_record(job, model, report, calibration, dense, pruned, timings, device, command)
     if tasks:
         record["tasks"] = tasks
-    if job.out:
+    if out is not None:
         tick = time.perf_counter()
-        save_checkpoint(model, tokenizer, Path(job.out), record, model_card, job.overwrite)
+        save_checkpoint(model, tokenizer, out, record, model_card, job.overwrite)
         record["timings"]["save_s"] = time.perf_counter() - tick
-        record["out"] = str(Path(job.out).resolve())
-    return finish(job, record)
+        record["out"] = str(out)
+    return record
 
 
 def run_tasks(model: Any, tokenizer: Any, job: Job, device: torch.device, manager: Any,
@@ -232,12 +307,17 @@ def run_tasks(model: Any, tokenizer: Any, job: Job, device: torch.device, manage
     return result
 
 
-def finish(job: Job, record: dict[str, Any]) -> dict[str, Any]:
-    """Push the published checkpoint when asked."""
+def push_record(job: Job, record: dict[str, Any]) -> dict[str, Any]:
+    """Push the published checkpoint when asked. A failed push keeps the checkpoint and says how
+    to push it later."""
     if job.push_to_hub and record.get("out"):
         from llmprune.hub import push
 
-        record["pushed_to"] = push(Path(record["out"]), job.push_to_hub, private=job.private)
+        try:
+            record["pushed_to"] = push(Path(record["out"]), job.push_to_hub, private=job.private)
+        except LlmpruneError as exc:
+            raise LlmpruneError(f"{exc}; the checkpoint is saved in {record['out']}: push it later with "
+                                f"`llmprune push {record['out']} --repo {job.push_to_hub}`") from None
     return record
 
 
@@ -274,22 +354,26 @@ def streaming_source(job: Job) -> Path | None:
 def _hub_snapshot(repo: str) -> Path:
     """The Hub checkpoint's files in the local cache (downloaded when the Hub is reachable)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from llmprune.hub import describe_hub_error, hub_errors, hub_unreachable
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    reason = hub_unreachable()
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception:  # offline, gated, unknown: the cache may still hold it
-        try:
-            return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-        except Exception as exc:
-            raise LlmpruneError(f"cannot load model {repo!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-                                f"not a local folder or .gguf, and not in the Hugging Face cache or Hub "
-                                f"({type(exc).__name__})") from None
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=reason is not None))
+    except LocalEntryNotFoundError:
+        raise LlmpruneError(f"cannot load model {repo!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                            f"not a local folder or .gguf, and not in the Hugging Face cache; the Hub is "
+                            f"unreachable ({reason})") from None
+    except hub_errors() as exc:
+        raise LlmpruneError(f"cannot load model {repo!r} from the Hugging Face Hub: "
+                            f"{describe_hub_error(exc)}") from None
 
 
-def _run_structured(job: Job, model: Any, tokenizer: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
-                    timings: dict[str, float], device: torch.device, stage: Callable[[str], Any],
-                    cancel: Callable[[], bool] | None, command: list[str] | None,
+def _run_structured(job: Job, out: Path | None, model: Any, tokenizer: Any, calibration: torch.Tensor,
+                    dense: dict[str, Any] | None, timings: dict[str, float], device: torch.device,
+                    stage: Callable[[str], Any], cancel: Callable[[], bool] | None, command: list[str] | None,
                     tasks: dict[str, Any], manager: Any) -> dict[str, Any]:
     assert isinstance(job.prune, StructuredConfig)
     speed_dense = speed_pruned = None
@@ -312,14 +396,21 @@ def _run_structured(job: Job, model: Any, tokenizer: Any, calibration: torch.Ten
                                      command, speed_dense, speed_pruned, bytes_dense)
     if tasks:
         record["tasks"] = tasks
-    if job.out:
+    if out is not None:
         from llmprune.card import structured_card
 
         tick = time.perf_counter()
-        save_checkpoint(pruned_model, tokenizer, Path(job.out), record, structured_card, job.overwrite)
+        save_checkpoint(pruned_model, tokenizer, out, record, structured_card, job.overwrite)
         record["timings"]["save_s"] = time.perf_counter() - tick
-        record["out"] = str(Path(job.out).resolve())
+        record["out"] = str(out)
     return record
+
+
+def base_model_name(spec: str) -> str:
+    """What the record calls the base model: a built-in name or Hub id as given, a local path
+    made absolute (a relative one means nothing once the checkpoint is elsewhere)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec not in BUILTIN_MODELS and path.exists() else spec
 
 
 def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
@@ -327,7 +418,8 @@ def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, An
             command: list[str] | None) -> dict[str, Any]:
     evaluation = None
     if dense is not None and pruned is not None:
-        evaluation = {**dense, "ppl_dense": dense["ppl"], "ppl_pruned": pruned["ppl"]}
+        evaluation = {**dense, "ppl_dense": dense["ppl"], "ppl_pruned": pruned["ppl"],
+                      "same_text_as_calibration": same_text(job)}
         evaluation.pop("ppl")
     notes = []
     if job.model in BUILTIN_MODELS or str(job.model).endswith(".gguf"):
@@ -337,7 +429,7 @@ def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, An
         "llmprune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "base_model": job.model,
+        "base_model": base_model_name(job.model),
         "base_model_description": BUILTIN_MODELS.get(job.model, job.model),
         "architecture": type(model).__name__,
         "evaluation": evaluation,
@@ -368,7 +460,8 @@ def build_structured_record(job: Job, model: Any, report: StructuredReport, cali
     return {
         **_common(job, model, calibration, dense, pruned, timings, device, command),
         "kind": "structured",
-        "method": config.score,
+        "method": "block-influence" if config.pattern == "layers" else config.score,
+        "dropped_layers": sorted(set(range(report.layers_before)) - set(report.plan.layers)),
         "pattern": config.pattern,
         "target": config.amount,
         "config": dataclasses.asdict(config),
@@ -404,6 +497,8 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "pattern": str(options.pattern),
         "sparsity_target": options.sparsity,
         "sparsity_achieved": report.sparsity,
+        "sparsity_of_pruned_linears": report.linear_sparsity,
+        "unpruned_weights": report.unpruned,
         "config": dataclasses.asdict(job.prune),
         "resolved_options": {"group": options.group, "update": options.update,
                              "blocksize": options.blocksize, "damp": options.damp,

@@ -16,10 +16,11 @@ from typing import Any
 
 from llmprune.activations import file_sha256
 from llmprune.errors import LlmpruneError
+from llmprune.export import JOURNAL_FOLDER
 
-FOLDER = ".llmprune-journal"
+FOLDER = JOURNAL_FOLDER
 FILE = "journal.json"
-VERSION = 1
+VERSION = 2  # 2: each layer records its weight matrices' zeros
 
 
 class Journal:

@@ -18,37 +18,88 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList holding the decoder layers, and its dotted name.
 
-    Prefers a list whose blocks are of a class named in ``model._no_split_modules`` (the unit
-    transformers itself never splits across devices); otherwise the longest ModuleList whose
-    entries all share one class and contain a linear layer.
+    Candidates are ModuleLists whose entries all share one class and contain a linear layer; a
+    list inside another candidate's blocks (the experts of a mixture-of-experts layer) is never
+    one. Among the rest, a list of the class named in ``model._no_split_modules`` (the unit
+    transformers itself never splits across devices) wins, then the longest.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or ())
-    best: tuple[int, int, str, nn.ModuleList] | None = None
+    candidates: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(block) for block in module}
-        if len(kinds) != 1 or not find_linears(module[0]):
-            continue
-        preferred = int(type(module[0]).__name__ in no_split)
-        candidate = (preferred, len(module), name, module)
-        if best is None or candidate[:2] > best[:2]:
-            best = candidate
-    if best is None:
+        if len(kinds) == 1 and find_linears(module[0]):
+            candidates.append((name, module))
+    outer = [(name, module) for name, module in candidates
+             if not any(other and name.startswith(other + ".") for other, _ in candidates)]
+    if not outer:
         raise LlmpruneError(
             f"{type(model).__name__} has no stack of decoder layers (no ModuleList of identical "
             "blocks containing linear layers); llmprune prunes decoder-only transformers"
         )
-    return best[2], best[3]
+    name, layers = max(outer, key=lambda item: (type(item[1][0]).__name__ in no_split, len(item[1])))
+    return name, layers
+
+
+def _expert_siblings(block: nn.Module) -> dict[str, set[int]]:
+    """For each module that holds a fused expert container (a child with a 3-D parameter, one
+    slice per expert), the expert counts: {parent name: {E}}."""
+    found: dict[str, set[int]] = {}
+    for name, module in block.named_modules():
+        for param in module.parameters(recurse=False):
+            if param.ndim >= 3:
+                found.setdefault(name.rpartition(".")[0], set()).add(int(param.shape[0]))
+    return found
+
+
+def routers(block: nn.Module) -> dict[str, nn.Module]:
+    """The routing modules of mixture-of-experts layers inside ``block``: a sibling of an expert
+    container whose weight has one row per expert (the router logits) or a single row (a
+    shared expert's gate). They decide which weights run and are never pruned."""
+    experts = _expert_siblings(block)
+    found = {}
+    for name, module in block.named_modules():
+        parent = name.rpartition(".")[0]
+        weight = getattr(module, "weight", None)
+        if parent in experts and isinstance(weight, torch.Tensor) and weight.ndim == 2 and (
+                weight.shape[0] == 1 or int(weight.shape[0]) in experts[parent]):
+            found[name] = module
+    return found
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """All linear layers (``nn.Linear`` or transformers' ``Conv1D``) inside ``block``, by name."""
-    return {
-        name: module
-        for name, module in block.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D)) and name
-    }
+    """All linear layers (``nn.Linear`` or transformers' ``Conv1D``) inside ``block``, by name,
+    mixture-of-experts routers excepted."""
+    linears: dict[str, nn.Module] = {name: module for name, module in block.named_modules()
+               if isinstance(module, (nn.Linear, Conv1D)) and name}
+    if linears and _expert_siblings(block):
+        for name in routers(block):
+            linears.pop(name, None)
+    return linears
+
+
+def weight_matrices(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight matrix inside ``block`` (parameters of two or more dimensions), by name:
+    what "the sparsity of the decoder layers" is counted over."""
+    return {name: p for name, p in block.named_parameters() if p.ndim >= 2}
+
+
+def unprunable_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Weight matrices of ``block`` that are neither a linear's weight nor a router's: fused
+    3-D expert weights, for instance, which the per-linear methods cannot prune."""
+    covered = {id(lin.weight) for lin in find_linears(block).values()}
+    covered |= {id(p) for r in routers(block).values() for p in r.parameters(recurse=False)}
+    return {name: p for name, p in weight_matrices(block).items() if id(p) not in covered}
+
+
+def count_zeros(block: nn.Module) -> tuple[int, int]:
+    """(exact zeros, elements) over the weight matrices of ``block``."""
+    zeros = total = 0
+    for param in weight_matrices(block).values():
+        total += param.numel()
+        zeros += param.numel() - int(torch.count_nonzero(param))
+    return zeros, total
 
 
 def get_weight(linear: nn.Module) -> torch.Tensor:

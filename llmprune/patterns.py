@@ -67,7 +67,7 @@ def prune_count(total: int, sparsity: float) -> int:
     return math.floor(total * sparsity + 1e-9)
 
 
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of the ``count`` lowest entries along the last dim; among equal scores the lower
     index goes first (what a stable sort gives), found with a selection instead of a sort."""
     if count <= 0:
@@ -96,9 +96,9 @@ def keep_unstructured(scores: torch.Tensor, sparsity: float, group: Group = "row
     """
     rows, cols = scores.shape
     if group == "row":
-        return ~_lowest(scores, prune_count(cols, sparsity))
+        return ~lowest_mask(scores, prune_count(cols, sparsity))
     flat = scores.reshape(1, -1)
-    return ~_lowest(flat, prune_count(rows * cols, sparsity)).reshape(rows, cols)
+    return ~lowest_mask(flat, prune_count(rows * cols, sparsity)).reshape(rows, cols)
 
 
 def keep_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -107,7 +107,7 @@ def keep_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise LlmpruneError(f"width {cols} is not divisible by M={m}")
     grouped = scores.reshape(rows, cols // m, m)
-    return ~_lowest(grouped, m - n).reshape(rows, cols)
+    return ~lowest_mask(grouped, m - n).reshape(rows, cols)
 
 
 def select_keep(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: Group) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     model: smollm2-135m
     prune: {method: sparsegpt, pattern: "2:4"}
-    calibration: {source: wikipedia, nsamples: 128, seqlen: 2048}
+    calibration: {source: wikipedia, samples: 128, seqlen: 2048}
     evaluation: {source: wikipedia, windows: 16}
     out: ./smol-2of4
 
@@ -96,7 +96,7 @@ def _unknown(key: str, known: Iterable[str]) -> LlmpruneError:
     return LlmpruneError(f"unknown recipe key {key}{hint}")
 
 
-def _section(prefix: str, cls: type, data: Any) -> Any:
+def _section(prefix: str, cls: type, data: Any, origin: str | None = None) -> Any:
     if not isinstance(data, Mapping):
         raise LlmpruneError(f"recipe key {prefix}: expected a mapping of {cls.__name__} fields, got {data!r}")
     hints = _hints(cls)
@@ -108,24 +108,25 @@ def _section(prefix: str, cls: type, data: Any) -> Any:
     try:
         return cls(**values)
     except LlmpruneError as exc:
-        raise LlmpruneError(f"recipe section {prefix}: {exc}") from None
+        raise LlmpruneError(f"{origin + ', ' if origin else ''}{prefix}: {exc}") from None
 
 
 def prune_class(data: Mapping[str, Any]) -> type:
     return StructuredConfig if data.get("pattern") in STRUCTURES else PruneConfig
 
 
-def job_from_dict(data: Mapping[str, Any]) -> Job:
-    """A :class:`Job` from recipe data (every key and value checked)."""
+def job_from_dict(data: Mapping[str, Any], origin: str | None = None) -> Job:
+    """A :class:`Job` from recipe data (every key and value checked). ``origin`` (e.g. "recipe
+    x.yaml") is named in the errors of a section's values."""
     if not isinstance(data, Mapping):
         raise LlmpruneError(f"a recipe is a mapping of job fields, got {type(data).__name__}")
     hints = _hints(Job)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key == "prune":
-            values[key] = _section(key, prune_class(value if isinstance(value, Mapping) else {}), value)
+            values[key] = _section(key, prune_class(value if isinstance(value, Mapping) else {}), value, origin)
         elif key in SECTIONS:
-            values[key] = _section(key, SECTIONS[key], value)
+            values[key] = _section(key, SECTIONS[key], value, origin)
         elif key in hints:
             values[key] = _coerce(key, value, hints[key])
         else:
@@ -212,4 +213,4 @@ def load_recipe(path: str | Path, sets: Iterable[str] = ()) -> Job:
     data = read_recipe(path)
     for assignment in sets:
         apply_set(data, assignment)
-    return job_from_dict(data)
+    return job_from_dict(data, origin=f"recipe {path}")

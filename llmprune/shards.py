@@ -28,6 +28,7 @@ class Checkpoint:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX
+        check_safetensors(self.folder)
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -44,14 +45,6 @@ class Checkpoint:
         if missing:
             raise LlmpruneError(f"checkpoint shard {missing[0]} named by {INDEX} is missing")
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def nbytes(self) -> int:
-        """Size of the weight files on disk."""
-        return sum(path.stat().st_size for path in set(self.files.values()))
-
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named tensors, on the CPU, each file opened once."""
         by_file: dict[Path, list[str]] = {}
@@ -65,6 +58,19 @@ class Checkpoint:
                 for name in wanted:
                     tensors[name] = handle.get_tensor(name)
         return tensors
+
+
+def check_safetensors(folder: Path) -> None:
+    """Open the header of every ``.safetensors`` file in ``folder``: a truncated or foreign file
+    fails here, naming itself, before any work (the header records every tensor's extent)."""
+    from safetensors import SafetensorError
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise LlmpruneError(f"{path} is not a whole safetensors file ({exc}); the checkpoint is damaged") from None
 
 
 def shard_name(number: int, total: int) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from llmprune import __version__
 from llmprune.activations import BatchFile, file_sha256
 from llmprune.driver import LayerHost, LinearReport, PruneReport, Resumed, Sink
 from llmprune.errors import LlmpruneError
+from llmprune.export import make_staging
 from llmprune.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.journal import Journal
 from llmprune.model import find_decoder_layers
@@ -158,7 +158,8 @@ class StreamHost(LayerHost):
         inputs: Sequence[torch.Tensor] = stored if self.offload_dir else list(stored)
         linears = [LinearReport(**{**item, "shape": tuple(item["shape"])}) for e in done for item in e["linears"]]
         log.info("resuming after decoder layer %d of %d", last["index"] + 1, len(self.layers))
-        return Resumed(last["index"] + 1, inputs, linears, [e["seconds"] for e in done])
+        return Resumed(last["index"] + 1, inputs, linears, [e["seconds"] for e in done],
+                       [(int(e["weights"][0]), int(e["weights"][1])) for e in done])
 
     def _prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
@@ -196,6 +197,7 @@ class StreamHost(LayerHost):
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "linears": [asdict(r) for r in report.linears if r.name.startswith(prefix)],
             "seconds": report.layer_seconds[-1], "activations": stored.describe(),
+            "weights": list(report.weight_counts[-1]),
         })
         if self.previous is not None:
             self.previous.path.unlink(missing_ok=True)
@@ -225,7 +227,8 @@ def fingerprint(source: str, config: Any, calibration: torch.Tensor, batch_size:
 
 
 def open_staging(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """The staging folder for ``out``: (path, whether it holds an interrupted run to resume)."""
+    """The staging folder for ``out``: (path, whether it holds an interrupted run to resume).
+    The caller holds ``out``'s :class:`~llmprune.export.OutputLock`, so no live run owns it."""
     staging = staging_folder(out)
     if staging.exists() and not resume:
         if not overwrite:
@@ -236,24 +239,7 @@ def open_staging(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
         return staging, True
     if resume:
         log.warning("nothing to resume in %s; starting from the first layer", staging)
-    staging.mkdir(parents=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    return staging, False
-
-
-def publish_staging(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging folder to ``out`` (replacing it only with ``overwrite``)."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise LlmpruneError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return make_staging(out, "partial"), False
 
 
 def _move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:

@@ -3,7 +3,6 @@ runs that must survive an interruption (``--resume``)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -15,12 +14,12 @@ import torch
 from llmprune.card import model_card
 from llmprune.config import PruneConfig
 from llmprune.data import calibration_data, evaluation_data, wants_bos
-from llmprune.driver import prune
+from llmprune.driver import check_prunable, prune
 from llmprune.errors import LlmpruneError
-from llmprune.export import CARD, RECORD, check_output
-from llmprune.job import Job, Progress, _seqlen, build_record
+from llmprune.export import publish_folder, write_metadata
+from llmprune.job import Job, Progress, build_record, warn_before_work, window_length
 from llmprune.journal import Journal
-from llmprune.loading import parse_dtype
+from llmprune.loading import check_local_folder, parse_dtype
 from llmprune.memory import available_bytes
 from llmprune.model import find_decoder_layers
 from llmprune.shards import Checkpoint
@@ -32,26 +31,46 @@ from llmprune.stream import (
     check_disk,
     fingerprint,
     open_staging,
-    publish_staging,
     stream_perplexity,
 )
 
 
-def run_streaming(job: Job, folder: Path, device: torch.device, progress: Progress | None,
+def check_tensor_names(model: Any, source: Checkpoint) -> None:
+    """Refuse a checkpoint whose tensor names are not exactly the model's (missing weights would
+    be left empty, unexpected ones dropped), before any work."""
+    state = model.state_dict(keep_vars=True)
+    parameters = {id(p) for p in model.parameters()}
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    present = set(source.files)
+    missing = sorted(names[0] for key, names in aliases.items() if key in parameters and not present & set(names))
+    unexpected = sorted(present - set(state))
+    for names, what in ((missing, "missing from"), (unexpected, "unexpected in")):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise LlmpruneError(f"weight {names[0]}{more} {what} the checkpoint at {source.folder}; the checkpoint "
+                                "is damaged or made for another model class")
+
+
+def run_streaming(job: Job, folder: Path, out: Path, device: torch.device, progress: Progress | None,
                   cancel: Callable[[], bool] | None, command: list[str] | None) -> dict[str, Any]:
+    """The job, streamed. The caller has checked ``out`` and holds its lock."""
     from transformers import AutoTokenizer
 
-    assert isinstance(job.prune, PruneConfig) and job.out
-    out = check_output(job.out, job.overwrite)
+    assert isinstance(job.prune, PruneConfig)
     timings: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
     tick = time.perf_counter()
+    check_local_folder(folder, job.model)
     source = Checkpoint(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = build_skeleton(folder, parse_dtype(job.dtype))
+    check_prunable(model, job.prune.allow_partial)
+    check_tensor_names(model, source)
     storage = next(model.parameters()).dtype
     layers_path, layers = find_decoder_layers(model)
     devices = None
@@ -62,14 +81,37 @@ def run_streaming(job: Job, folder: Path, device: torch.device, progress: Progre
     timings["load_s"] = time.perf_counter() - tick
 
     cal = job.calibration
-    seqlen = _seqlen(cal.seqlen, model)
+    seqlen = window_length(cal.seqlen, model)
     calibration = calibration_data(tokenizer, cal.source, cal.samples, seqlen, cal.seed)
+    windows = None
+    if job.evaluation.source:
+        windows = evaluation_data(tokenizer, job.evaluation.source, window_length(job.evaluation.seqlen, model),
+                                  job.evaluation.windows or None)
+    warn_before_work(job)
     width = model.get_input_embeddings().weight.shape[1]  # type: ignore[operator]
     activations = activation_bytes(cal.samples, seqlen, width, storage)
 
     staging, resuming = open_staging(out, job.resume, job.overwrite)
-    stamp = fingerprint(str(folder.resolve()), job.prune, calibration, job.batch_size, storage, str(device))
-    journal = Journal.load(staging, stamp) if resuming else Journal.start(staging, stamp)
+    journal: Journal | None = None
+    try:
+        stamp = fingerprint(str(folder.resolve()), job.prune, calibration, job.batch_size, storage, str(device))
+        journal = Journal.load(staging, stamp) if resuming else Journal.start(staging, stamp)
+        return _stream(job, folder, out, device, stage, cancel, command, timings, source, tokenizer, model,
+                       devices, calibration, windows, activations, staging, journal)
+    except BaseException:
+        # A fresh run that fails before its first layer is done has nothing worth resuming: leave
+        # no interrupted run behind (a rerun would otherwise be asked for --resume).
+        if not resuming and (journal is None or not journal.layers):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _stream(job: Job, folder: Path, out: Path, device: torch.device, stage: Callable[[str], Any],
+            cancel: Callable[[], bool] | None, command: list[str] | None, timings: dict[str, float],
+            source: Checkpoint, tokenizer: Any, model: Any, devices: Any, calibration: torch.Tensor,
+            windows: torch.Tensor | None, activations: int, staging: Path, journal: Journal) -> dict[str, Any]:
+    assert isinstance(job.prune, PruneConfig)
+    storage = next(model.parameters()).dtype
     resumed_at = len(journal.layers)
     offload = Path(job.offload_dir).expanduser().resolve() if job.offload_dir else None
     available = available_bytes()
@@ -80,22 +122,14 @@ def run_streaming(job: Job, folder: Path, device: torch.device, progress: Progre
     itemsize = torch.empty((), dtype=storage).element_size()
     written = sum(e["bytes"] for e in journal.layers)
     expected = sum(int(t.numel()) for t in model.state_dict().values()) * itemsize
-    try:
-        check_disk(staging, max(0, expected - written) + 2 * activations, "the pruned checkpoint")
-        if offload is not None and offload != journal.folder:
-            check_disk(offload, 2 * activations, f"--offload-dir activations ({activations / 1e9:.2f} GB a layer)")
-    except LlmpruneError:
-        if not resuming:  # nothing was done: leave no interrupted run behind
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+    check_disk(staging, max(0, expected - written) + 2 * activations, "the pruned checkpoint")
+    if offload is not None and offload != journal.folder:
+        check_disk(offload, 2 * activations, f"offloaded activations ({activations / 1e9:.2f} GB a layer)")
 
     host = StreamHost(model, source, staging, journal, offload)
     dense = pruned = None
-    windows = None
-    if job.evaluation.source:
+    if windows is not None:
         tick = time.perf_counter()
-        windows = evaluation_data(tokenizer, job.evaluation.source, _seqlen(job.evaluation.seqlen, model),
-                                  job.evaluation.windows or None)
         dense = _ppl(model, host, source, windows, device, job, tokenizer, stage("eval dense"))
         timings["eval_dense_s"] = time.perf_counter() - tick
 
@@ -116,9 +150,13 @@ def run_streaming(job: Job, folder: Path, device: torch.device, progress: Progre
                            "activation_bytes": activations,
                            "layer_devices": [str(d) for d in devices] if devices else None}
     tick = time.perf_counter()
-    _write_metadata(model, tokenizer, staging, record)
+    model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_metadata(staging, record, model_card)
     record["timings"]["save_s"] = time.perf_counter() - tick
-    publish_staging(staging, out, job.overwrite)
+    publish_folder(staging, out, job.overwrite)
     record["out"] = str(out)
     return record
 
@@ -129,18 +167,3 @@ def _ppl(model: Any, host: StreamHost, source: Checkpoint, windows: torch.Tensor
     return {"source": job.evaluation.source, "split": "evaluation", "seqlen": windows.shape[1],
             "windows": windows.shape[0], "tokens": windows.numel(), "bos": wants_bos(tokenizer) is not None,
             "ppl": ppl}
-
-
-def _write_metadata(model: Any, tokenizer: Any, staging: Path, record: dict[str, Any]) -> None:
-    """config (no sparsity_config), generation config, tokenizer, llmprune.json, model card."""
-    model.config.save_pretrained(staging)
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.pop("sparsity_config", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    record["checkpoint_bytes"] = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
-    (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    (staging / CARD).write_text(model_card(record))

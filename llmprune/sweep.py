@@ -21,8 +21,8 @@ from typing import Any
 from llmprune.config import CalibrationConfig, PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity
-from llmprune.export import write_json
-from llmprune.job import EvalConfig, _seqlen, evaluate_ppl
+from llmprune.export import OutputLock, write_json
+from llmprune.job import EvalConfig, evaluate_ppl, window_length
 from llmprune.patterns import Pattern
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,30 @@ def _load_existing(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(config: SweepConfig, out: str | Path, progress: Progress | None = None,
               cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Run every point not yet in ``out/sweep.json``; returns the sweep record."""
+    """Run every point not yet in ``out/sweep.json``; returns the sweep record. ``out`` is
+    locked while the sweep runs (a second sweep on it is refused), and made only when needed."""
+
+    folder = Path(out).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise LlmpruneError(f"sweep output {folder} exists and is not a folder")
+    created = not folder.exists()
+    with OutputLock(folder):
+        try:
+            return _sweep(config, folder, progress, cancel)
+        except BaseException:
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # failed before it wrote anything: leave no empty folder behind
+            raise
+
+
+def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
+           cancel: Callable[[], bool] | None) -> dict[str, Any]:
     from llmprune.capture import capture_layer_calls
     from llmprune.data import calibration_data, evaluation_data
     from llmprune.driver import auto_batch_size, prune, resolve_device
     from llmprune.loading import load
     from llmprune.model import find_decoder_layers, find_linears, get_weight
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "sweep.json"
     record = _load_existing(record_path, config.setup())
     done = {p["key"] for p in record["points"]}
@@ -99,8 +114,9 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: Progress | None = 
     device = resolve_device(config.device)
     tick = time.perf_counter()
     model, tokenizer = load(config.model, config.dtype)
+    folder.mkdir(parents=True, exist_ok=True)
     cal = config.calibration
-    calibration = calibration_data(tokenizer, cal.source, cal.samples, _seqlen(cal.seqlen, model), cal.seed)
+    calibration = calibration_data(tokenizer, cal.source, cal.samples, window_length(cal.seqlen, model), cal.seed)
     if record["dense_ppl"] is None:
         record["dense_ppl"] = evaluate_ppl(model, tokenizer, config.evaluation, device)["ppl"]
         write_json(record_path, record)
@@ -110,8 +126,8 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: Progress | None = 
         widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
         size = config.batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, device)
         captured = capture_layer_calls(model, layers, list(calibration.split(size)))
-        windows = evaluation_data(tokenizer, config.evaluation.source or "", _seqlen(config.evaluation.seqlen, model),
-                                  config.evaluation.windows or None)
+        seqlen = window_length(config.evaluation.seqlen, model)
+        windows = evaluation_data(tokenizer, config.evaluation.source or "", seqlen, config.evaluation.windows or None)
         for number, point in enumerate(todo):
             if cancel is not None and cancel():
                 raise Cancelled(f"sweep cancelled after {number} of {len(todo)} new points")

@@ -32,8 +32,41 @@ def task_manager(include: str | None) -> Any:
     return TaskManager()
 
 
+# datasets builders that read local files: tasks built on them need no Hub.
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+
+
+def hub_tasks(manager: Any, names: tuple[str, ...]) -> list[str]:
+    """The tasks among ``names`` (groups and tags followed down to their tasks) whose dataset
+    comes from the Hugging Face Hub, read from the task index without loading anything."""
+    from pathlib import Path
+
+    index = manager.task_index
+    stack: list[Any] = list(names)
+    seen: set[str] = set()
+    found: list[str] = []
+    while stack:
+        name = stack.pop()
+        entry = index.get(name) if isinstance(name, str) else None
+        if entry is None or name in seen:
+            continue
+        seen.add(name)
+        cfg = entry.cfg or {}
+        path = cfg.get("dataset_path")
+        if path is not None and str(path) not in LOCAL_BUILDERS and not Path(str(path)).exists():
+            found.append(name)
+        members = cfg.get("task")
+        if isinstance(members, list):
+            stack += [m if isinstance(m, str) else m.get("task") for m in members if isinstance(m, (str, dict))]
+        if getattr(entry.kind, "name", "") == "TAG":
+            stack += [n for n, e in index.items() if name in (e.tags or ())]
+    return sorted(found)
+
+
 def check_tasks(names: tuple[str, ...], include: str | None) -> Any:
-    """The task manager, once every name is known to it (before any work)."""
+    """The task manager, once every name is known to it and its data loads (before any work)."""
+    from llmprune.hub import describe_hub_error, hub_errors, hub_unreachable
+
     manager = task_manager(include)
     known = set(manager.all_tasks)
     for name in names:
@@ -41,14 +74,19 @@ def check_tasks(names: tuple[str, ...], include: str | None) -> Any:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise LlmpruneError(f"unknown lm-eval task {name!r}{hint} (local tasks: --tasks-include DIR)")
+    remote = hub_tasks(manager, names)
+    reason = hub_unreachable() if remote else None
+    if reason is not None and "HF_HUB_OFFLINE" not in reason:  # offline mode reads the cache, quickly
+        raise LlmpruneError(f"lm-eval task {remote[0]} needs its dataset from the Hugging Face Hub, which is "
+                            f"unreachable ({reason}); local tasks: --tasks-include DIR (HF_HUB_OFFLINE=1 uses a "
+                            "cached copy)")
     from lm_eval.tasks import get_task_dict
 
     try:  # loads each task's dataset now, so a missing one fails before any pruning
         get_task_dict(list(names), manager)
-    except Exception as exc:  # datasets raises many kinds (offline, gated, missing files)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LlmpruneError(f"lm-eval cannot load the data of {', '.join(names)}: {first} "
-                            "(offline? local tasks: --tasks-include DIR)") from None
+    except hub_errors() as exc:
+        raise LlmpruneError(f"lm-eval cannot load the data of {', '.join(names)}: {describe_hub_error(exc)} "
+                            "(local tasks: --tasks-include DIR)") from None
     return manager
 
 

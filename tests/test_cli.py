@@ -116,15 +116,17 @@ def test_jsonl_calibration(llama_dir, text_file, tmp_path, capsys):
     assert saved["evaluation"] is None
 
 
-def test_overwrite_replaces_an_existing_folder(llama_dir, text_file, tmp_path):
+def test_overwrite_replaces_an_earlier_output(llama_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
-    code = main(["--model", str(llama_dir), "--method", "magnitude", "--pattern", "2:4", *SMALL,
-                 "--calib", str(text_file), "--eval", "none", "--out", str(out), "--overwrite"])
-    assert code == 0
-    assert not (out / "old.txt").exists()
-    assert (out / "config.json").exists() and (out / "llmprune.json").exists()
+    argv = ["--model", str(llama_dir), "--method", "magnitude", *SMALL, "--calib", str(text_file),
+            "--eval", "none", "--out", str(out)]
+    assert main([*argv, "--pattern", "2:4"]) == 0
+    assert json.loads((out / "llmprune.json").read_text())["pattern"] == "2:4"
+    assert main([*argv, "--pattern", "4:8", "--overwrite"]) == 0
+    record = json.loads((out / "llmprune.json").read_text())
+    assert record["pattern"] == "4:8"
+    assert sorted(p.name for p in out.iterdir()) == record["files"]
+    assert (out / "config.json").exists()
     assert hidden_leftovers(tmp_path) == []
 
 
@@ -172,11 +174,12 @@ def test_failed_save_leaves_nothing_behind(tmp_path, error):
 def test_failed_overwrite_keeps_the_old_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "llmprune.json").write_text(json.dumps({"llmprune_version": "0", "files": ["llmprune.json", "old.txt"]}))
     (out / "old.txt").write_text("previous run")
     with pytest.raises(OSError):
         save_checkpoint(BrokenModel(), None, out, {}, "card", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["llmprune.json", "old.txt"]
 
 
 def test_save_refuses_existing_folder_without_overwrite(tmp_path):
@@ -223,7 +226,11 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
     table = capsys.readouterr().out
     assert "decode speed" in table and "ppl pruned" in table and "parameters" in table
     record = json.loads(record_path.read_text())
-    assert record["kind"] == "structured" and record["method"] == "obs" and record["pattern"] == pattern
+    method = "block-influence" if pattern == "layers" else "obs"  # layers are ranked by block influence
+    assert record["kind"] == "structured" and record["method"] == method and record["pattern"] == pattern
+    if pattern == "layers":
+        assert len(record["dropped_layers"]) == 1 and f"layer {record['dropped_layers'][0]}" in (
+            out / "README.md").read_text()
     assert record["parameters"]["after"] < record["parameters"]["before"]
     assert record["weights_bytes"]["after"] < record["weights_bytes"]["before"]
     assert record["decode_speed"]["tokens_per_s_dense"] > 0 and record["decode_speed"]["speedup"] > 0
@@ -246,13 +253,13 @@ def test_structured_run_writes_a_smaller_stock_checkpoint(llama_dir, text_file, 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--pattern", "heads"], "needs --sparsity"),
-    (["--pattern", "structured", "--sparsity", "0.2"], "needs --params"),
+    (["--pattern", "heads"], "needs sparsity (--sparsity)"),
+    (["--pattern", "structured", "--sparsity", "0.2"], "needs params (--params)"),
     (["--pattern", "heads", "--sparsity", "0.9"], "would leave no heads"),
     (["--pattern", "channels", "--sparsity", "0.3", "--method", "wanda"], "unknown structured score"),
     (["--pattern", "2:4", "--params", "0.2"], "--params applies to --pattern structured"),
-    (["--pattern", "structured", "--params", "0.3", "--drop-layers", "1"], "more than --params 30%"),
-    (["--pattern", "heads", "--sparsity", "0.5", "--drop-layers", "1"], "applies to --pattern structured"),
+    (["--pattern", "structured", "--params", "0.3", "--drop-layers", "1"], "more than params 30% (--params)"),
+    (["--pattern", "heads", "--sparsity", "0.5", "--drop-layers", "1"], "applies to pattern structured"),
     (["--pattern", "2:4", "--drop-layers", "1"], "--drop-layers applies to --pattern structured"),
     (["--pattern", "2:4", "--no-bridge"], "--bridge applies to --pattern structured"),
 ])

@@ -80,5 +80,5 @@ def test_push_refuses_what_is_not_a_finished_llmprune_checkpoint(pruned, llama_d
 def test_prune_with_push_to_hub_needs_out():
     from llmprune.job import Job, run
 
-    with pytest.raises(LlmpruneError, match="give --out"):
+    with pytest.raises(LlmpruneError, match="give an output folder"):
         run(Job(model="m", push_to_hub="me/x"))

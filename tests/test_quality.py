@@ -68,9 +68,12 @@ def test_dense_matches_reference(results):
 
 def test_orderings(results):
     ppl = {k: v[0] for k, v in results.items()}
-    assert ppl["dense"] < ppl["wanda-50"]
-    assert ppl["sparsegpt-50"] * 3 < ppl["magnitude-50"]
-    assert ppl["sparsegpt-2:4"] < ppl["wanda-2:4"]
+    # Measured (dense 14.07): magnitude 342.05, Wanda 34.27, SparseGPT 27.38; 2:4 SparseGPT 52.06,
+    # Wanda 124.94. Each bound fails on a method that lost a real share of its quality.
+    assert ppl["wanda-50"] < 3 * ppl["dense"]
+    assert ppl["wanda-50"] * 5 < ppl["magnitude-50"]
+    assert ppl["sparsegpt-50"] < 0.9 * ppl["wanda-50"]
+    assert ppl["sparsegpt-2:4"] < 0.5 * ppl["wanda-2:4"]
 
 
 def test_magnitude_and_wanda_match_reference(results):

@@ -61,7 +61,7 @@ out: ./x
     ({"model": "m", "ouput": "x"}, "unknown recipe key ouput; did you mean out?"),
     ({"model": "m", "calibration": {"samples": "many"}}, "calibration.samples: expected an integer, got 'many'"),
     ({"model": "m", "prune": {"pattern": 124}}, "quote N:M patterns"),
-    ({"model": "m", "prune": {"pattern": "3:2"}}, "recipe section prune"),
+    ({"model": "m", "prune": {"pattern": "3:2"}}, "prune: N:M pattern needs"),
     ({"model": "m", "prune": {"sparsity": 1.5}}, "sparsity must be in [0, 1)"),
     ({"model": "m", "prune": {"group": "column"}}, "prune.group: expected one of 'row', 'layer' or null"),
     ({"prune": {"method": "wanda"}}, "model is required"),

@@ -264,7 +264,7 @@ def test_not_enough_disk_fails_before_work(four_layers, text_file, tmp_path, mon
 def test_streaming_flags_need_a_streamable_job(four_layers, text_file, tmp_path):
     with pytest.raises(LlmpruneError, match="needs streaming"):
         Job(model="m", out="x", resume=True, stream="off")
-    with pytest.raises(LlmpruneError, match="give --out"):
+    with pytest.raises(LlmpruneError, match="give an output folder"):
         Job(model="m", stream="on")
 
 

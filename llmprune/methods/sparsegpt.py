@@ -32,7 +32,7 @@ import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.methods.base import DAMP_USED, DEAD, FACTOR, HESSIAN, Options, Result, Stats
-from llmprune.patterns import _lowest, keep_nm, prune_count
+from llmprune.patterns import keep_nm, lowest_mask, prune_count
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,9 @@ def _block_keep(scores: torch.Tensor, start: int, end: int, rows: int, options: 
     row, or per layer)."""
     s = options.sparsity
     if options.group == "row":
-        return ~_lowest(scores, prune_count(end, s) - prune_count(start, s))
+        return ~lowest_mask(scores, prune_count(end, s) - prune_count(start, s))
     count = prune_count(rows * end, s) - prune_count(rows * start, s)
-    return ~_lowest(scores.reshape(1, -1), count).reshape(scores.shape)
+    return ~lowest_mask(scores.reshape(1, -1), count).reshape(scores.shape)
 
 
 def prune(W: torch.Tensor, stats: Stats, options: Options) -> Result:

@@ -30,19 +30,17 @@ from llmprune.model import get_weight, set_weight
 from llmprune.structured.obs import damped_inverse
 
 
-def fit_bridge(G: torch.Tensor, C: torch.Tensor, keep: Sequence[int], damp: float) -> tuple[torch.Tensor, float]:
+def fit_bridge(G: torch.Tensor, C: torch.Tensor, keep: Sequence[int], damp: float) -> torch.Tensor:
     """D (out × in, zero outside ``keep``) minimising Σ‖Δ − D a‖², from G = Σ a aᵀ (in × in) and
-    C = Σ Δ aᵀ (out × in), with ``damp`` · mean(diag) added to G's diagonal; and by how much the
-    fit lowers the squared error Σ‖Δ‖² (2 tr(D Cᵀ) − tr(D G Dᵀ), undamped)."""
+    C = Σ Δ aᵀ (out × in), with ``damp`` · mean(diag) added to G's diagonal."""
     index = torch.tensor(list(keep), device=G.device)
     G_kk = G[index][:, index].double()
     inverse, _ = damped_inverse(G_kk, damp)
     C_k = C[:, index].double()
     D_k = C_k @ inverse
-    gain = float(2 * (D_k * C_k).sum() - (D_k @ G_kk * D_k).sum())
     D = torch.zeros(C.shape, dtype=torch.float64, device=C.device)
     D[:, index] = D_k
-    return D, gain
+    return D
 
 
 @torch.no_grad()
@@ -83,7 +81,7 @@ def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], ou
     finally:
         hook.remove()
     assert G is not None and C is not None
-    D, _ = fit_bridge(G, C, keep, damp)
+    D = fit_bridge(G, C, keep, damp)
     W = get_weight(down).detach().clone()
     set_weight(down, W.double() + D.to(W.device))
     new = list(_run(layer, inputs, calls, device, []))

@@ -91,15 +91,16 @@ class StructuredConfig:
         amount = self.params if self.pattern == "structured" else self.sparsity
         what = "params" if self.pattern == "structured" else "sparsity"
         if amount is None:
-            raise LlmpruneError(f"--pattern {self.pattern} needs --{what} (a fraction in [0, 1))")
+            raise LlmpruneError(f"pattern {self.pattern} needs {what} (--{what}), a fraction in [0, 1)")
         if not (math.isfinite(amount) and 0 <= amount < 1):
             raise LlmpruneError(f"{what} must be in [0, 1), got {amount}")
         if self.pattern == "layers" and self.score != "obs":
-            raise LlmpruneError("layer removal ranks layers by block influence; it takes no --method")
+            raise LlmpruneError("layer removal ranks layers by block influence; it takes no score (--method)")
         if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
             raise LlmpruneError(f"drop_layers must be a whole number >= 0, got {self.drop_layers!r}")
         if self.drop_layers and self.pattern != "structured":
-            raise LlmpruneError("drop_layers applies to --pattern structured (--pattern layers drops layers alone)")
+            raise LlmpruneError("drop_layers (--drop-layers) applies to pattern structured (pattern layers drops "
+                                "layers alone)")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise LlmpruneError(f"damp must be positive, got {self.damp}")
 
@@ -170,7 +171,7 @@ def width_share(config: StructuredConfig, n_layers: int) -> float:
         return 0.0
     if share < 0:
         raise LlmpruneError(f"dropping {drop} of {n_layers} decoder layers removes {drop / n_layers:.1%} of the "
-                            f"decoder-layer parameters, more than --params {config.amount:.0%}")
+                            f"decoder-layer parameters, more than params {config.amount:.0%} (--params)")
     return share
 
 
@@ -235,7 +236,7 @@ def _partition(anatomy: LayerAnatomy, kv: str) -> list[list[int]] | None:
     return [list(range(g * w.group_size, (g + 1) * w.group_size)) for g in range(w.kv_heads)]
 
 
-def _lowest(scores: torch.Tensor, count: int, partition: list[list[int]] | None) -> list[int]:
+def _lowest_units(scores: torch.Tensor, count: int, partition: list[list[int]] | None) -> list[int]:
     """The ``count`` lowest-scoring units, the same number from every part of ``partition``."""
     if partition is None:
         return sorted(scores.argsort(stable=True)[:count].tolist())
@@ -284,7 +285,7 @@ class _LayerPruner:
             self.info[f"{name}.obs_error"] = result.errors[-1] if result.errors else 0.0
             return sorted(result.removed)
         weights = {n: get_weight(m).detach().float() for n, m in self.linears.items()}
-        removed = _lowest(unit_scores(self.config.score, units, weights, name, raw, self.grads), count, partition)
+        removed = _lowest_units(unit_scores(self.config.score, units, weights, name, raw, self.grads), count, partition)
         columns = torch.tensor([c for u in removed for c in units[u].columns])
         if self.config.score == "flap" and name in self.compensate:
             # The removed inputs' average contribution becomes a constant output bias.
