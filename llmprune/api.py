@@ -9,10 +9,11 @@ from llmprune.data import calibration_data, evaluation_data
 from llmprune.driver import PruneReport, prune
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity as _perplexity
-from llmprune.job import EvalConfig, Job, TasksConfig, window_length
 from llmprune.job import run as run_job
 from llmprune.loading import load as load_model
+from llmprune.model import window_length
 from llmprune.recipe import load_recipe
+from llmprune.spec import EvalConfig, Job, TasksConfig
 from llmprune.speed import decode_speed
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
 from llmprune.sweep import SweepConfig, run_sweep

@@ -50,7 +50,7 @@ def model_card(record: dict[str, Any]) -> str:
     lines.append(f"| software | llmprune {v['llmprune']}, torch {v['torch']}, "
                  f"transformers {v['transformers']}, Python {v['python']} |")
     lines += tasks_table(record)
-    lines += ["", "Reproduce:", "", "```", shlex.join(record["command"] or record["argv"]), "```", ""]
+    lines += reproduce(record)
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]
     lines += ["## Per-layer results", "",
@@ -60,6 +60,18 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"| {item['name']} | {shape} | {item['sparsity']:.2%} | {item['error']:.4f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def reproduce(record: dict[str, Any]) -> list[str]:
+    """The command that made the checkpoint; for a Python API call, its recipe (YAML), which
+    ``llmprune --recipe`` runs again."""
+    if record.get("command"):
+        return ["", "Reproduce:", "", "```", shlex.join(record["command"]), "```", ""]
+    import yaml
+
+    recipe = yaml.safe_dump(record["recipe"], sort_keys=False).rstrip()
+    return ["", "Reproduce (made from Python; the same job as a recipe for `llmprune --recipe FILE`):", "",
+            "```yaml", recipe, "```", ""]
 
 
 def text_name(ev: dict[str, Any]) -> str:
@@ -146,8 +158,7 @@ def structured_card(record: dict[str, Any]) -> str:
     lines += ["", f"{what}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
               f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
     lines += tasks_table(record)
-    lines += ["",
-              "Reproduce:", "", "```", shlex.join(record["command"] or record["argv"]), "```", ""]
+    lines += reproduce(record)
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]
     return "\n".join(lines)

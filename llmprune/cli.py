@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from llmprune import __version__
@@ -227,7 +228,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
-    from llmprune.job import EvalConfig
+    from llmprune.spec import EvalConfig
 
     source = None if str(args.eval).lower() == "none" else args.eval
     return EvalConfig(source, args.eval_seqlen, args.eval_windows, args.eval_batch_size)
@@ -310,7 +311,11 @@ def cmd_prune(argv: Sequence[str]) -> int:
     if args.decode_tokens < 0:
         raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
     job = job_from_dict(job_data(args, argv), origin=f"recipe {args.recipe}" if args.recipe else None)
-    from llmprune.job import streaming_source
+    from llmprune.job import check_job, streaming_source
+
+    out = check_job(job)  # before streaming_source, which may download a Hub snapshot
+    if args.json and out is not None and Path(args.json).expanduser().resolve().is_relative_to(out):
+        raise LlmpruneError(f"--json {args.json} is inside --out {out}, which the run replaces; write it elsewhere")
     from llmprune.memory import return_freed_memory
 
     if streaming_source(job) is not None:  # memory is the point of streaming: trade speed for it
@@ -393,7 +398,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     args = _sweep_parser().parse_args(argv)
     _setup(args)
     from llmprune.config import CalibrationConfig
-    from llmprune.job import EvalConfig
+    from llmprune.spec import EvalConfig
     from llmprune.sweep import SweepConfig, run_sweep, table
 
     def floats(text: str) -> tuple[float, ...]:
@@ -551,8 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"llmprune: {what}; no checkpoint was published (a streaming run continues with --resume)",
-              file=sys.stderr)
+        print(f"llmprune: {what}; an unfinished output was removed (a streaming run that finished a layer "
+              "keeps it: rerun with --resume)", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         if previous is not None:

@@ -143,7 +143,7 @@ def fits_lockstep(nsamples: int, seqlen: int, widest: int, budget: int | None = 
     return nsamples * seqlen * widest <= (LOCKSTEP_BUDGET if budget is None else budget)
 
 
-class _StatSet:
+class StatSet:
     """The statistics of one shared input tensor."""
 
     def __init__(self, dim: int, kinds: set[str], device: torch.device, batches: int) -> None:
@@ -174,7 +174,7 @@ class _StatSet:
 
 class _Watcher:
     """Forward pre-hooks on a layer's linears. Linears fed the same tensor object share one
-    :class:`_StatSet` (q/k/v, gate/up), keyed by the first of them to run (its "leader").
+    :class:`StatSet` (q/k/v, gate/up), keyed by the first of them to run (its "leader").
 
     Modes, each ending a batch's forward as early as it can (StopForward):
 
@@ -187,7 +187,7 @@ class _Watcher:
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
-        self.stats: dict[str, _StatSet] = {}  # leader -> statistics
+        self.stats: dict[str, StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
         self._batch: list[tuple[weakref.ref[torch.Tensor], str]] = []
         self._seen: set[str] = set()
@@ -207,7 +207,7 @@ class _Watcher:
                 raise StopForward
             if leader == name:
                 if name not in self.stats:
-                    self.stats[name] = _StatSet(x.shape[-1], self.kinds, self.device, self.batches)
+                    self.stats[name] = StatSet(x.shape[-1], self.kinds, self.device, self.batches)
                 self.stats[name].add(x.detach())
             # A weak reference: identity checks stay exact (a dead tensor matches nothing)
             # without keeping every input of the layer alive.
@@ -237,7 +237,7 @@ class _Watcher:
 
 
 def _prune_linear(
-    name: str, linear: nn.Module, stats: _StatSet, method: Method, options: Options,
+    name: str, linear: nn.Module, stats: StatSet, method: Method, options: Options,
     storage: torch.dtype | None = None,
 ) -> LinearReport:
     W = get_weight(linear).detach()
@@ -253,7 +253,7 @@ def _prune_linear(
 
 
 @torch.no_grad()
-def _run(
+def run_batches(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], device: torch.device,
     out: Sink,
 ) -> Sink:
@@ -265,7 +265,7 @@ def _run(
 @torch.no_grad()
 def visit_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
-    kinds: set[str], on_ready: Callable[[str, _StatSet], None], sequential: bool, device: torch.device,
+    kinds: set[str], on_ready: Callable[[str, StatSet], None], sequential: bool, device: torch.device,
     lockstep: bool = False, out: Sink | None = None,
 ) -> Sink:
     """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
@@ -278,12 +278,12 @@ def visit_layer(
         # Every batch waits at each linear until all batches have reached it; the linear's
         # statistics are then complete, so it is handled right there, before it is applied.
         # One pass gives true-sequential pruning and the changed layer's outputs together.
-        shared: list[tuple[weakref.ref[torch.Tensor], _StatSet]] = []  # by identity of batch 0's input
+        shared: list[tuple[weakref.ref[torch.Tensor], StatSet]] = []  # by identity of batch 0's input
 
         def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
             stats = next((s for ref, s in shared if ref() is inputs[0]), None)
             if stats is None:
-                stats = _StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
+                stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
                 for x in inputs:
                     stats.add(x.detach())
                 shared.append((weakref.ref(inputs[0]), stats))
@@ -307,7 +307,7 @@ def visit_layer(
             on_ready(name, watcher.stats[watcher.leader[name]])
         if not ready:
             break  # the rest never runs on calibration data
-    return _run(layer, hidden, calls, device, sink)
+    return run_batches(layer, hidden, calls, device, sink)
 
 
 @torch.no_grad()
@@ -321,7 +321,7 @@ def prune_layer(
     linears = find_linears(layer)
     reports: dict[str, LinearReport] = {}
 
-    def prune(name: str, stats: _StatSet) -> None:
+    def prune(name: str, stats: StatSet) -> None:
         reports[name] = _prune_linear(name, linears[name], stats, method, options, storage)
 
     outputs = visit_layer(layer, hidden, calls, linears, method.needs(options), prune, sequential, device,
@@ -366,17 +366,19 @@ def check_prunable(model: nn.Module, allow_partial: bool) -> list[str]:
         param = model.get_parameter(name)
         raise LlmpruneError(
             f"the decoder layers hold {len(unpruned)} weight matrices that are not linear layers, "
-            f"{sizes[0] / sizes[1]:.1%} of their weights (e.g. {name}, shape {'x'.join(map(str, param.shape))}; "
-            "fused mixture-of-experts weights are not supported yet): pruning would leave them dense; "
+            f"{sizes[0] / sizes[1]:.1%} of their weights (e.g. {name}, shape {'x'.join(map(str, param.shape))}, "
+            "such as fused mixture-of-experts weights, which are not supported yet): pruning would leave them dense; "
             "allow_partial (--allow-partial) prunes the linear layers anyway and reports both sparsities"
         )
     return unpruned
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a layer is processed in: float16 on a CPU is computed in float32 (CPU float16
-    matmuls are several times slower than float32 ones); weights are rounded back to float16."""
-    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
+    """The dtype a layer is processed in: float16 and bfloat16 on a CPU are computed in float32
+    (CPU half-precision matmuls are several times slower than float32 ones, and bfloat16
+    statistics would lose most of their bits); weights are rounded back before the next linear
+    sees them, so the checkpoint keeps its dtype."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @dataclass
@@ -456,8 +458,22 @@ def prune(
     devices = list(layer_devices) if layer_devices is not None else [run_device] * len(layers)
     if len(devices) != len(layers):
         raise LlmpruneError(f"{len(devices)} layer devices given for {len(layers)} decoder layers")
+    modes = {module: module.training for module in model.modules()}
     model.eval()
+    try:
+        return _prune_layers(model, config, calibration, method, options, host, layers_path, layers, run_device,
+                             devices, batch_size, progress, cancel, captured, unpruned, start)
+    finally:
+        for module, training in modes.items():  # the caller's model keeps the modes it had
+            module.training = training
 
+
+def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tensor, method: Method, options: Options,
+                  host: LayerHost, layers_path: str, layers: nn.ModuleList, run_device: torch.device,
+                  devices: list[torch.device], batch_size: int | None, progress: ProgressFn | None,
+                  cancel: Callable[[], bool] | None,
+                  captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None, unpruned: list[str],
+                  start: float) -> PruneReport:
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest,

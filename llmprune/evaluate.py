@@ -11,7 +11,7 @@ from torch import nn
 CE_ROWS = 256  # token positions per cross-entropy call: bounds its log-softmax copy (~50 MB at 49k vocab)
 
 
-def _summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Σ −log p(ids[t+1] | ids[:t+1]) over all positions, without copying the (batch, seqlen,
     vocab) logits: the last position of each row gets no target, instead of slicing it off."""
     targets = torch.full_like(ids, -100)
@@ -46,7 +46,7 @@ def perplexity(
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(run_device)
         logits = model(input_ids=batch, use_cache=False).logits
-        total_nll += _summed_nll(logits, batch)
+        total_nll += summed_nll(logits, batch)
         total_tokens += batch[:, 1:].numel()
         if progress is not None:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])

@@ -14,12 +14,16 @@ so a second run on the same output is refused at once instead of mixing files wi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +32,34 @@ from llmprune.errors import LlmpruneError
 RECORD = "llmprune.json"
 CARD = "README.md"
 JOURNAL_FOLDER = ".llmprune-journal"  # the resume journal of an unfinished streaming run
-# Written by llmprune before outputs listed their files in llmprune.json: an older output whose
-# folder holds only names like these is still recognised as one.
-_OLD_OUTPUT_FILES = ("*.safetensors", "*.json", "README.md", "tokenizer*", "*.txt", "*.model", "*.jinja")
+# The exact names older llmprune versions wrote, before outputs listed their files in
+# llmprune.json: an older output holding nothing else is still recognised as one.
+_OLD_OUTPUT_FILES = {RECORD, CARD, "config.json", "generation_config.json", "model.safetensors",
+                     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+                     "merges.txt", "added_tokens.json"}
+_OLD_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def file_mode() -> int:
-    """The mode a new file gets under this process's umask (read without changing the umask,
-    which ``os.umask`` cannot do and which would race with other threads)."""
+def current_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only set it, and a set
+    and reset would race with other threads)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except OSError:
         pass
     with tempfile.TemporaryDirectory() as tmp:  # elsewhere: ask the file system
         probe = Path(tmp) / "probe"
-        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
-        return probe.stat().st_mode & 0o777
+        probe.mkdir(mode=0o777)
+        return 0o777 & ~probe.stat().st_mode
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the umask."""
+    return 0o666 & ~current_umask()
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -66,19 +79,19 @@ def _output_files(record_path: Path) -> set[str] | None:
 
 
 def check_replaceable(path: Path) -> None:
-    """Refuse to replace ``path`` unless it is empty, an unfinished streaming output (its resume
-    journal), or an llmprune output holding nothing but the files its record lists."""
+    """Refuse to replace ``path`` unless it is empty or an llmprune output holding nothing but the
+    files its record lists."""
     entries = sorted(p.name for p in path.iterdir())
-    if not entries or (path / JOURNAL_FOLDER / "journal.json").is_file():
+    if not entries:
         return
     listed = _output_files(path / RECORD)
     if listed is None:
         raise LlmpruneError(f"--overwrite replaces only a folder llmprune wrote, and {path} is not an llmprune "
                             f"output (no {RECORD}); remove it yourself or choose another --out")
     if not listed:  # written before records listed their files
-        other = [n for n in entries if (path / n).is_dir() or not any(Path(n).match(g) for g in _OLD_OUTPUT_FILES)]
+        other = [n for n in entries if (path / n).is_dir() or not (n in _OLD_OUTPUT_FILES or _OLD_SHARD.fullmatch(n))]
     else:
-        other = [n for n in entries if n not in listed | {RECORD}]
+        other = [n for n in entries if n not in listed | {RECORD} or (path / n).is_dir()]
     if other:
         raise LlmpruneError(f"--overwrite would delete {path / other[0]}, which llmprune did not write "
                             f"({len(other)} such entr{'y' if len(other) == 1 else 'ies'}); move it away first")
@@ -107,10 +120,15 @@ def check_output(out: str | os.PathLike[str], overwrite: bool, protect: Iterable
 
 
 def probe_folder(folder: Path) -> None:
-    """Fail unless files can be created in ``folder`` (made if missing)."""
+    """Fail unless ``folder`` can be created (or written, if it exists): a probe in its nearest
+    existing ancestor, removed at once, so a refused run leaves no folder behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".llmprune-probe-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".llmprune-probe-"):
             pass
     except OSError as exc:
         raise LlmpruneError(f"cannot write to {folder}: {exc.strerror or exc}") from None
@@ -137,7 +155,13 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> OutputLock:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            return self._acquire()
+        except OSError as exc:
+            raise LlmpruneError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+
+    def _acquire(self) -> OutputLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -184,7 +208,7 @@ def make_staging(out: Path, suffix: str | None = None) -> Path:
     else:
         staging = out.parent / f".{out.name}.{suffix}"
         staging.mkdir(parents=True)
-    staging.chmod(0o777 & (file_mode() | 0o111))
+    staging.chmod(0o777 & ~current_umask())
     return staging
 
 
@@ -210,15 +234,32 @@ def publish_folder(staging: Path, out: Path, overwrite: bool) -> None:
             raise LlmpruneError(f"output folder {out} already exists; choose another --out or pass --overwrite")
         check_replaceable(out)
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
+    with _signals_held():  # the two renames happen together, or neither does
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.replace(old, out)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (main thread, POSIX) for a few system calls that must not be
+    split; a signal that came meanwhile is delivered right after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
@@ -226,7 +267,8 @@ def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     ``out``; on any error (Ctrl-C and SIGTERM included) the temporary folder is removed and
     ``out`` is untouched."""
     out = check_output(out, overwrite)
-    staging = make_staging(out)
+    with _signals_held():  # made and owned by the try below, with nothing in between
+        staging = make_staging(out)
     try:
         write(staging)
         publish_folder(staging, out, overwrite)
@@ -270,7 +312,11 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any
 def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Write a JSON file atomically."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LlmpruneError(f"cannot write {target}: {exc.strerror or exc}") from None

@@ -28,7 +28,11 @@ def hub_unreachable(endpoint: str | None = None, timeout: float = 3.0) -> str | 
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    from urllib.request import getproxies, proxy_bypass
+
     url = urlparse(endpoint or constants.ENDPOINT)
+    if url.scheme in getproxies() and not proxy_bypass(url.hostname or ""):
+        return None  # reached through a proxy: only the real request can tell
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "", port), timeout=timeout).close()

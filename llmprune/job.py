@@ -6,125 +6,34 @@ from a notebook, the CLI, or (later) a service.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import platform
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmprune import __version__
 from llmprune.card import model_card
-from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.data import SPLIT_SOURCES, calibration_data, check_text_source, evaluation_data, wants_bos
-from llmprune.driver import PruneReport, check_prunable, prune, resolve_device
+from llmprune.config import PruneConfig
+from llmprune.data import calibration_data, check_text_source, evaluation_data, wants_bos
+from llmprune.driver import check_prunable, prune, resolve_device
 from llmprune.errors import LlmpruneError
 from llmprune.evaluate import perplexity
 from llmprune.export import OutputLock, check_output, save_checkpoint
 from llmprune.loading import BUILTIN_MODELS, load, resolve
-from llmprune.memory import available_bytes, memory_report
-from llmprune.model import model_max_length
+from llmprune.memory import available_bytes, reset_peaks
+from llmprune.model import window_length
+from llmprune.record import build_record, build_structured_record, warn_before_work
+from llmprune.spec import EvalConfig as EvalConfig  # re-exported: the specs' old home
+from llmprune.spec import Job as Job
+from llmprune.spec import Progress as Progress
+from llmprune.spec import TasksConfig as TasksConfig
 from llmprune.speed import decode_speed, weights_bytes
-from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
+from llmprune.streamjob import run_streaming
+from llmprune.structured.run import StructuredConfig, prune_structured
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Perplexity protocol: ``source`` text (None = skip), window length (None = min(2048, model
-    limit)), and how many of the first windows to score (0 = all, the full published protocol)."""
-
-    source: str | None = "wikipedia"
-    seqlen: int | None = None
-    windows: int = 16
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.windows < 0:
-            raise LlmpruneError(f"eval windows must be >= 0 (0 = all), got {self.windows}")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise LlmpruneError(f"eval seqlen must be >= 2, got {self.seqlen}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise LlmpruneError(f"eval batch size must be >= 1 (windows per forward), got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class TasksConfig:
-    """lm-eval tasks run on the dense and the pruned model. ``names``: lm-eval task or group names
-    (empty: none); ``include``: a folder of local task YAMLs; ``limit``: examples per task (a
-    count, or a fraction below 1); ``num_fewshot``: None = each task's default."""
-
-    names: tuple[str, ...] = ()
-    include: str | None = None
-    limit: float | None = None
-    num_fewshot: int | None = None
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and not self.limit > 0:
-            raise LlmpruneError(f"task limit must be positive, got {self.limit}")
-        if self.batch_size < 1:
-            raise LlmpruneError(f"task batch size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class Job:
-    """``prune``: a :class:`PruneConfig` (unstructured, N:M) or a :class:`StructuredConfig`
-    (heads, channels, structured, layers). ``decode_tokens``: for structured runs, tokens
-    generated to measure decode speed before and after (0 = skip)."""
-
-    model: str
-    prune: PruneConfig | StructuredConfig = field(default_factory=PruneConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
-    out: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    batch_size: int | None = None
-    decode_tokens: int = 64
-    stream: str = "auto"
-    resume: bool = False
-    offload_dir: str | None = None
-    device_map: str | None = None
-    tasks: TasksConfig = field(default_factory=TasksConfig)
-    push_to_hub: str | None = None
-    private: bool = False
-
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 0:
-            raise LlmpruneError(f"batch size must be >= 0 (0 or None: auto), got {self.batch_size}")
-        if self.stream not in ("auto", "on", "off"):
-            raise LlmpruneError(f"stream must be auto, on or off, got {self.stream!r}")
-        streaming_only = [flag for flag, value in (("resume", self.resume), ("offload_dir", self.offload_dir))
-                          if value]
-        if streaming_only and self.stream == "off":
-            raise LlmpruneError(f"{streaming_only[0]} needs streaming; drop stream='off' (--stream off)")
-        if (streaming_only or self.stream == "on") and isinstance(self.prune, StructuredConfig):
-            raise LlmpruneError("streaming, resume and offload_dir apply to unstructured and N:M pruning")
-        if (streaming_only or self.stream == "on") and not self.out:
-            raise LlmpruneError("streaming writes the checkpoint as it goes; give an output folder (out, --out)")
-
-
-def window_length(requested: int | None, model: Any) -> int:
-    """A calibration or evaluation window length: ``requested``, or min(2048, the model's limit);
-    longer than the limit is an error."""
-    limit = model_max_length(model)
-    default = min(2048, limit) if limit else 2048
-    if requested is not None and limit is not None and requested > limit:
-        raise LlmpruneError(f"seqlen {requested} exceeds the model's limit of {limit} tokens")
-    if requested is not None and requested < 2:
-        raise LlmpruneError(f"seqlen must be >= 2, got {requested}")
-    return requested or default
 
 
 def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.device,
@@ -145,13 +54,6 @@ def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.d
             "ppl": ppl, "seconds": time.perf_counter() - tick}
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"llmprune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
 def read_paths(job: Job) -> list[Path]:
     """Local paths the job reads (the model, its text files): the output may not replace them."""
     candidates = [job.calibration.source, job.evaluation.source or ""]
@@ -165,18 +67,6 @@ def read_paths(job: Job) -> list[Path]:
     return paths + [Path(c).expanduser() for c in candidates if c and Path(c).expanduser().exists()]
 
 
-def same_text(job: Job) -> bool:
-    """Whether evaluation scores the very text calibration was drawn from (a source without
-    disjoint splits: pydoc, or the same file): the perplexity is then not held out."""
-    cal, ev = job.calibration.source, job.evaluation.source
-    if ev is None or cal in SPLIT_SOURCES or ev in SPLIT_SOURCES:
-        return False
-    if cal == ev:
-        return True
-    a, b = Path(cal).expanduser(), Path(ev).expanduser()
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
-
-
 def check_job(job: Job) -> Path | None:
     """Everything about ``job`` that can be refused before any work; returns the resolved
     output folder (None: nothing is saved)."""
@@ -188,17 +78,12 @@ def check_job(job: Job) -> Path | None:
     for source in (job.calibration.source, job.evaluation.source):
         if source:
             check_text_source(source)
+    if job.out and job.offload_dir:
+        offload, out = Path(job.offload_dir).expanduser().resolve(), Path(job.out).expanduser().resolve()
+        if offload.is_relative_to(out):
+            raise LlmpruneError(f"offload_dir (--offload-dir) {offload} is inside the output folder {out}; "
+                                "put it elsewhere")
     return check_output(job.out, job.overwrite, read_paths(job)) if job.out else None  # before hours of work
-
-
-def warn_before_work(job: Job) -> None:
-    """What the user should know about a job whose inputs all turned out fine (said once they
-    did, so a failing run shows only its error)."""
-    if not job.out:
-        log.warning("no output folder (--out) given: the pruned model is measured, then discarded")
-    if same_text(job):
-        log.warning("calibration and evaluation use the same text (%s): the perplexity is not measured on "
-                    "held-out text", job.evaluation.source)
 
 
 def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
@@ -206,7 +91,8 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
         on_saved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``job``; returns the record also written to ``llmprune.json``. ``on_saved`` is given
     the record once it is complete and the checkpoint published, before any Hub push, so a
-    failed push never loses it."""
+    failed push never loses it. ``command``: the command line that asked for the job (None: an
+    API call, which the record's recipe then stands for). Peak memory is counted from here."""
     out = check_job(job)
     device = resolve_device(job.device)
     manager = None
@@ -215,14 +101,13 @@ def run(job: Job, progress: Progress | None = None, cancel: Callable[[], bool] |
 
         manager = check_tasks(job.tasks.names, job.tasks.include)
     lock = OutputLock(out).acquire() if out is not None else None
+    reset_peaks()  # the record's peaks are this job's
     try:
         folder = streaming_source(job)
         if folder is not None:
             if job.tasks.names:
                 raise LlmpruneError("lm-eval tasks need the whole model in memory, which a streaming run never "
                                     "holds; evaluate the result with `llmprune eval OUT --tasks ...`")
-            from llmprune.streamjob import run_streaming
-
             assert out is not None
             record = run_streaming(job, folder, out, device, progress, cancel, command)
         else:
@@ -406,106 +291,3 @@ def _run_structured(job: Job, out: Path | None, model: Any, tokenizer: Any, cali
     return record
 
 
-def base_model_name(spec: str) -> str:
-    """What the record calls the base model: a built-in name or Hub id as given, a local path
-    made absolute (a relative one means nothing once the checkpoint is elsewhere)."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if spec not in BUILTIN_MODELS and path.exists() else spec
-
-
-def _common(job: Job, model: Any, calibration: torch.Tensor, dense: dict[str, Any] | None,
-            pruned: dict[str, Any] | None, timings: dict[str, float], device: torch.device,
-            command: list[str] | None) -> dict[str, Any]:
-    evaluation = None
-    if dense is not None and pruned is not None:
-        evaluation = {**dense, "ppl_dense": dense["ppl"], "ppl_pruned": pruned["ppl"],
-                      "same_text_as_calibration": same_text(job)}
-        evaluation.pop("ppl")
-    notes = []
-    if job.model in BUILTIN_MODELS or str(job.model).endswith(".gguf"):
-        notes.append("Base weights are dequantized from a 4-bit GGUF (Q4_1) and carry its "
-                     "quantization noise; perplexities compare like with like.")
-    return {
-        "llmprune_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "base_model": base_model_name(job.model),
-        "base_model_description": BUILTIN_MODELS.get(job.model, job.model),
-        "architecture": type(model).__name__,
-        "evaluation": evaluation,
-        "timings": timings,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "versions": versions(),
-        "argv": sys.argv if command is None else command,
-        "notes": notes,
-        "memory": memory_report(),
-    }
-
-
-def build_structured_record(job: Job, model: Any, report: StructuredReport, calibration: torch.Tensor,
-                            dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
-                            timings: dict[str, float], device: torch.device, command: list[str] | None,
-                            speed_dense: dict[str, Any] | None, speed_pruned: dict[str, Any] | None,
-                            bytes_dense: int) -> dict[str, Any]:
-    config = job.prune
-    assert isinstance(config, StructuredConfig)
-    speed = None
-    if speed_dense and speed_pruned:
-        speed = {**speed_pruned, "tokens_per_s_dense": speed_dense["tokens_per_s"],
-                 "tokens_per_s_pruned": speed_pruned["tokens_per_s"],
-                 "speedup": speed_pruned["tokens_per_s"] / speed_dense["tokens_per_s"]}
-        speed.pop("tokens_per_s")
-    return {
-        **_common(job, model, calibration, dense, pruned, timings, device, command),
-        "kind": "structured",
-        "method": "block-influence" if config.pattern == "layers" else config.score,
-        "dropped_layers": sorted(set(range(report.layers_before)) - set(report.plan.layers)),
-        "pattern": config.pattern,
-        "target": config.amount,
-        "config": dataclasses.asdict(config),
-        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
-                        "tokens": calibration.numel()},
-        "structure": {
-            "attention_heads": [report.heads_before, report.heads_after],
-            "kv_heads_after": report.kv_heads_after,
-            "intermediate_size": [report.intermediate_before, report.intermediate_after],
-            "decoder_layers": [report.layers_before, report.layers_after],
-            "bias_compensation": report.bias_compensation,
-        },
-        "parameters": {"before": report.params_before, "after": report.params_after,
-                       "decoder_layers_before": report.layer_params_before,
-                       "decoder_layers_after": report.layer_params_after,
-                       "decoder_layer_fraction_removed": report.layer_params_removed},
-        "weights_bytes": {"before": bytes_dense, "after": weights_bytes(model)},
-        "decode_speed": speed,
-        "layers": report.errors,
-    }
-
-
-def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.Tensor,
-                 dense: dict[str, Any] | None, pruned: dict[str, Any] | None,
-                 timings: dict[str, float], device: torch.device,
-                 command: list[str] | None) -> dict[str, Any]:
-    assert isinstance(job.prune, PruneConfig)
-    options = job.prune.options()
-    return {
-        **_common(job, model, calibration, dense, pruned, timings, device, command),
-        "kind": "sparse",
-        "method": job.prune.method,
-        "pattern": str(options.pattern),
-        "sparsity_target": options.sparsity,
-        "sparsity_achieved": report.sparsity,
-        "sparsity_of_pruned_linears": report.linear_sparsity,
-        "unpruned_weights": report.unpruned,
-        "config": dataclasses.asdict(job.prune),
-        "resolved_options": {"group": options.group, "update": options.update,
-                             "blocksize": options.blocksize, "damp": options.damp,
-                             "nm_select": options.nm_select, "shrink": options.shrink},
-        "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],
-                        "tokens": calibration.numel(), "batch_size": report.batch_size,
-                        "one_pass": report.one_pass},
-        "layer_seconds": report.layer_seconds,
-        "layers": [dataclasses.asdict(item) for item in report.linears],
-    }

@@ -76,14 +76,22 @@ def read_config(folder: Path) -> dict[str, Any]:
 def check_causal(config: dict[str, Any], spec: str) -> None:
     """Only causal (decoder-only) language models are pruned and scored by perplexity: refuse a
     masked LM or an encoder-decoder, whose "perplexity" here would mean nothing."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     architectures = [str(a) for a in config.get("architectures") or []]
-    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
+    kind = config.get("model_type")
+    # A causal architecture by name, or a family transformers loads as a causal LM that is not a
+    # masked-LM family (Gemma 3's config names Gemma3ForConditionalGeneration; BERT also has a
+    # causal-LM head class, but a BertForMaskedLM checkpoint is no decoder).
+    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in architectures) or (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     if config.get("is_encoder_decoder") or (architectures and not causal) or (
-            not architectures and config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
-        kind = architectures[0] if architectures else config.get("model_type", "this model")
-        raise LlmpruneError(f"{spec} is a {kind}, not a causal language model; llmprune prunes decoder-only "
+            not architectures and kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        name = architectures[0] if architectures else kind or "this model"
+        raise LlmpruneError(f"{spec} is a {name}, not a causal language model; llmprune prunes decoder-only "
                             "causal LMs (…ForCausalLM)")
 
 
@@ -142,6 +150,11 @@ def load(spec: str, dtype: str | None = None) -> tuple[Any, Any]:
         ) from None
     except ValueError as exc:
         raise LlmpruneError(f"cannot load model {spec!r} as a causal language model: {exc}") from None
+    except RuntimeError as exc:  # transformers' size-mismatch report (its words vary by version)
+        if "mismatch" not in str(exc):
+            raise
+        raise LlmpruneError(f"a weight of {spec!r} has the wrong shape for its config (transformers' load report "
+                            "above names it); the checkpoint is damaged or made for another model class") from None
     check_loading_info(info, spec)
     if not gguf and not Path(where).is_dir():  # a Hub model: its config is known only now
         check_causal(model.config.to_dict(), spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from typing import Any
@@ -10,9 +11,32 @@ import torch
 
 
 def peak_rss_bytes() -> int:
-    """The most resident memory this process has held so far (ru_maxrss)."""
+    """The most resident memory this process has held since :func:`reset_peaks` (Linux VmHWM),
+    or since it started (ru_maxrss, elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def reset_peaks() -> bool:
+    """Start the peak counters again (at a job's start): the RSS high-water mark (Linux ≥ 4.0,
+    ``/proc/self/clear_refs``) and every CUDA device's peak allocation. The counters are the
+    process's: jobs that share a process share them. Returns whether the RSS peak was reset."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def available_bytes() -> int | None:
@@ -27,7 +51,8 @@ def available_bytes() -> int | None:
 
 def memory_report() -> dict[str, Any]:
     """Peak RSS, and peak allocated memory of every CUDA device this process used."""
-    report: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes()}
+    report: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes(),
+                              "since": "job start" if os.path.exists("/proc/self/clear_refs") else "process start"}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         report["peak_device_bytes"] = {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
                                        for i in range(torch.cuda.device_count())}

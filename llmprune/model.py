@@ -47,6 +47,8 @@ def _expert_siblings(block: nn.Module) -> dict[str, set[int]]:
     slice per expert), the expert counts: {parent name: {E}}."""
     found: dict[str, set[int]] = {}
     for name, module in block.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D, not experts
+            continue
         for param in module.parameters(recurse=False):
             if param.ndim >= 3:
                 found.setdefault(name.rpartition(".")[0], set()).add(int(param.shape[0]))
@@ -139,3 +141,15 @@ def model_max_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def window_length(requested: int | None, model: nn.Module) -> int:
+    """A calibration or evaluation window length: ``requested``, or min(2048, the model's limit);
+    longer than the limit is an error."""
+    limit = model_max_length(model)
+    default = min(2048, limit) if limit else 2048
+    if requested is not None and limit is not None and requested > limit:
+        raise LlmpruneError(f"seqlen {requested} exceeds the model's limit of {limit} tokens")
+    if requested is not None and requested < 2:
+        raise LlmpruneError(f"seqlen must be >= 2, got {requested}")
+    return requested or default

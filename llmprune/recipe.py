@@ -27,7 +27,7 @@ import yaml
 
 from llmprune.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.job import EvalConfig, Job, TasksConfig
+from llmprune.spec import EvalConfig, Job, TasksConfig
 from llmprune.structured.run import STRUCTURES, StructuredConfig
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "evaluation": EvalConfig, "tasks": TasksConfig}

@@ -45,6 +45,18 @@ class Checkpoint:
         if missing:
             raise LlmpruneError(f"checkpoint shard {missing[0]} named by {INDEX} is missing")
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no data read)."""
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, []).append(name)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as handle:
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The named tensors, on the CPU, each file opened once."""
         by_file: dict[Path, list[str]] = {}

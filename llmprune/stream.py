@@ -277,7 +277,7 @@ def stream_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, wi
     import math
 
     from llmprune.capture import capture_layer_calls
-    from llmprune.evaluate import _summed_nll
+    from llmprune.evaluate import summed_nll
 
     reader = copy.copy(host)  # the same model and layers, read from ``source``
     reader.source = source
@@ -306,7 +306,7 @@ def stream_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, wi
             for batch, state in zip(batches, hidden, strict=True):
                 last.forward = _Substitute(last, state)
                 logits = model(input_ids=batch.to(device), use_cache=False).logits
-                total += _summed_nll(logits, batch.to(device))
+                total += summed_nll(logits, batch.to(device))
         finally:
             for block, original in zip(layers, saved, strict=True):
                 if original is None:

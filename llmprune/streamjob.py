@@ -3,6 +3,7 @@ runs that must survive an interruption (``--resume``)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -17,12 +18,13 @@ from llmprune.data import calibration_data, evaluation_data, wants_bos
 from llmprune.driver import check_prunable, prune
 from llmprune.errors import LlmpruneError
 from llmprune.export import publish_folder, write_metadata
-from llmprune.job import Job, Progress, build_record, warn_before_work, window_length
 from llmprune.journal import Journal
 from llmprune.loading import check_local_folder, parse_dtype
 from llmprune.memory import available_bytes
-from llmprune.model import find_decoder_layers
+from llmprune.model import find_decoder_layers, window_length
+from llmprune.record import build_record, warn_before_work
 from llmprune.shards import Checkpoint
+from llmprune.spec import Job, Progress
 from llmprune.stream import (
     OFFLOAD_SHARE,
     StreamHost,
@@ -45,7 +47,17 @@ def check_tensor_names(model: Any, source: Checkpoint) -> None:
         aliases.setdefault(id(tensor), []).append(name)
     present = set(source.files)
     missing = sorted(names[0] for key, names in aliases.items() if key in parameters and not present & set(names))
-    unexpected = sorted(present - set(state))
+    # What transformers itself ignores in a checkpoint: its model's patterns, and buffers the
+    # model makes itself (rotary inv_freq, causal-mask biases) that older checkpoints saved.
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    buffers = {name for name, _ in model.named_buffers()}
+    unexpected = sorted(n for n in present - set(state) if n not in buffers and not any(p.search(n) for p in ignored))
+    shapes = source.shapes()
+    wrong = sorted(n for n in present & set(state) if tuple(state[n].shape) != shapes[n])
+    if wrong:
+        raise LlmpruneError(f"weight {wrong[0]} has shape {list(shapes[wrong[0]])} in {source.folder}, but the config "
+                            f"makes it {list(state[wrong[0]].shape)}; the checkpoint is damaged or made for another "
+                            "model class")
     for names, what in ((missing, "missing from"), (unexpected, "unexpected in")):
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""

@@ -22,8 +22,10 @@ from llmprune.config import CalibrationConfig, PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.evaluate import perplexity
 from llmprune.export import OutputLock, write_json
-from llmprune.job import EvalConfig, evaluate_ppl, window_length
+from llmprune.job import evaluate_ppl
+from llmprune.model import window_length
 from llmprune.patterns import Pattern
+from llmprune.spec import EvalConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -176,14 +178,13 @@ def series(record: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
 
 
 def plot(record: dict[str, Any], path: Path) -> dict[str, list[tuple[float, float]]]:
-    """Perplexity against sparsity (log scale); the series names go into the PNG's metadata."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Perplexity against sparsity (log scale); the series names go into the PNG's metadata.
+    Drawn on a bare Figure (no pyplot state, no backend switched for the host process)."""
+    from matplotlib.figure import Figure
 
     lines = series(record)
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    figure = Figure(figsize=(7, 4.5), dpi=110)
+    axes = figure.subplots()
     markers = iter("os^Dv<>ph*")
     colors: dict[str, Any] = {}
     for name, values in lines.items():
@@ -207,7 +208,6 @@ def plot(record: dict[str, Any], path: Path) -> dict[str, list[tuple[float, floa
     figure.tight_layout()
     partial = path.with_name(f".{path.name}.partial")
     figure.savefig(partial, format="png", metadata={"Description": json.dumps(lines)})
-    plt.close(figure)
     partial.replace(path)
     return lines
 

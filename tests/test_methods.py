@@ -56,9 +56,10 @@ def naive_sparsegpt(W, H, sparsity, nm=None, blocksize=128, damp=0.01, keep=None
             if i != j:
                 H[i, j] *= 1 - shrink
     dead = H.diagonal() == 0
+    live_mean = H.diagonal()[~dead].mean()  # λ: a fraction of the live inputs' mean energy
     H.diagonal()[dead] = 1
     W[:, dead] = 0
-    H = H + torch.eye(cols, dtype=H.dtype) * damp * H.diagonal().mean()
+    H = H + torch.eye(cols, dtype=H.dtype) * damp * live_mean
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     chosen = keep is None
     keep = torch.ones(rows, cols, dtype=torch.bool) if keep is None else keep.clone()
@@ -271,3 +272,46 @@ def test_singular_hessian_retries_then_fails_clearly():
     # Rank-deficient but fixable by damping: succeeds at the first try.
     U, damp = inverse_hessian_factor(torch.ones(4, 4), 0.01)
     assert damp == 0.01 and torch.isfinite(U).all()
+
+
+def test_inverse_hessian_factor_leaves_h_alone_and_takes_the_live_mean():
+    gen = torch.Generator().manual_seed(7)
+    H = hessian_of(torch.randn(300, 12, generator=gen))
+    before = H.clone()
+    U, _ = inverse_hessian_factor(H, 0.01, mean_diag=2.5)
+    assert torch.equal(H, before)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(H + torch.eye(12) * 0.01 * 2.5), atol=1e-5)
+    # the slow reference: Cholesky of the explicit inverse, upper
+    reference = torch.linalg.cholesky(torch.linalg.inv(H.double() + torch.eye(12, dtype=torch.float64) * 0.025),
+                                      upper=True)
+    assert torch.allclose(U.double(), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 11, 64])
+def test_in_place_reverse_equals_flip(n):
+    from llmprune.methods.sparsegpt import _reverse
+
+    x = torch.arange(n, dtype=torch.float32)
+    for chunk in (1, 2, 3, 100):
+        y = x.clone()
+        _reverse(y, chunk)
+        assert torch.equal(y, x.flip(0))
+
+
+def test_damping_is_a_fraction_of_the_live_inputs_energy():
+    """70% dead inputs (a ReLU model's): λ follows the live inputs' mean diag H, not one
+    diluted by the dead inputs' placeholder."""
+    from llmprune.methods.base import FACTOR
+    from llmprune.methods.sparsegpt import prepare
+
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(400, 10, generator=gen) * 10
+    X[:, 3:] = 0  # 7 of 10 inputs never fire
+    H = hessian_of(X)
+    options = opts(shrink=0.0)
+    U = prepare({"hessian": H}, options)[FACTOR]
+    live = H.diagonal()[:3].mean()
+    damped = H.clone()
+    damped.diagonal()[3:] = 1.0
+    damped += torch.eye(10) * 0.01 * live
+    assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)

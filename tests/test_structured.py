@@ -394,3 +394,18 @@ def test_feasible_counts_round_half_up():
     assert head_count(widths, 0.25, "query") == 1  # 0.5 rounds up: one head of every group
     assert head_count(widths, 0.2, "query") == 0
     assert head_count(widths, 0.25, "groups") == 2
+
+
+def test_structured_obs_zeroes_dead_columns_and_damps_by_the_live_inputs():
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn(300, 8, generator=gen, dtype=torch.float64) * 5
+    X[:, [2, 6]] = 0  # two inputs never fire
+    H = X.T @ X / 300
+    Hinv, _ = damped_inverse(H, 0.01)
+    damped = H.clone()
+    damped.diagonal()[[2, 6]] = 1.0
+    damped += torch.eye(8, dtype=torch.float64) * 0.01 * H.diagonal()[[0, 1, 3, 4, 5, 7]].mean()
+    assert torch.allclose(Hinv, torch.linalg.inv(damped))
+    W = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    for removal in (greedy_remove(W, H, [[0, 1], [4, 5]], 1), greedy_remove_columns(W, H, 2)):
+        assert (removal.weight[:, [2, 6]] == 0).all()

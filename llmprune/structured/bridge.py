@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from llmprune.capture import LayerCall
-from llmprune.driver import _run
+from llmprune.driver import run_batches
 from llmprune.model import get_weight, set_weight
 from llmprune.structured.obs import damped_inverse
 
@@ -59,7 +59,7 @@ def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], ou
         home = next(module.parameters()).device
         try:
             module.to(device)
-            aims = list(_run(module, aims, module_calls, device, []))
+            aims = list(run_batches(module, aims, module_calls, device, []))
         finally:
             module.to(home)
     seen: list[torch.Tensor] = []
@@ -84,7 +84,7 @@ def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], ou
     D = fit_bridge(G, C, keep, damp)
     W = get_weight(down).detach().clone()
     set_weight(down, W.double() + D.to(W.device))
-    new = list(_run(layer, inputs, calls, device, []))
+    new = list(run_batches(layer, inputs, calls, device, []))
     after = sum(float((aim.double() - out.double()).square().sum()) for aim, out in zip(aims, new, strict=True))
     if before == 0 or after >= before:
         set_weight(down, W)

@@ -35,12 +35,14 @@ class Removal:
 
 
 def damped_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """(H + λI)⁻¹ in float64 with λ = damp · mean(diag H); more damping on failure, then an error."""
+    """(H + λI)⁻¹ in float64 with λ = damp · mean(diag H) over the live inputs (dead ones, with
+    diag 0, get a placeholder 1 that must not dilute λ); more damping on failure, then an error."""
     H = H.double()
     dead = H.diagonal() == 0
     H = H.clone()
+    live = H.diagonal()[~dead]
+    mean = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
     H.diagonal()[dead] = 1.0
-    mean = H.diagonal().mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
         factor = damp * 10**attempt
@@ -85,6 +87,7 @@ def greedy_remove(
     from every part, so every part loses the same number (query heads from each KV group).
     """
     work = W.double().clone()
+    work[:, H.diagonal() == 0] = 0.0  # dead inputs: their weights cannot matter (as in SparseGPT)
     Hinv, used = damped_inverse(H, damp)
     removed: list[int] = []
     errors: list[float] = []
@@ -114,6 +117,7 @@ def greedy_remove_columns(W: torch.Tensor, H: torch.Tensor, count: int, damp: fl
     the exact OBS update for that set (a batched greedy, as in SlimGPT; with ``steps >= count``
     it is the one-at-a-time greedy). ``errors`` is interpolated linearly inside a round."""
     work = W.double().clone()
+    work[:, H.diagonal() == 0] = 0.0  # dead inputs: their weights cannot matter (as in SparseGPT)
     Hinv, used = damped_inverse(H, damp)
     alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
     removed: list[int] = []

@@ -23,16 +23,16 @@ from torch import nn
 from llmprune.capture import capture_layer_calls
 from llmprune.driver import (
     ProgressFn,
-    _run,
-    _StatSet,
+    StatSet,
     auto_batch_size,
     fits_lockstep,
     resolve_device,
+    run_batches,
     visit_layer,
 )
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.methods.base import HESSIAN
-from llmprune.model import check_finite, find_decoder_layers, find_linears, get_weight, set_weight
+from llmprune.model import Conv1D, check_finite, find_decoder_layers, find_linears, get_weight, set_weight
 from llmprune.stats import MEAN_VAR
 from llmprune.structured.anatomy import LayerAnatomy, Widths, inspect_layer, widths_of
 from llmprune.structured.bridge import bridge
@@ -262,7 +262,7 @@ class _LayerPruner:
         self.removed_channels: list[int] = []
         self.info: dict[str, Any] = {}
 
-    def __call__(self, name: str, stats: _StatSet) -> None:
+    def __call__(self, name: str, stats: StatSet) -> None:
         if name == self.anatomy.o and self.heads:
             units = head_units(self.anatomy, self.config.kv)
             count = self.heads * (self.anatomy.widths.kv_heads if self.config.kv == "query" else 1)
@@ -270,7 +270,7 @@ class _LayerPruner:
         elif name == self.anatomy.down and self.channels:
             self.removed_channels = self._remove(name, stats, channel_units(self.anatomy), self.channels, None)
 
-    def _remove(self, name: str, stats: _StatSet, units: list[Unit], count: int,
+    def _remove(self, name: str, stats: StatSet, units: list[Unit], count: int,
                 partition: list[list[int]] | None) -> list[int]:
         linear = self.linears[name]
         W = get_weight(linear).detach().float()
@@ -313,7 +313,7 @@ def block_influence(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: li
             raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
         home = next(layer.parameters()).device
         layer.to(device)
-        outputs = list(_run(layer, hidden, calls[index], device, []))
+        outputs = list(run_batches(layer, hidden, calls[index], device, []))
         layer.to(home)
         sims = [nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).flatten()
                 for a, b in zip(hidden, outputs, strict=True)]
@@ -481,8 +481,10 @@ def _run_after(index: int, dropped: set[int], n_layers: int) -> list[int]:
 
 
 def get_weight_grad(grads: dict[str, torch.Tensor], name: str, linear: nn.Module) -> torch.Tensor:
+    """The gradient of ``linear``'s weight as (out, in), like :func:`get_weight`: transposed for
+    a Conv1D by its type (a square Conv1D has the same shape either way)."""
     g = grads[f"{name}.weight"]
-    return g.T if get_weight(linear).shape != g.shape else g
+    return g.T if isinstance(linear, Conv1D) else g
 
 
 def _record(report: StructuredReport, index: int, pruner: _LayerPruner, widths: Widths, kv: str) -> None:
@@ -553,7 +555,7 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
     chan_curve = torch.zeros(max(c for _, c in options) + 1, dtype=torch.float64)
     collected: dict[str, torch.Tensor] = {}
 
-    def keep(name: str, stats: _StatSet) -> None:
+    def keep(name: str, stats: StatSet) -> None:
         collected[name] = stats.raw()[HESSIAN]
 
     for index, layer in enumerate(layers):

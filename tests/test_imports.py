@@ -1,0 +1,63 @@
+"""The package's import graph, read from source: no cycles (lazy imports inside functions
+included) and no private names taken from another module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "llmprune"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, list[tuple[str, str | None]]]:
+    """{module: [(imported module, imported name or None)]} for imports inside the package."""
+    graph: dict[str, list[tuple[str, str | None]]] = {}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        found: list[tuple[str, str | None]] = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmprune"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.append((sub, None) if sub in modules else (node.module, alias.name))
+            elif isinstance(node, ast.Import):
+                found += [(a.name, None) for a in node.names if a.name.startswith("llmprune")]
+        graph[module_name(path)] = [(m, n) for m, n in found if m in modules]
+    return graph
+
+
+def test_the_graph_is_read():
+    graph = imports()
+    assert ("llmprune.driver", "prune") in graph["llmprune.job"]
+    assert len(graph) > 30
+
+
+def test_no_private_names_across_modules():
+    bad = [(module, target, name) for module, edges in imports().items() for target, name in edges
+           if name and name.startswith("_") and not name.endswith("__") and target != module]
+    assert bad == []
+
+
+def test_no_import_cycles():
+    graph = {m: sorted({t for t, _ in edges if t != m and t != "llmprune"}) for m, edges in imports().items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
