@@ -125,8 +125,10 @@ def prepare(stats: Stats, options: Options) -> Stats:
     # λ is a fraction of the mean energy of the *live* inputs: counting the dead inputs'
     # placeholder 1.0 (70% of a ReLU model's inputs can be dead) would make it many times what
     # was asked and all but switch the update off.
-    live = H.diagonal()[~dead]
-    mean_diag = float(live.mean()) if live.numel() else 1.0
+    mean_diag = None  # no dead inputs: the mean of diag H itself, reduced exactly as always
+    if dead.any():
+        live = H.diagonal()[~dead]
+        mean_diag = float(live.mean()) if live.numel() else 1.0
     H.diagonal()[dead] = 1.0
     U, damp_used = inverse_hessian_factor(H, options.damp, mean_diag)
     return {**stats, DEAD: dead, FACTOR: U, DAMP_USED: torch.tensor(damp_used)}

@@ -40,8 +40,10 @@ def damped_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     H = H.double()
     dead = H.diagonal() == 0
     H = H.clone()
-    live = H.diagonal()[~dead]
-    mean = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
+    mean = H.diagonal().mean()  # reduced as always when no input is dead
+    if dead.any():
+        live = H.diagonal()[~dead]
+        mean = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
     H.diagonal()[dead] = 1.0
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
