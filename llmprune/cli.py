@@ -215,8 +215,16 @@ def _setup(args: argparse.Namespace) -> None:
         from llmprune.export import check_json_path
 
         check_json_path(args.json)  # before the work, not after it
-    # force: each command (and each in-process call) writes to the stderr of its own time
-    logging.basicConfig(level=logging.WARNING, format="llmprune: %(levelname)s: %(message)s", force=True)
+    # llmprune's own messages only (transformers' loggers reach the root logger where CI is
+    # set), to the stderr of this call (a fresh handler each time: in-process calls too)
+    logger = logging.getLogger("llmprune")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llmprune: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

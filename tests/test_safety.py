@@ -566,7 +566,9 @@ def test_bad_execution_options(llama_dir, text_file, tmp_path, capsys, options, 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:{port}"}])
 def test_hub_datasets_offline_fail_at_once(llama_dir, tmp_path, env):
-    env = {"HF_HUB_OFFLINE": "0", **{k: v.format(port=closed_port()) for k, v in env.items()}}
+    # an empty Hugging Face cache of its own: offline mode must not find a copy this machine has
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path.parent / f"{tmp_path.name}-hf"),
+           **{k: v.format(port=closed_port()) for k, v in env.items()}}
     message = refused_in_subprocess(["--model", str(llama_dir), *FAST, "--calib", "wikitext2",
                                      "--out", str(tmp_path / "out")], tmp_path, **env)
     assert "cannot load dataset 'wikitext2'" in message

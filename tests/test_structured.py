@@ -204,19 +204,24 @@ def test_width_share_makes_up_the_rest_of_params():
     assert width_share(StructuredConfig("structured", params=0.1), 30) == 0.1  # exactly, not 0.1 * 30 / 30
 
 
+def two_layer_setup(model):
+    """A tiny model's layers, their captured inputs and calls, and layer 0's outputs."""
+    layers, cpu = model.model.layers, torch.device("cpu")
+    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(4, SEQLEN, seed=5).split(2)))
+    with torch.no_grad():
+        before = [c.run(layers[0], h, cpu) for h, c in zip(hidden, calls[0], strict=True)]
+    return layers, hidden, calls, before
+
+
 def test_a_bridge_that_does_not_fit_the_architecture_is_put_back():
     """Gemma 3 normalises the MLP output before the residual add, so the linear fit is only a
     guess there: whatever it gives, the layer's outputs never end up further from the dropped
     run's than without it, and the share reported is the one measured."""
-    from llmprune.capture import capture_layer_calls
     from llmprune.structured.bridge import bridge
 
-    model = tiny.gemma3()
-    layers, cpu = model.model.layers, torch.device("cpu")
-    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(4, SEQLEN, seed=5).split(2)))
-    down = layers[0].mlp.down_proj
+    layers, hidden, calls, before = two_layer_setup(tiny.gemma3())
+    cpu, down = torch.device("cpu"), layers[0].mlp.down_proj
     with torch.no_grad():
-        before = [c.run(layers[0], h, cpu) for h, c in zip(hidden, calls[0], strict=True)]
         target = [c.run(layers[1], b, cpu) for b, c in zip(before, calls[1], strict=True)]
     W = down.weight.detach().clone()
     keep = list(range(tiny.INTERMEDIATE))
@@ -232,12 +237,8 @@ def test_a_refit_that_makes_the_outputs_worse_is_put_back(monkeypatch):
     (forced here by a harmful refit) leaves the weight, the outputs and the share at 'nothing'."""
     import llmprune.structured.bridge as bridging
 
-    model = tiny.llama()
-    layers, cpu = model.model.layers, torch.device("cpu")
-    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(4, SEQLEN, seed=5).split(2)))
-    down = layers[0].mlp.down_proj
-    with torch.no_grad():
-        before = [c.run(layers[0], h, cpu) for h, c in zip(hidden, calls[0], strict=True)]
+    layers, hidden, calls, before = two_layer_setup(tiny.llama())
+    cpu, down = torch.device("cpu"), layers[0].mlp.down_proj
     W = down.weight.detach().clone()
     fitted = bridging.fit_bridge
     monkeypatch.setattr(bridging, "fit_bridge", lambda G, C, keep, damp: -50 * fitted(G, C, keep, damp))
