@@ -212,16 +212,13 @@ def make_staging(out: Path, suffix: str | None = None) -> Path:
     return staging
 
 
-def finish_files(folder: Path) -> list[str]:
-    """Give every file in ``folder`` the umask's mode (some writers make them private) and
-    return their names."""
+def match_umask(folder: Path) -> None:
+    """Give every file in ``folder`` the mode the umask gives new files (some writers make them
+    private)."""
     mode = file_mode()
-    names = []
-    for path in sorted(folder.iterdir()):
+    for path in folder.iterdir():
         if path.is_file():
             path.chmod(mode)
-        names.append(path.name)
-    return names
 
 
 def publish_folder(staging: Path, out: Path, overwrite: bool) -> None:
@@ -287,10 +284,10 @@ def write_metadata(folder: Path, record: dict[str, Any], card: str | Callable[[d
     if config.pop("sparsity_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     record["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    record["files"] = sorted({*finish_files(folder), RECORD, CARD})
+    record["files"] = sorted({*(p.name for p in folder.iterdir()), RECORD, CARD})
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     (folder / CARD).write_text(card(record) if callable(card) else card)
-    finish_files(folder)
+    match_umask(folder)
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any],
