@@ -19,6 +19,7 @@ __all__ = [
     "CalibrationConfig",
     "Cancelled",
     "EvalConfig",
+    "Event",
     "Job",
     "LlmpruneError",
     "PruneConfig",

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.data import calibration_data, evaluation_data
-from llmprune.driver import PruneReport, prune
+from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.engine.driver import PruneReport, prune
+from llmprune.engine.model import window_length
 from llmprune.errors import Cancelled, LlmpruneError
-from llmprune.evaluate import perplexity as _perplexity
-from llmprune.job import run as run_job
-from llmprune.loading import load as load_model
-from llmprune.model import window_length
-from llmprune.recipe import load_recipe
-from llmprune.spec import EvalConfig, Job, TasksConfig
-from llmprune.speed import decode_speed
+from llmprune.eval.perplexity import perplexity as _perplexity
+from llmprune.eval.speed import decode_speed
+from llmprune.io.data import calibration_data, evaluation_data
+from llmprune.io.loading import load as load_model
+from llmprune.jobs.pipeline import run as run_job
+from llmprune.jobs.recipe import load_recipe
+from llmprune.jobs.spec import EvalConfig, Job, TasksConfig
+from llmprune.jobs.sweep import SweepConfig, run_sweep
+from llmprune.progress import Event
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
-from llmprune.sweep import SweepConfig, run_sweep
 
 
 def perplexity(model: Any, tokenizer: Any, source: str = "wikipedia", seqlen: int | None = None,
@@ -30,6 +31,7 @@ __all__ = [
     "CalibrationConfig",
     "Cancelled",
     "EvalConfig",
+    "Event",
     "Job",
     "LlmpruneError",
     "PruneConfig",

@@ -18,7 +18,7 @@ import sys
 
 CHILD = r"""
 import json, sys, torch
-from llmprune.memory import peak_rss_bytes, reset_peaks
+from llmprune.io.memory import peak_rss_bytes, reset_peaks
 from llmprune.methods.sparsegpt import inverse_hessian_factor
 
 n, variant, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]

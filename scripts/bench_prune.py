@@ -44,8 +44,8 @@ def run_one(args: argparse.Namespace) -> dict[str, object]:
 
     torch.set_num_threads(args.threads)
     import llmprune
-    from llmprune.data import evaluation_data
-    from llmprune.evaluate import perplexity
+    from llmprune.eval.perplexity import perplexity
+    from llmprune.io.data import evaluation_data
 
     model, tokenizer = llmprune.load_model("smollm2-135m")
     calibration = llmprune.calibration_data(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)

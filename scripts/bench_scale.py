@@ -70,7 +70,7 @@ def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from llmprune.loading import resolve
+    from llmprune.io.loading import resolve
 
     smol_folder, _ = resolve("smollm2-135m")
     from transformers import AutoTokenizer
@@ -114,7 +114,7 @@ def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers
 
 
 def big(args: argparse.Namespace, work: Path) -> None:
-    from llmprune.memory import available_bytes
+    from llmprune.io.memory import available_bytes
 
     source, out = work / "llama-13b-shaped", work / "pruned"
     tick = time.perf_counter()

@@ -51,10 +51,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import llmprune
-    from llmprune.data import evaluation_data
-    from llmprune.evaluate import perplexity
-    from llmprune.model import find_decoder_layers
-    from llmprune.speed import decode_speed, weights_bytes
+    from llmprune.engine.model import find_decoder_layers
+    from llmprune.eval.perplexity import perplexity
+    from llmprune.eval.speed import decode_speed, weights_bytes
+    from llmprune.io.data import evaluation_data
     from llmprune.structured.run import StructuredConfig, plan_split, prune_structured, taylor_gradients
 
     model, tokenizer = llmprune.load_model("smollm2-135m")

@@ -30,9 +30,9 @@ def test_prune_in_memory_with_progress_and_cancel():
     ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     seen = []
     report = llmprune.prune(model, llmprune.PruneConfig(method="wanda", pattern="2:4"), ids,
-                            progress=lambda done, total: seen.append((done, total)))
+                            progress=lambda event: seen.append(event))
     layers = model.config.num_hidden_layers
-    assert seen == [(i, layers) for i in range(1, layers + 1)]
+    assert seen == [llmprune.Event("prune", i, layers, "layers") for i in range(1, layers + 1)]
     assert report.sparsity == pytest.approx(0.5)
 
     calls = []

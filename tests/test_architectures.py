@@ -13,11 +13,11 @@ import tiny
 import torch
 from torch import nn
 
-from llmprune.capture import capture_layer_calls
-from llmprune.config import PruneConfig
-from llmprune.driver import prune
+from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.driver import prune
+from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
-from llmprune.model import find_decoder_layers
 
 ARCHS = list(tiny.ARCHITECTURES)
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -231,9 +231,10 @@ def test_model_without_decoder_layers_is_refused():
 def test_saved_checkpoint_loads_in_stock_transformers(models, tokenizer, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    from llmprune.card import model_card
-    from llmprune.export import save_checkpoint
-    from llmprune.job import Job, build_record
+    from llmprune.io.export import save_checkpoint
+    from llmprune.jobs.card import model_card
+    from llmprune.jobs.pipeline import Job
+    from llmprune.jobs.record import build_record
 
     model = fresh(models, arch)
     config = PruneConfig(method="sparsegpt", pattern="2:4")
@@ -279,7 +280,7 @@ def test_batching_and_path_do_not_change_the_result(models, method, sequential, 
     or uneven ones: 2 + 2 + 1, which a mean of per-batch means would get wrong) must give the
     weights one batch gives. True-sequential runs also take different paths: batches in
     lockstep (one pass per layer), or one pass per group of linears when over the budget."""
-    import llmprune.driver as driver
+    import llmprune.engine.driver as driver
 
     ids = tiny.random_ids(5, SEQLEN, seed=9)
     config = PruneConfig(method=method, sparsity=0.5, sequential=sequential)
@@ -321,8 +322,8 @@ def test_sequential_prunes_later_groups_from_pruned_inputs(models, batch_size):
 def test_linears_sharing_an_input_share_statistics(models):
     """q/k/v read one tensor, gate/up another: each group gets one set of statistics, and the
     groups come in call order (what true-sequential pruning follows)."""
-    from llmprune.driver import _Watcher
-    from llmprune.model import find_linears
+    from llmprune.engine.driver import _Watcher
+    from llmprune.engine.model import find_linears
 
     model = fresh(models, "llama")
     _, layers = find_decoder_layers(model)

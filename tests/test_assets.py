@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmprune import assets
+from llmprune.io import assets
 
 
 @pytest.mark.slow

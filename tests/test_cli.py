@@ -12,9 +12,9 @@ import pytest
 import tiny
 import torch
 
-from llmprune.cli import main
+from llmprune.cli.commands import main
 from llmprune.errors import LlmpruneError
-from llmprune.export import save_checkpoint
+from llmprune.io.export import save_checkpoint
 
 SMALL = ["--nsamples", "4", "--seqlen", "32", "--threads", "1", "--quiet"]
 
@@ -131,7 +131,7 @@ def test_overwrite_replaces_an_earlier_output(llama_dir, text_file, tmp_path):
 
 
 def test_existing_out_is_refused_before_any_work(llama_dir, text_file, tmp_path, capsys, monkeypatch):
-    import llmprune.job
+    import llmprune.jobs.stores
 
     loads = []
 
@@ -139,7 +139,7 @@ def test_existing_out_is_refused_before_any_work(llama_dir, text_file, tmp_path,
         loads.append(args)
         raise AssertionError("the model was loaded although --out exists")
 
-    monkeypatch.setattr(llmprune.job, "load", spy)
+    monkeypatch.setattr(llmprune.jobs.stores, "load", spy)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous run")

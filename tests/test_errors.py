@@ -12,9 +12,9 @@ import pytest
 import tiny
 import torch
 
-from llmprune.cli import main
-from llmprune.config import PruneConfig
-from llmprune.driver import prune
+from llmprune.cli.commands import main
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.driver import prune
 from llmprune.errors import LlmpruneError
 from llmprune.methods.sparsegpt import inverse_hessian_factor
 

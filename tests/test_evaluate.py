@@ -8,7 +8,7 @@ import pytest
 import tiny
 import torch
 
-import llmprune.evaluate as evaluate
+import llmprune.eval.perplexity as evaluate
 
 
 def naive_perplexity(model, windows: torch.Tensor) -> float:

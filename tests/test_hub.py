@@ -12,14 +12,14 @@ import pytest
 from hubstub import HubStub
 
 from llmprune.errors import LlmpruneError
-from llmprune.hub import check_pushable, push
+from llmprune.io.hub import check_pushable, push
 
 TOKEN = "hf_llmprune_test_token_0123456789"
 
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, llama_dir, text_file) -> Path:
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     out = tmp_path_factory.mktemp("push") / "pruned"
     argv = ["--model", str(llama_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
@@ -78,7 +78,7 @@ def test_push_refuses_what_is_not_a_finished_llmprune_checkpoint(pruned, llama_d
 
 
 def test_prune_with_push_to_hub_needs_out():
-    from llmprune.job import Job, run
+    from llmprune.jobs.pipeline import Job, run
 
     with pytest.raises(LlmpruneError, match="give an output folder"):
         run(Job(model="m", push_to_hub="me/x"))

@@ -33,7 +33,7 @@ def imports() -> dict[str, list[tuple[str, str | None]]]:
 
 def test_the_graph_is_read():
     graph = imports()
-    assert ("llmprune.driver", "prune") in graph["llmprune.job"]
+    assert ("llmprune.engine.driver", "prune") in graph["llmprune.jobs.stores"]
     assert len(graph) > 30
 
 
@@ -61,3 +61,21 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert cycles == []
+
+
+# Each layer imports only from layers before it (and from itself).
+LAYERS = ["errors", "progress", "core", "methods", "io", "engine", "structured", "eval", "jobs", "cli", "api"]
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 else len(LAYERS)  # the package itself: on top
+
+
+def test_imports_point_down_the_layers():
+    graph = imports()
+    outside = [m for m in graph if m != "llmprune" and m.split(".")[1] not in LAYERS]
+    assert outside == []
+    upward = sorted({(module, target) for module, edges in graph.items() for target, _ in edges
+                     if target != "llmprune" and layer(target) > layer(module)})
+    assert upward == []

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from llmprune.capture import LayerCall
-from llmprune.config import PruneConfig
-from llmprune.driver import prune_layer
-from llmprune.lockstep import Diverged, Lockstep
+from llmprune.engine.capture import LayerCall
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.driver import prune_layer
+from llmprune.engine.lockstep import Diverged, Lockstep
 from llmprune.methods import get_method
 
 CPU = torch.device("cpu")

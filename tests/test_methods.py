@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
+from llmprune.core.patterns import Pattern, keep_nm, prune_count
 from llmprune.errors import LlmpruneError
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Options, get_method
 from llmprune.methods.sparsegpt import inverse_hessian_factor, keep_group, obs_update, shrink_to_diagonal
-from llmprune.patterns import Pattern, keep_nm, prune_count
 
 
 def opts(pattern="unstructured", sparsity=0.5, group="layer", update="none", blocksize=128, damp=0.01,

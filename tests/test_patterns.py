@@ -1,12 +1,12 @@
-"""Known answers and naive references for the mask selectors in llmprune.patterns."""
+"""Known answers and naive references for the mask selectors in llmprune.core.patterns."""
 
 import itertools
 
 import pytest
 import torch
 
+from llmprune.core.patterns import Pattern, keep_nm, keep_unstructured, prune_count
 from llmprune.errors import LlmpruneError
-from llmprune.patterns import Pattern, keep_nm, keep_unstructured, prune_count
 
 
 def naive_lowest(values: list[float], count: int) -> set[int]:

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune.data import evaluation_data
-from llmprune.evaluate import perplexity
+from llmprune.eval.perplexity import perplexity
+from llmprune.io.data import evaluation_data
 
 pytestmark = pytest.mark.slow
 

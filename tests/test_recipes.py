@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from llmprune.cli import _prune_parser, job_data
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.cli.commands import _prune_parser, job_data
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.job import EvalConfig, Job, TasksConfig
-from llmprune.recipe import apply_set, job_from_dict, job_to_dict, load_recipe
+from llmprune.jobs.pipeline import EvalConfig, Job, TasksConfig
+from llmprune.jobs.recipe import apply_set, job_from_dict, job_to_dict, load_recipe
 from llmprune.structured.run import StructuredConfig
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -122,7 +122,7 @@ def test_recipe_then_flags_then_set(tmp_path):
 
 
 def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model: m\nprune: {metod: wanda}\n")

@@ -21,9 +21,9 @@ import tiny
 import torch
 from test_errors import CLI, FAST, error_line, listing, refused, refused_in_subprocess
 
-from llmprune.cli import main
+from llmprune.cli.commands import main
 from llmprune.errors import LlmpruneError
-from llmprune.export import OutputLock
+from llmprune.io.export import OutputLock
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--threads", "1", "--quiet"]
 
@@ -232,7 +232,7 @@ def test_json_inside_out_is_refused(llama_dir, text_file, tmp_path, capsys):
 
 
 def test_a_proxy_is_left_to_decide(monkeypatch):
-    from llmprune.hub import hub_unreachable
+    from llmprune.io.hub import hub_unreachable
 
     endpoint = f"http://127.0.0.1:{closed_port()}"
     assert hub_unreachable(endpoint) is not None
@@ -242,7 +242,7 @@ def test_a_proxy_is_left_to_decide(monkeypatch):
 
 
 def test_causal_checks():
-    from llmprune.loading import check_causal
+    from llmprune.io.loading import check_causal
 
     check_causal({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "g")
     check_causal({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "l")
@@ -278,7 +278,7 @@ def test_push_reports_a_broken_connection_in_one_line(llama_dir, text_file, tmp_
     client's error (not an OSError), which was a 70-line traceback."""
     from huggingface_hub import HfApi
 
-    from llmprune.hub import push
+    from llmprune.io.hub import push
 
     out = tmp_path / "out"
     assert run(prune_argv(llama_dir, text_file, out), capsys)[0] == 0
@@ -320,7 +320,7 @@ SLOW_SAVE = textwrap.dedent("""
         print("SAVING", flush=True)
         time.sleep(60)
     transformers.PreTrainedModel.save_pretrained = slow
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -421,7 +421,7 @@ def test_routers_are_not_pruned_and_experts_are_not_decoder_layers():
     from torch import nn
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    from llmprune.model import find_decoder_layers, find_linears
+    from llmprune.engine.model import find_decoder_layers, find_linears
 
     torch.manual_seed(0)
     model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
@@ -587,10 +587,10 @@ def test_dataset_errors_say_their_real_cause(monkeypatch):
 
     import datasets
 
-    import llmprune.hub
-    from llmprune.data import load_text
+    import llmprune.io.hub
+    from llmprune.io.data import load_text
 
-    monkeypatch.setattr(llmprune.hub, "hub_unreachable", lambda *a, **k: None)
+    monkeypatch.setattr(llmprune.io.hub, "hub_unreachable", lambda *a, **k: None)
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/cache/wikitext")
@@ -607,10 +607,10 @@ def test_a_gated_hub_model_says_so(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
 
-    import llmprune.hub
-    from llmprune.job import _hub_snapshot
+    import llmprune.io.hub
+    from llmprune.jobs.stores import _hub_snapshot
 
-    monkeypatch.setattr(llmprune.hub, "hub_unreachable", lambda *a, **k: None)
+    monkeypatch.setattr(llmprune.io.hub, "hub_unreachable", lambda *a, **k: None)
 
     from huggingface_hub.utils import httpx as client
 
@@ -655,7 +655,7 @@ def test_api_perplexity_follows_the_models_limit(tokenizer, monkeypatch):
 
 
 def test_api_errors_name_fields_not_recipe_sections():
-    from llmprune.recipe import job_from_dict
+    from llmprune.jobs.recipe import job_from_dict
     from llmprune.structured.run import StructuredConfig
 
     with pytest.raises(LlmpruneError) as caught:
@@ -669,10 +669,10 @@ def test_api_errors_name_fields_not_recipe_sections():
 def test_recipe_module_example_loads():
     import yaml
 
-    import llmprune.recipe
-    from llmprune.recipe import job_from_dict
+    import llmprune.jobs.recipe
+    from llmprune.jobs.recipe import job_from_dict
 
-    doc = llmprune.recipe.__doc__ or ""
+    doc = llmprune.jobs.recipe.__doc__ or ""
     example = doc.split("\n\n")[1]
     job = job_from_dict(yaml.safe_load(textwrap.dedent(example)))
     assert job.calibration.samples == 128 and job.prune.pattern == "2:4"
@@ -683,7 +683,7 @@ def test_recipe_module_example_loads():
 
 @pytest.mark.parametrize("sub", [[], ["eval"], ["sweep"]])
 def test_help_shows_every_default(sub, capsys):
-    from llmprune import cli
+    import llmprune.cli.commands as cli
 
     parser = {(): cli._prune_parser, ("eval",): cli._eval_parser, ("sweep",): cli._sweep_parser}[tuple(sub)]()
 
@@ -738,7 +738,7 @@ def test_api_record_holds_the_job_not_the_hosts_command_line(llama_dir, text_fil
     import yaml
 
     import llmprune
-    from llmprune.recipe import job_from_dict
+    from llmprune.jobs.recipe import job_from_dict
 
     job = llmprune.Job(model=str(llama_dir), prune=llmprune.PruneConfig(method="magnitude", pattern="2:4"),
                        calibration=llmprune.CalibrationConfig(str(text_file), 2, 16),
@@ -761,7 +761,7 @@ def test_prune_keeps_the_callers_train_mode(tokenizer):
 
 def test_bfloat16_on_a_cpu_is_computed_in_float32(tokenizer):
     import llmprune
-    from llmprune.driver import compute_dtype
+    from llmprune.engine.driver import compute_dtype
 
     assert compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
     ids = tiny.random_ids(4, 16)
@@ -790,7 +790,7 @@ def test_a_square_conv1d_gradient_is_transposed_by_type():
 def test_sweep_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
 
-    from llmprune.sweep import plot
+    from llmprune.jobs.sweep import plot
 
     before = matplotlib.get_backend()
     record = {"setup": {"model": "m", "evaluation": {"source": "x"}}, "dense_ppl": 10.0,

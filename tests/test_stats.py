@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmprune.stats import ColumnNorms, Hessian, InputSample, relative_error
+from llmprune.core.stats import ColumnNorms, Hessian, InputSample, relative_error
 
 
 @pytest.mark.parametrize("dim", [1, 7, 256, 300, 600])

@@ -17,12 +17,12 @@ import tiny
 import torch
 from safetensors.torch import load_file
 
-from llmprune.activations import BatchFile
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.job import EvalConfig, Job, run
-from llmprune.journal import FOLDER as JOURNAL
-from llmprune.shards import INDEX
+from llmprune.io.activations import BatchFile
+from llmprune.io.journal import FOLDER as JOURNAL
+from llmprune.io.shards import INDEX
+from llmprune.jobs.pipeline import EvalConfig, Job, run
 
 
 def save(model, tokenizer, folder: Path, shard: str | None = None) -> Path:
@@ -68,7 +68,7 @@ def test_streaming_writes_what_the_in_memory_path_writes(arch, tokenizer, text_f
 def test_streaming_without_lockstep_still_writes_what_the_in_memory_path_writes(tokenizer, text_file, tmp_path):
     """More calibration activations than one layer's weights: streaming gives up the one-pass
     lockstep (memory) for one pass per input group, in memory it stays; same tensors either way."""
-    from llmprune.driver import LOCKSTEP_BUDGET
+    from llmprune.engine.driver import LOCKSTEP_BUDGET
 
     source = save(tiny.llama(len(tokenizer)), tokenizer, tmp_path / "src")
     calibration = CalibrationConfig(str(text_file), 24, 64)
@@ -129,7 +129,7 @@ def test_offloaded_activations_give_the_same_checkpoint(tokenizer, text_file, tm
 
 
 def test_device_map_places_every_layer_with_accelerate(tokenizer, text_file, tmp_path):
-    from llmprune.placement import layer_devices, parse_max_memory
+    from llmprune.engine.placement import layer_devices, parse_max_memory
 
     model = tiny.llama(len(tokenizer), layers=3)
     assert layer_devices(model, "model.layers", 3, "auto") == [torch.device("cpu")] * 3
@@ -153,11 +153,11 @@ KILLER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from llmprune.config import CalibrationConfig, PruneConfig
-    from llmprune.job import EvalConfig, Job, run
+    from llmprune.engine.config import CalibrationConfig, PruneConfig
+    from llmprune.jobs.pipeline import EvalConfig, Job, run
 
-    def progress(stage, done, total):
-        if stage == "prune" and done == {after}:
+    def progress(event):
+        if event.stage == "prune" and event.done == {after}:
             Path({marker!r}).write_text("ready")
             time.sleep(600)  # killed here, between two layers; layer {after} is journaled
 
@@ -218,7 +218,7 @@ def test_resume_after_kill_writes_identical_shards(four_layers, text_file, tmp_p
 
 @pytest.mark.parametrize("damage", ["journal", "shard", "activations", "settings"])
 def test_damaged_journal_is_reported_never_reused(damage, four_layers, text_file, tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     out = tmp_path / "out"
     kill_after(1, four_layers, text_file, out, tmp_path)
@@ -250,7 +250,7 @@ def test_damaged_journal_is_reported_never_reused(damage, four_layers, text_file
 def test_not_enough_disk_fails_before_work(four_layers, text_file, tmp_path, monkeypatch):
     import shutil as real
 
-    import llmprune.stream as stream
+    import llmprune.engine.stream as stream
 
     usage = real.disk_usage(tmp_path)
     monkeypatch.setattr(stream.shutil, "disk_usage", lambda path: usage._replace(free=1000))

@@ -10,7 +10,7 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmprune.capture import capture_layer_calls
+from llmprune.engine.capture import capture_layer_calls
 from llmprune.errors import LlmpruneError
 from llmprune.structured.obs import damped_inverse, greedy_remove, greedy_remove_columns, group_errors
 from llmprune.structured.run import StructuredConfig, prune_structured
@@ -270,7 +270,7 @@ def test_fit_bridge_recovers_a_linear_map_on_the_kept_channels():
 
 
 def test_bridge_matches_a_naive_ridge_fit_and_explains_what_it_says():
-    from llmprune.capture import capture_layer_calls
+    from llmprune.engine.capture import capture_layer_calls
     from llmprune.structured.bridge import bridge
 
     model = tiny.llama(layers=3, seed=4)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import Cancelled, LlmpruneError
-from llmprune.job import EvalConfig, Job, run
-from llmprune.sweep import SweepConfig, run_sweep
+from llmprune.jobs.pipeline import EvalConfig, Job, run
+from llmprune.jobs.sweep import SweepConfig, run_sweep
 
 
 def sweep_config(model: Path, text: Path, **kwargs) -> SweepConfig:
@@ -81,11 +81,11 @@ def test_interrupted_sweep_resumes_with_the_same_results(finished, llama_dir, te
         return len(seen) >= 2
 
     with pytest.raises(Cancelled):
-        run_sweep(sweep_config(llama_dir, text_file), out, progress=lambda p, d, t: seen.append(p),
+        run_sweep(sweep_config(llama_dir, text_file), out, progress=lambda event: seen.append(event.stage),
                   cancel=stop_after_two)
     assert len(json.loads((out / "sweep.json").read_text())["points"]) == 2
     rest: list[str] = []
-    resumed = run_sweep(sweep_config(llama_dir, text_file), out, progress=lambda p, d, t: rest.append(p))
+    resumed = run_sweep(sweep_config(llama_dir, text_file), out, progress=lambda event: rest.append(event.stage))
     assert len(rest) == 4 and not set(rest) & set(seen)
     assert [(p["key"], p["ppl"]) for p in resumed["points"]] == [(p["key"], p["ppl"]) for p in complete["points"]]
     with pytest.raises(LlmpruneError, match="another setup"):
@@ -93,7 +93,7 @@ def test_interrupted_sweep_resumes_with_the_same_results(finished, llama_dir, te
 
 
 def test_sweep_cli_prints_the_table(llama_dir, text_file, tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     argv = ["sweep", "--model", str(llama_dir), "--methods", "wanda", "--sparsities", "0.5", "--patterns", "",
             "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--eval", str(text_file),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.job import EvalConfig, Job, TasksConfig, run
+from llmprune.jobs.pipeline import EvalConfig, Job, TasksConfig, run
 
 DATA = Path(__file__).parent / "data"
 TASK = "llmprune_wiki_mc"
@@ -62,7 +62,7 @@ def test_tasks_on_a_tiny_model_match_a_direct_lm_eval_run(llama_dir, text_file, 
 
 @pytest.mark.slow
 def test_tasks_on_smollm2_match_a_direct_lm_eval_run(task_dir, tmp_path):
-    from llmprune.loading import resolve
+    from llmprune.io.loading import resolve
 
     out = tmp_path / "out"
     record = prune_with_tasks("smollm2-135m", "wikipedia", task_dir, out, 8, 256)
@@ -72,7 +72,7 @@ def test_tasks_on_smollm2_match_a_direct_lm_eval_run(task_dir, tmp_path):
 
 
 def test_eval_subcommand_runs_tasks_and_perplexity(llama_dir, text_file, task_dir, tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     argv = ["eval", str(llama_dir), "--tasks", TASK, "--tasks-include", str(task_dir), "--limit", "8",
             "--ppl", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--device", "cpu",
@@ -90,7 +90,7 @@ def test_unknown_task_fails_before_any_work(llama_dir, task_dir):
 
 
 def test_prune_cli_with_eval_tasks_prints_dense_and_pruned(llama_dir, text_file, task_dir, tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.commands import main
 
     argv = ["--model", str(llama_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
             "--eval", "none", "--device", "cpu", "--out", str(tmp_path / "o"), "--eval-tasks", TASK,

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llmprune.core.patterns import Group
 from llmprune.errors import LlmpruneError
 from llmprune.methods import magnitude, sparsegpt, wanda
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN, Options, Result, Stats
-from llmprune.patterns import Group
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from typing import Literal
 
 import torch
 
-from llmprune.patterns import Group, Pattern
+from llmprune.core.patterns import Group, Pattern
 
 
 @dataclass(frozen=True)
 class Options:
-    """Per-matrix options shared by all methods (validated by :class:`llmprune.config.PruneConfig`).
+    """Per-matrix options shared by all methods (validated by :class:`llmprune.engine.config.PruneConfig`).
 
     ``update="obs"`` re-fits the kept weights with the OBS update (SparseGPT's solver) after the
     mask is chosen; ``"none"`` only zeroes the pruned weights.

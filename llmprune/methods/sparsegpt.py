@@ -30,9 +30,9 @@ import math
 
 import torch
 
+from llmprune.core.patterns import keep_nm, lowest_mask, prune_count
 from llmprune.errors import LlmpruneError
 from llmprune.methods.base import DAMP_USED, DEAD, FACTOR, HESSIAN, Options, Result, Stats
-from llmprune.patterns import keep_nm, lowest_mask, prune_count
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from llmprune.core.patterns import select_keep
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN, Options, Result, Stats
 from llmprune.methods.sparsegpt import obs_update, prepare
-from llmprune.patterns import select_keep
 
 
 def needs(options: Options) -> set[str]:

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from llmprune.engine.model import find_linears, get_weight
 from llmprune.errors import LlmpruneError
-from llmprune.model import find_linears, get_weight
 
 # Leaf names of each role, as used by the Llama family, Qwen2, Mistral, Gemma 3, Phi-3 and others.
 ROLE_NAMES = {

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llmprune.capture import LayerCall
-from llmprune.driver import run_batches
-from llmprune.model import get_weight, set_weight
+from llmprune.engine.capture import LayerCall
+from llmprune.engine.driver import run_batches
+from llmprune.engine.model import get_weight, set_weight
 from llmprune.structured.obs import damped_inverse
 
 

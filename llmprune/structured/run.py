@@ -13,16 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from llmprune.capture import capture_layer_calls
-from llmprune.driver import (
-    ProgressFn,
+from llmprune.core.stats import MEAN_VAR
+from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.driver import (
     StatSet,
     auto_batch_size,
     fits_lockstep,
@@ -30,10 +29,10 @@ from llmprune.driver import (
     run_batches,
     visit_layer,
 )
-from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.engine.model import Conv1D, check_finite, find_decoder_layers, find_linears, get_weight, set_weight
+from llmprune.errors import LlmpruneError
 from llmprune.methods.base import HESSIAN
-from llmprune.model import Conv1D, check_finite, find_decoder_layers, find_linears, get_weight, set_weight
-from llmprune.stats import MEAN_VAR
+from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
 from llmprune.structured.anatomy import LayerAnatomy, Widths, inspect_layer, widths_of
 from llmprune.structured.bridge import bridge
 from llmprune.structured.obs import Removal, greedy_remove, greedy_remove_columns
@@ -177,11 +176,11 @@ def width_share(config: StructuredConfig, n_layers: int) -> float:
 
 def layers_to_drop(config: StructuredConfig, layers: nn.ModuleList, hidden: list[torch.Tensor],
                    calls: list[list[Any]], device: torch.device,
-                   cancel: Callable[[], bool] | None) -> tuple[set[int], list[float]]:
+                   cancel: Cancel | None, progress: Progress | None = None) -> tuple[set[int], list[float]]:
     """``drop_layers`` layers of least block influence on the dense model, and every layer's influence."""
     if not config.drop_layers:
         return set(), []
-    influence = block_influence(layers, hidden, calls, device, None, cancel)
+    influence = block_influence(layers, hidden, calls, device, progress, cancel)
     order = sorted(range(len(layers)), key=lambda i: (influence[i], i))
     return set(order[:config.drop_layers]), influence
 
@@ -304,13 +303,14 @@ class _LayerPruner:
 
 
 def block_influence(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: list[list[Any]],
-                    device: torch.device, progress: ProgressFn | None = None,
-                    cancel: Callable[[], bool] | None = None) -> list[float]:
-    """ShortGPT's BI_i = 1 − E_tokens[cos(h_in, h_out)] of each layer on the dense model."""
+                    device: torch.device, progress: Progress | None = None,
+                    cancel: Cancel | None = None) -> list[float]:
+    """ShortGPT's BI_i = 1 − E_tokens[cos(h_in, h_out)] of each layer on the dense model
+    (progress: stage "influence", in layers)."""
     scores = []
+    steps = Steps(progress, cancel, "influence", len(layers), "layers")
+    steps(0)
     for index, layer in enumerate(layers):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
         home = next(layer.parameters()).device
         layer.to(device)
         outputs = list(run_batches(layer, hidden, calls[index], device, []))
@@ -319,15 +319,16 @@ def block_influence(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: li
                 for a, b in zip(hidden, outputs, strict=True)]
         scores.append(1.0 - float(torch.cat(sims).mean()))
         hidden = outputs
-        if progress is not None:
-            progress(index + 1, len(layers))
+        steps(len(scores))
     return scores
 
 
 def taylor_gradients(model: nn.Module, calibration: torch.Tensor, layers_path: str, device: torch.device,
-                     batch_size: int = 1) -> dict[str, torch.Tensor]:
+                     batch_size: int = 1, progress: Progress | None = None,
+                     cancel: Cancel | None = None) -> dict[str, torch.Tensor]:
     """Σ over calibration batches of ∂L/∂W (L: mean next-token loss) for every decoder-layer weight,
-    keyed by full parameter name; model left as it was (no grads kept on it)."""
+    keyed by full parameter name; model left as it was (no grads kept on it). Progress: stage
+    "taylor", in batches; ``cancel`` is polled after each."""
     params = {n: p for n, p in model.named_parameters() if n.startswith(layers_path + ".")}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -335,14 +336,18 @@ def taylor_gradients(model: nn.Module, calibration: torch.Tensor, layers_path: s
     home = next(model.parameters()).device
     model.to(device)
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    batches = calibration.split(batch_size)
+    steps = Steps(progress, cancel, "taylor", len(batches), "batches")
     try:
-        for batch in calibration.split(batch_size):
+        steps(0)
+        for done, batch in enumerate(batches, 1):
             batch = batch.to(device)
             with torch.enable_grad():
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 grads = torch.autograd.grad(loss, list(params.values()))
             for (n, _), g in zip(params.items(), grads, strict=True):
                 sums[n] += g.float()
+            steps(done)
     finally:
         model.to(home)
         for n, p in model.named_parameters():
@@ -361,13 +366,16 @@ def _can_take_bias(model: nn.Module, linear: nn.Module, flag: str) -> bool:
 def prune_structured(
     model: nn.Module, config: StructuredConfig, calibration: torch.Tensor, *,
     device: str | torch.device | None = None, batch_size: int | None = None,
-    progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None, cancel: Cancel | None = None,
     gradients: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, StructuredReport]:
     """Prune ``model`` structurally; returns a new, physically smaller model (stock transformers
     classes, rewritten config) and the report. ``model`` itself is changed (zeroed columns) and
     should be dropped afterwards. ``gradients``: for ``taylor``, the output of
-    :func:`taylor_gradients` on this model, if already computed."""
+    :func:`taylor_gradients` on this model, if already computed. ``progress`` is given
+    :class:`~llmprune.progress.Event` s of each phase ("taylor" batches, "influence" and
+    "allocate" layers where the pattern needs them, then "prune" layers); ``cancel`` is polled
+    at every step of each."""
     start = time.perf_counter()
     if calibration.ndim != 2:
         raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")
@@ -395,7 +403,7 @@ def prune_structured(
     share = width_share(config, len(layers)) if pattern == "structured" else config.amount
     grads = gradients
     if config.score == "taylor" and grads is None:
-        grads = taylor_gradients(model, calibration, layers_path, run_device)
+        grads = taylor_gradients(model, calibration, layers_path, run_device, progress=progress, cancel=cancel)
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
 
     if pattern == "layers":
@@ -408,9 +416,10 @@ def prune_structured(
         report.errors = [{"layer": i, "block_influence": bi, "removed": i not in report.plan.layers}
                          for i, bi in enumerate(influence)]
     else:
-        dropped, influence = layers_to_drop(config, layers, hidden, calls, run_device, cancel)
+        dropped, influence = layers_to_drop(config, layers, hidden, calls, run_device, cancel, progress)
         report.plan = Plan([i for i in range(len(layers)) if i not in dropped])
-        heads, channels = _counts(config, widths, anatomy, layers, hidden, calls, run_device, cancel, share, dropped)
+        heads, channels = _counts(config, widths, anatomy, layers, hidden, calls, run_device, cancel, share, dropped,
+                                  progress)
         compensate = set()
         if config.score == "flap":
             for name, flag in ((anatomy.o, "attention_bias"), (anatomy.down, "mlp_bias")):
@@ -423,12 +432,11 @@ def prune_structured(
         targets = {n: m for n, m in find_linears(layers[0]).items() if n in (anatomy.o, anatomy.down)}
         kinds = STATS_OF[config.score]
         for index, layer in enumerate(layers):
-            if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
+            check_cancel(cancel, f"after {index} of {len(layers)} decoder layers")
             if index in dropped:  # gone: the next layer's inputs are this layer's inputs
                 report.errors.append({"layer": index, "block_influence": influence[index], "removed": True})
                 if progress is not None:
-                    progress(index + 1, len(layers))
+                    progress(Event("prune", index + 1, len(layers), "layers"))
                 continue
             home = next(layer.parameters()).device
             layer.to(run_device)
@@ -457,7 +465,7 @@ def prune_structured(
             if influence:
                 report.errors[-1]["block_influence"] = influence[index]
             if progress is not None:
-                progress(index + 1, len(layers))
+                progress(Event("prune", index + 1, len(layers), "layers"))
 
     pruned = shrink(model, report.plan, anatomy)
     new_layers = find_decoder_layers(pruned)[1]
@@ -506,7 +514,8 @@ def _record(report: StructuredReport, index: int, pruner: _LayerPruner, widths: 
 
 def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, layers: nn.ModuleList,
             hidden: list[torch.Tensor], calls: list[list[Any]], device: torch.device,
-            cancel: Callable[[], bool] | None, share: float, dropped: set[int]) -> tuple[int, int]:
+            cancel: Cancel | None, share: float, dropped: set[int],
+            progress: Progress | None = None) -> tuple[int, int]:
     """(head units to remove per layer, channels to remove per layer); for ``structured``,
     ``share`` of every layer not in ``dropped``."""
     if config.pattern == "heads":
@@ -519,18 +528,19 @@ def _counts(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, lay
         if channels >= widths.intermediate:
             raise LlmpruneError(f"removing {config.amount:.0%} of MLP channels would leave none")
         return 0, channels
-    return allocate(config, widths, anatomy, layers, hidden, calls, device, cancel, share, dropped)
+    return allocate(config, widths, anatomy, layers, hidden, calls, device, cancel, share, dropped, progress)
 
 
 def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, layers: nn.ModuleList,
              hidden: list[torch.Tensor], calls: list[list[Any]], device: torch.device,
-             cancel: Callable[[], bool] | None, share: float | None = None,
-             dropped: set[int] | None = None) -> tuple[int, int]:
+             cancel: Cancel | None, share: float | None = None,
+             dropped: set[int] | None = None, progress: Progress | None = None) -> tuple[int, int]:
     """Split ``share`` (default ``params``) of every layer's parameters between heads and
     channels: a pass over the dense layers (those in ``dropped`` skipped, as they will be)
     collects the OBS error of removing 0, 1, ... head units and channels per layer; the
     feasible split with the least total error wins. Errors of o_proj and down_proj are in the
-    same units (both write the residual stream), so they add up."""
+    same units (both write the residual stream), so they add up. Progress: stage "allocate",
+    in layers."""
     assert widths.intermediate is not None
     share = config.amount if share is None else share
     dropped = dropped or set()
@@ -558,10 +568,11 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
     def keep(name: str, stats: StatSet) -> None:
         collected[name] = stats.raw()[HESSIAN]
 
+    steps = Steps(progress, cancel, "allocate", len(layers), "layers")
+    steps(0)
     for index, layer in enumerate(layers):
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled while allocating, after {index} of {len(layers)} decoder layers")
         if index in dropped:
+            steps(index + 1)
             continue
         home = next(layer.parameters()).device
         layer.to(device)
@@ -581,6 +592,7 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         curve = greedy_remove_columns(W_d, H_d, len(chan_curve) - 1, config.damp)
         chan_curve[1:] += torch.tensor(curve.errors, dtype=torch.float64)
         hidden = outputs
+        steps(index + 1)
     best = min(options, key=lambda hc: head_err[hc[0]] + float(chan_curve[hc[1]]))
     log.info("allocation: %s head units and %s channels per layer (of %s)", best[0], best[1], options)
     return best

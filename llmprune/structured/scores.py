@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmprune.core.stats import MEAN_VAR
 from llmprune.methods.base import COLUMN_NORMS
-from llmprune.stats import MEAN_VAR
 
 SCORES = ("obs", "magnitude", "wanda-sp", "flap", "taylor")
 STATS_OF = {"obs": {"hessian"}, "magnitude": set(), "wanda-sp": {COLUMN_NORMS}, "flap": {MEAN_VAR}, "taylor": set()}

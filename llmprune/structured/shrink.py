@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
-from llmprune.model import find_decoder_layers
 from llmprune.structured.anatomy import LayerAnatomy, RowBlock, Widths
 
 

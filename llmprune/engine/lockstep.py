@@ -23,13 +23,13 @@ import torch
 from greenlet import greenlet
 from torch import nn
 
-from llmprune.capture import LayerCall
+from llmprune.engine.capture import LayerCall
 
 OnArrival = Callable[[str, list[torch.Tensor]], None]
 
 
 class Appendable(Protocol):
-    """Where outputs go: a list, or an :class:`~llmprune.activations.BatchFile`."""
+    """Where outputs go: a list, or an :class:`~llmprune.io.activations.BatchFile`."""
 
     def append(self, tensor: torch.Tensor, /) -> None: ...
 

@@ -8,14 +8,19 @@ from typing import Any
 
 import torch
 
+from llmprune.engine.model import polled
+from llmprune.progress import Cancel
+
 PROMPT = "The history of the city begins in the early Middle Ages, when"
 
 
 @torch.no_grad()
 def decode_speed(model: Any, tokenizer: Any, new_tokens: int = 64, repeats: int = 3,
-                 prompt: str = PROMPT, device: str | torch.device | None = None) -> dict[str, Any]:
+                 prompt: str = PROMPT, device: str | torch.device | None = None,
+                 cancel: Cancel | None = None) -> dict[str, Any]:
     """Median tokens/s over ``repeats`` greedy generations of exactly ``new_tokens`` tokens from
-    the same prompt (after one warm-up), on ``device`` (default: where the model is)."""
+    the same prompt (after one warm-up), on ``device`` (default: where the model is); ``cancel``
+    is polled before each generation step."""
     home = next(model.parameters()).device
     run_device = torch.device(device) if device is not None else home
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
@@ -32,8 +37,9 @@ def decode_speed(model: Any, tokenizer: Any, new_tokens: int = 64, repeats: int 
         return time.perf_counter() - tick
 
     try:
-        generate(min(8, new_tokens))
-        seconds = [generate(new_tokens) for _ in range(repeats)]
+        with polled(model, cancel, "while measuring decode speed"):
+            generate(min(8, new_tokens))
+            seconds = [generate(new_tokens) for _ in range(repeats)]
     finally:
         model.to(home)
     return {"tokens_per_s": new_tokens / statistics.median(seconds), "new_tokens": new_tokens,

@@ -231,7 +231,7 @@ def publish_folder(staging: Path, out: Path, overwrite: bool) -> None:
             raise LlmpruneError(f"output folder {out} already exists; choose another --out or pass --overwrite")
         check_replaceable(out)
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    with _signals_held():  # the two renames happen together, or neither does
+    with signals_held():  # the two renames happen together, or neither does
         if old is not None:
             os.replace(out, old)
         try:
@@ -245,7 +245,7 @@ def publish_folder(staging: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back (main thread, POSIX) for a few system calls that must not be
     split; a signal that came meanwhile is delivered right after."""
     held = {signal.SIGINT, signal.SIGTERM}
@@ -264,7 +264,7 @@ def publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     ``out``; on any error (Ctrl-C and SIGTERM included) the temporary folder is removed and
     ``out`` is untouched."""
     out = check_output(out, overwrite)
-    with _signals_held():  # made and owned by the try below, with nothing in between
+    with signals_held():  # made and owned by the try below, with nothing in between
         staging = make_staging(out)
     try:
         write(staging)

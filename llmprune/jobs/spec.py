@@ -3,14 +3,12 @@ runners, the recipes and the record."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
+from llmprune.progress import Progress as Progress  # re-exported: its old home
 from llmprune.structured.run import StructuredConfig
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from llmprune import __version__
-from llmprune.config import PruneConfig
-from llmprune.data import SPLIT_SOURCES
-from llmprune.driver import PruneReport
-from llmprune.loading import BUILTIN_MODELS
-from llmprune.memory import memory_report
-from llmprune.spec import Job
-from llmprune.speed import weights_bytes
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.driver import PruneReport
+from llmprune.eval.speed import weights_bytes
+from llmprune.io.data import SPLIT_SOURCES
+from llmprune.io.loading import BUILTIN_MODELS
+from llmprune.io.memory import memory_report
+from llmprune.jobs.spec import Job
 from llmprune.structured.run import StructuredConfig, StructuredReport
 
 log = logging.getLogger(__name__)

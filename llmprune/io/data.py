@@ -3,7 +3,7 @@
 Sources (``--calib`` / ``--eval``):
 
 * ``wikipedia``: built-in offline Wikipedia lead sections (calibration and evaluation splits are
-  disjoint, see :func:`llmprune.assets.wikipedia_text`);
+  disjoint, see :func:`llmprune.io.assets.wikipedia_text`);
 * ``pydoc``: Python's own documentation topics (stdlib ``pydoc_data``), offline and off-domain;
 * ``wikitext2``, ``c4``, ``ptb``: the standard sets through ``datasets`` (needs the Hub);
 * a local ``.txt`` file, or ``.jsonl`` with one ``{"text": ...}`` object (or string) a line.
@@ -31,7 +31,7 @@ def load_text(source: str, split: str) -> str:
     if split not in SPLITS:
         raise ValueError(split)
     if source == "wikipedia":
-        from llmprune.assets import wikipedia_text
+        from llmprune.io.assets import wikipedia_text
 
         return wikipedia_text(split)
     if source == "pydoc":
@@ -87,7 +87,7 @@ def _file_text(path: Path) -> str:
 
 def _hub_text(name: str, split: str) -> str:
     """Standard sets, joined as in the SparseGPT/Wanda evaluation code."""
-    from llmprune.hub import describe_hub_error, hub_errors, hub_unreachable
+    from llmprune.io.hub import describe_hub_error, hub_errors, hub_unreachable
 
     offline = "; offline, use 'wikipedia', 'pydoc' or a local .txt/.jsonl file"
     reason = hub_unreachable()

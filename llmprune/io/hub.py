@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
-from llmprune.export import CARD, JOURNAL_FOLDER, RECORD
-from llmprune.shards import INDEX
+from llmprune.io.export import CARD, JOURNAL_FOLDER, RECORD
+from llmprune.io.shards import INDEX
 
 
 def hub_unreachable(endpoint: str | None = None, timeout: float = 3.0) -> str | None:

@@ -18,17 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmprune.config import CalibrationConfig, PruneConfig
-from llmprune.errors import Cancelled, LlmpruneError
-from llmprune.evaluate import perplexity
-from llmprune.export import OutputLock, write_json
-from llmprune.job import evaluate_ppl
-from llmprune.model import window_length
-from llmprune.patterns import Pattern
-from llmprune.spec import EvalConfig
+from llmprune.core.patterns import Pattern
+from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.engine.model import window_length
+from llmprune.errors import LlmpruneError
+from llmprune.eval.perplexity import perplexity
+from llmprune.io.export import OutputLock, write_json
+from llmprune.jobs.pipeline import evaluate_ppl
+from llmprune.jobs.spec import EvalConfig
+from llmprune.progress import Event, Progress, check_cancel
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,11 @@ def run_sweep(config: SweepConfig, out: str | Path, progress: Progress | None = 
 
 def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
            cancel: Callable[[], bool] | None) -> dict[str, Any]:
-    from llmprune.capture import capture_layer_calls
-    from llmprune.data import calibration_data, evaluation_data
-    from llmprune.driver import auto_batch_size, prune, resolve_device
-    from llmprune.loading import load
-    from llmprune.model import find_decoder_layers, find_linears, get_weight
+    from llmprune.engine.capture import capture_layer_calls
+    from llmprune.engine.driver import auto_batch_size, prune, resolve_device
+    from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
+    from llmprune.io.data import calibration_data, evaluation_data
+    from llmprune.io.loading import load
 
     record_path = folder / "sweep.json"
     record = _load_existing(record_path, config.setup())
@@ -131,10 +131,9 @@ def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
         seqlen = window_length(config.evaluation.seqlen, model)
         windows = evaluation_data(tokenizer, config.evaluation.source or "", seqlen, config.evaluation.windows or None)
         for number, point in enumerate(todo):
-            if cancel is not None and cancel():
-                raise Cancelled(f"sweep cancelled after {number} of {len(todo)} new points")
-            if progress is not None:
-                progress(f"{point_key(point)}", number, len(todo))
+            check_cancel(cancel, f"sweep after {number} of {len(todo)} new points")
+            if progress is not None:  # the stage is the point about to run
+                progress(Event(point_key(point), number, len(todo), "points"))
             layers.load_state_dict(dense)
             report = prune(model, point, calibration, device=device, batch_size=size, captured=captured)
             home = next(model.parameters()).device

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llmprune.errors import LlmpruneError
-from llmprune.loading import DTYPES
+from llmprune.io.loading import DTYPES
 
 
 class BatchFile(Sequence[torch.Tensor]):

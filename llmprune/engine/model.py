@@ -4,10 +4,15 @@ tables, and read/write weights in the (out, in) orientation of ``nn.Linear``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
 from llmprune.errors import LlmpruneError
+from llmprune.progress import Cancel, check_cancel
 
 try:  # GPT-2 style models store linears as Conv1D with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -153,3 +158,21 @@ def window_length(requested: int | None, model: nn.Module) -> int:
     if requested is not None and requested < 2:
         raise LlmpruneError(f"seqlen must be >= 2, got {requested}")
     return requested or default
+
+
+@contextlib.contextmanager
+def polled(model: nn.Module, cancel: Cancel | None, where: str) -> Iterator[None]:
+    """Poll ``cancel`` before every forward pass of ``model`` while the block runs: work driven
+    by another library (lm-eval, ``generate``) stops at its next forward with :class:`Cancelled`."""
+    if cancel is None:
+        yield
+        return
+
+    def hook(module: nn.Module, args: Any) -> None:
+        check_cancel(cancel, where)
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

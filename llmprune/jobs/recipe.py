@@ -6,8 +6,8 @@
     evaluation: {source: wikipedia, windows: 16}
     out: ./smol-2of4
 
-Top-level keys are the fields of :class:`~llmprune.job.Job`; ``prune`` holds the fields of
-:class:`~llmprune.config.PruneConfig`, or of :class:`StructuredConfig` when its pattern is a
+Top-level keys are the fields of :class:`~llmprune.jobs.pipeline.Job`; ``prune`` holds the fields of
+:class:`~llmprune.engine.config.PruneConfig`, or of :class:`StructuredConfig` when its pattern is a
 structure (heads, channels, structured, layers); ``calibration``, ``evaluation`` and ``tasks``
 those of their configs. Unknown keys fail with a "did you mean" suggestion, values are checked
 against the field's type, and ``--set key.sub=value`` overrides any of them.
@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from llmprune.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.spec import EvalConfig, Job, TasksConfig
+from llmprune.jobs.spec import EvalConfig, Job, TasksConfig
 from llmprune.structured.run import STRUCTURES, StructuredConfig
 
 SECTIONS: dict[str, type] = {"calibration": CalibrationConfig, "evaluation": EvalConfig, "tasks": TasksConfig}

@@ -35,7 +35,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def resolve(spec: str) -> tuple[str, str | None]:
     """(folder or Hub id, gguf file name or None) for ``spec``, fetching built-ins if needed."""
     if spec in BUILTIN_MODELS:
-        from llmprune.assets import smollm2_folder
+        from llmprune.io.assets import smollm2_folder
 
         return str(smollm2_folder()), None
     path = Path(spec).expanduser()
@@ -98,7 +98,7 @@ def check_causal(config: dict[str, Any], spec: str) -> None:
 def check_local_folder(folder: Path, spec: str) -> None:
     """Everything about a local model folder that can be checked before loading it: a readable
     config of a causal LM, a tokenizer, and weight files that are whole."""
-    from llmprune.shards import check_safetensors
+    from llmprune.io.shards import check_safetensors
 
     check_causal(read_config(folder), spec)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

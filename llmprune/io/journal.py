@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmprune.activations import file_sha256
 from llmprune.errors import LlmpruneError
-from llmprune.export import JOURNAL_FOLDER
+from llmprune.io.activations import file_sha256
+from llmprune.io.export import JOURNAL_FOLDER
 
 FOLDER = JOURNAL_FOLDER
 FILE = "journal.json"

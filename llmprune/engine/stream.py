@@ -3,23 +3,22 @@
 The model is built without weights (accelerate's ``init_empty_weights``: parameters on the meta
 device). The embeddings and other non-layer tensors are read for the calibration capture,
 written to the first output shard and released. Then, for each decoder layer, its tensors are
-read from the source shards, the layer is pruned by the same :func:`llmprune.driver.prune` loop
+read from the source shards, the layer is pruned by the same :func:`llmprune.engine.driver.prune` loop
 as in memory, written to a shard of its own and released again. Memory therefore holds one
 decoder layer, its statistics and the calibration activations (which may themselves live in a
-file, :class:`~llmprune.activations.BatchFile`).
+file, :class:`~llmprune.io.activations.BatchFile`).
 
-Every finished layer is recorded in a :class:`~llmprune.journal.Journal` in the output's
+Every finished layer is recorded in a :class:`~llmprune.io.journal.Journal` in the output's
 temporary folder, so ``resume=True`` continues an interrupted run from its last complete layer
 and writes the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,14 @@ import torch
 from torch import nn
 
 from llmprune import __version__
-from llmprune.activations import BatchFile, file_sha256
-from llmprune.driver import LayerHost, LinearReport, PruneReport, Resumed, Sink
+from llmprune.engine.driver import LayerHost, LinearReport, PruneReport, Resumed, Sink
+from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
-from llmprune.export import make_staging
-from llmprune.journal import FOLDER as JOURNAL_FOLDER
-from llmprune.journal import Journal
-from llmprune.model import find_decoder_layers
-from llmprune.shards import Checkpoint, shard_name, write_index, write_shard
+from llmprune.io.activations import BatchFile, file_sha256
+from llmprune.io.export import make_staging
+from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
+from llmprune.io.journal import Journal
+from llmprune.io.shards import Checkpoint, shard_name, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class StreamHost(LayerHost):
         activations alive; a streaming run allows that only while they are no larger than one
         decoder layer's weights. Otherwise each batch runs alone, one pass per input group: the
         same result (same batches, same order) for more compute and far less memory."""
-        from llmprune.driver import LOCKSTEP_BUDGET
+        from llmprune.engine.driver import LOCKSTEP_BUDGET
 
         layer = sum(t.numel() for t in _own_tensors(self.layers[0]).values())
         return min(LOCKSTEP_BUDGET, layer)
@@ -228,7 +227,7 @@ def fingerprint(source: str, config: Any, calibration: torch.Tensor, batch_size:
 
 def open_staging(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """The staging folder for ``out``: (path, whether it holds an interrupted run to resume).
-    The caller holds ``out``'s :class:`~llmprune.export.OutputLock`, so no live run owns it."""
+    The caller holds ``out``'s :class:`~llmprune.io.export.OutputLock`, so no live run owns it."""
     staging = staging_folder(out)
     if staging.exists() and not resume:
         if not overwrite:
@@ -240,83 +239,3 @@ def open_staging(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     if resume:
         log.warning("nothing to resume in %s; starting from the first layer", staging)
     return make_staging(out, "partial"), False
-
-
-def _move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:
-    """Move every present tensor outside the decoder layers (embeddings, norm, lm_head, rotary
-    buffers) to ``device``; the layers' meta parameters stay where they are."""
-    from accelerate.utils import set_module_tensor_to_device
-
-    named = [*model.named_parameters(), *model.named_buffers()]
-    for name, tensor in named:
-        if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
-            set_module_tensor_to_device(model, name, device)
-
-
-class _Substitute:
-    """A decoder layer's forward that ignores the hidden states it is given and runs the real
-    layer on stored ones: the model's own tail (final norm, lm_head) then sees them."""
-
-    def __init__(self, layer: nn.Module, stored: torch.Tensor) -> None:
-        self.layer, self.stored = layer, stored
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        forward = type(self.layer).forward
-        if args:
-            return forward(self.layer, self.stored.to(args[0].device), *args[1:], **kwargs)
-        kwargs["hidden_states"] = self.stored.to(kwargs["hidden_states"].device)
-        return forward(self.layer, **kwargs)
-
-
-@torch.no_grad()
-def stream_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
-                      device: torch.device, batch_size: int = 1,
-                      progress: Callable[[int, int], None] | None = None) -> float:
-    """:func:`llmprune.evaluate.perplexity` with one decoder layer in memory at a time, read from
-    ``source`` (the dense checkpoint, or the pruned shards written so far)."""
-    import math
-
-    from llmprune.capture import capture_layer_calls
-    from llmprune.evaluate import summed_nll
-
-    reader = copy.copy(host)  # the same model and layers, read from ``source``
-    reader.source = source
-    layers = reader.layers
-    batches = list(windows.split(batch_size))
-    reader.load_rest()
-    try:
-        hidden, calls = capture_layer_calls(model, layers, batches)
-        for index, layer in enumerate(layers[:-1]):
-            reader.fetch(index, layer)
-            layer.to(device)
-            hidden = [call.run(layer, state, device).to("cpu")
-                      for state, call in zip(hidden, calls[index], strict=True)]
-            layer.to("meta")
-            if progress is not None:
-                progress(index + 1, len(layers) + 1)
-        last = layers[-1]
-        reader.fetch(len(layers) - 1, last)
-        last.to(device)
-        _move_front(model, reader.layers_path, device)
-        total = 0.0
-        saved = [block.__dict__.get("forward") for block in layers]
-        try:
-            for block in layers[:-1]:
-                block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
-            for batch, state in zip(batches, hidden, strict=True):
-                last.forward = _Substitute(last, state)
-                logits = model(input_ids=batch.to(device), use_cache=False).logits
-                total += summed_nll(logits, batch.to(device))
-        finally:
-            for block, original in zip(layers, saved, strict=True):
-                if original is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = original
-            _move_front(model, reader.layers_path, torch.device("cpu"))
-            last.to("meta")
-    finally:
-        reader.release_rest()
-    if progress is not None:
-        progress(len(layers) + 1, len(layers) + 1)
-    return math.exp(total / windows[:, 1:].numel())

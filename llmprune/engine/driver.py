@@ -18,13 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune.activations import BatchFile
-from llmprune.capture import LayerCall, StopForward, capture_layer_calls
-from llmprune.config import PruneConfig
-from llmprune.errors import Cancelled, LlmpruneError
-from llmprune.lockstep import Diverged, Lockstep
-from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
-from llmprune.model import (
+from llmprune.core.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
+from llmprune.engine.capture import LayerCall, StopForward, capture_layer_calls
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.lockstep import Diverged, Lockstep
+from llmprune.engine.model import (
     check_finite,
     count_zeros,
     find_decoder_layers,
@@ -34,11 +32,13 @@ from llmprune.model import (
     unprunable_weights,
     weight_matrices,
 )
-from llmprune.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
+from llmprune.errors import LlmpruneError
+from llmprune.io.activations import BatchFile
+from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
+from llmprune.progress import Event, Progress, check_cancel
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]  # (decoder layers done, total)
 
 
 # Where a layer's outputs go, one batch at a time: a list, or a file (activation offload).
@@ -394,7 +394,7 @@ class Resumed:
 
 class LayerHost:
     """Where the decoder layers' weights live between visits. This default keeps the whole model
-    in memory; :mod:`llmprune.stream` reads each layer from disk and writes it back pruned."""
+    in memory; :mod:`llmprune.engine.stream` reads each layer from disk and writes it back pruned."""
 
     def captured(self, model: nn.Module) -> None:
         """Called once the calibration inputs of layer 0 are captured."""
@@ -428,7 +428,7 @@ def prune(
     *,
     device: str | torch.device | None = None,
     batch_size: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     layer_devices: Sequence[torch.device] | None = None,
     host: LayerHost | None = None,
@@ -438,8 +438,9 @@ def prune(
 
     ``calibration``: (nsamples, seqlen) token ids. ``device``: where each layer is processed
     (default: CUDA if present); the model itself may stay on the CPU. ``layer_devices``: one
-    device per decoder layer instead (from an accelerate device map). ``cancel`` is polled
-    between layers; when it returns True the run stops with :class:`Cancelled` (the model is
+    device per decoder layer instead (from an accelerate device map). ``progress`` is given an
+    :class:`~llmprune.progress.Event` ("prune", layers done, total, "layers") after each layer;
+    ``cancel`` is polled between layers; when it returns True the run stops with :class:`Cancelled` (the model is
     then partly pruned). ``host`` decides where layer weights live between visits (default: in
     ``model``). ``captured``: the inputs of layer 0 and every layer's call arguments, from an
     earlier :func:`capture_layer_calls` of the same calibration batches (a sweep reuses them).
@@ -470,7 +471,7 @@ def prune(
 
 def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tensor, method: Method, options: Options,
                   host: LayerHost, layers_path: str, layers: nn.ModuleList, run_device: torch.device,
-                  devices: list[torch.device], batch_size: int | None, progress: ProgressFn | None,
+                  devices: list[torch.device], batch_size: int | None, progress: Progress | None,
                   cancel: Callable[[], bool] | None,
                   captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None, unpruned: list[str],
                   start: float) -> PruneReport:
@@ -494,8 +495,7 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     del resumed
     for index in range(first, len(layers)):
         layer = layers[index]
-        if cancel is not None and cancel():
-            raise Cancelled(f"cancelled after {index} of {len(layers)} decoder layers")
+        check_cancel(cancel, f"after {index} of {len(layers)} decoder layers")
         tick = time.perf_counter()
         host.fetch(index, layer)
         check_finite(layer, prefix=f"{layers_path}.{index}")
@@ -515,6 +515,6 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         report.layer_seconds.append(time.perf_counter() - tick)
         hidden = host.finish(index, layer, outputs, report)
         if progress is not None:
-            progress(index + 1, len(layers))
+            progress(Event("prune", index + 1, len(layers), "layers"))
     report.seconds = time.perf_counter() - start
     return report

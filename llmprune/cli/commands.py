@@ -1,4 +1,4 @@
-"""Command line: a thin argparse layer over :mod:`llmprune.job`.
+"""Command line: a thin argparse layer over :mod:`llmprune.jobs.pipeline`.
 
     llmprune --model smollm2-135m --sparsity 0.5 --pattern 2:4 --method sparsegpt --out ./s24
     llmprune eval ./s24
@@ -15,6 +15,7 @@ from typing import Any
 
 from llmprune import __version__
 from llmprune.errors import LlmpruneError
+from llmprune.progress import Event
 
 PATTERN_HELP = ("'unstructured', N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros), or a structure "
                 "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers")
@@ -188,23 +189,23 @@ def _sweep_parser() -> argparse.ArgumentParser:
 
 
 class _Bars:
-    """One tqdm bar per stage; the pruning bar counts decoder layers."""
+    """One tqdm bar per stage, counting the stage's own unit (layers, windows, batches)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bars: dict[str, Any] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, event: Event) -> None:
         if self.quiet:
             return
         from tqdm import tqdm
 
-        unit = "layer" if stage == "prune" else "window"
-        bar = self.bars.get(stage)
+        bar = self.bars.get(event.stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=True)
-        bar.update(done - bar.n)
-        if done >= total:
+            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit=event.unit.rstrip("s"),
+                                                file=sys.stderr, leave=True)
+        bar.update(event.done - bar.n)
+        if event.done >= event.total:
             bar.close()
 
 
@@ -212,7 +213,7 @@ def _setup(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 0:
         raise LlmpruneError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
     if getattr(args, "json", None):
-        from llmprune.export import check_json_path
+        from llmprune.io.export import check_json_path
 
         check_json_path(args.json)  # before the work, not after it
     # llmprune's own messages only (transformers' loggers reach the root logger where CI is
@@ -236,7 +237,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
-    from llmprune.spec import EvalConfig
+    from llmprune.jobs.spec import EvalConfig
 
     source = None if str(args.eval).lower() == "none" else args.eval
     return EvalConfig(source, args.eval_seqlen, args.eval_windows, args.eval_batch_size)
@@ -274,7 +275,7 @@ def _explicit(argv: Sequence[str]) -> dict[str, Any]:
 
 def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Recipe data for this command line: the recipe (if any), the flags, then ``--set``."""
-    from llmprune.recipe import apply_set, read_recipe
+    from llmprune.jobs.recipe import apply_set, read_recipe
     from llmprune.structured.run import STRUCTURES
 
     explicit = _explicit(argv)
@@ -313,18 +314,18 @@ def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 def cmd_prune(argv: Sequence[str]) -> int:
     args = _prune_parser().parse_args(argv)
     _setup(args)
-    from llmprune.job import run
-    from llmprune.recipe import job_from_dict
+    from llmprune.jobs.pipeline import run
+    from llmprune.jobs.recipe import job_from_dict
 
     if args.decode_tokens < 0:
         raise LlmpruneError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
     job = job_from_dict(job_data(args, argv), origin=f"recipe {args.recipe}" if args.recipe else None)
-    from llmprune.job import check_job, streaming_source
+    from llmprune.jobs.pipeline import check_job, streaming_source
 
     out = check_job(job)  # before streaming_source, which may download a Hub snapshot
     if args.json and out is not None and Path(args.json).expanduser().resolve().is_relative_to(out):
         raise LlmpruneError(f"--json {args.json} is inside --out {out}, which the run replaces; write it elsewhere")
-    from llmprune.memory import return_freed_memory
+    from llmprune.io.memory import return_freed_memory
 
     if streaming_source(job) is not None:  # memory is the point of streaming: trade speed for it
         return_freed_memory()
@@ -345,9 +346,9 @@ def cmd_prune(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     args = _eval_parser().parse_args(argv)
     _setup(args)
-    from llmprune.driver import resolve_device
-    from llmprune.job import evaluate_ppl
-    from llmprune.loading import load
+    from llmprune.engine.driver import resolve_device
+    from llmprune.io.loading import load
+    from llmprune.jobs.pipeline import evaluate_ppl
 
     config = _eval_config(args)
     names = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
@@ -355,7 +356,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
         raise LlmpruneError("llmprune eval needs a perplexity text (--eval/--ppl) or --tasks")
     manager = None
     if names:
-        from llmprune.tasks import check_tasks
+        from llmprune.eval.tasks import check_tasks
 
         manager = check_tasks(names, args.tasks_include)
     model, tokenizer = load(args.model, args.dtype)
@@ -363,11 +364,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
     bars = _Bars(args.quiet)
     result: dict[str, Any] = {"model": args.model}
     if config.source is not None:
-        result.update(evaluate_ppl(model, tokenizer, config, device, lambda done, total: bars("eval", done, total)))
+        result.update(evaluate_ppl(model, tokenizer, config, device, bars))
         print(f"{'model':<40} {'ppl':>10}   protocol")
         print(f"{args.model:<40} {result['ppl']:>10.3f}   {_protocol(result)}")
     if names:
-        from llmprune.tasks import evaluate_tasks
+        from llmprune.eval.tasks import evaluate_tasks
 
         result["tasks"] = evaluate_tasks(model, tokenizer, names, include=args.tasks_include,
                                          limit=args.tasks_limit, num_fewshot=args.num_fewshot,
@@ -395,7 +396,7 @@ def cmd_push(argv: Sequence[str]) -> int:
     args = _push_parser().parse_args(argv)
     from pathlib import Path
 
-    from llmprune.hub import push
+    from llmprune.io.hub import push
 
     url = push(Path(args.folder), args.repo, private=args.private)
     print(f"pushed {args.folder} to {url}")
@@ -405,9 +406,9 @@ def cmd_push(argv: Sequence[str]) -> int:
 def cmd_sweep(argv: Sequence[str]) -> int:
     args = _sweep_parser().parse_args(argv)
     _setup(args)
-    from llmprune.config import CalibrationConfig
-    from llmprune.spec import EvalConfig
-    from llmprune.sweep import SweepConfig, run_sweep, table
+    from llmprune.engine.config import CalibrationConfig
+    from llmprune.jobs.spec import EvalConfig
+    from llmprune.jobs.sweep import SweepConfig, run_sweep, table
 
     def floats(text: str) -> tuple[float, ...]:
         try:
@@ -424,15 +425,15 @@ def cmd_sweep(argv: Sequence[str]) -> int:
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
     )
 
-    from llmprune.sweep import point_key
+    from llmprune.jobs.sweep import point_key
 
     keys = [point_key(p) for p in config.points()]
     print(f"llmprune sweep: {len(keys)} points on {args.model} ({', '.join(keys)}); finished points in "
           f"{args.out} are reused", file=sys.stderr, flush=True)
 
-    def progress(point: str, done: int, total: int) -> None:
+    def progress(event: Event) -> None:
         if not args.quiet:
-            print(f"[{done + 1}/{total}] {point}", file=sys.stderr, flush=True)
+            print(f"[{event.done + 1}/{event.total}] {event.stage}", file=sys.stderr, flush=True)
 
     record = run_sweep(config, args.out, progress=progress)
     print(table(record))
@@ -443,7 +444,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
 
 
 def _protocol(ev: dict[str, Any]) -> str:
-    from llmprune.card import text_name
+    from llmprune.jobs.card import text_name
 
     return f"{text_name(ev)}, {ev['windows']} x {ev['seqlen']} tokens" + (", BOS" if ev["bos"] else "")
 
@@ -528,7 +529,7 @@ def structured_summary(record: dict[str, Any]) -> str:
 
 def _write_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if args.json:
-        from llmprune.export import write_json
+        from llmprune.io.export import write_json
 
         write_json(args.json, record)
 
@@ -570,7 +571,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from llmprune.data import SPLIT_SOURCES
+from llmprune.io.data import SPLIT_SOURCES
 
 
 def model_card(record: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.engine.model import polled
 from llmprune.errors import LlmpruneError
+from llmprune.progress import Cancel
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def hub_tasks(manager: Any, names: tuple[str, ...]) -> list[str]:
 
 def check_tasks(names: tuple[str, ...], include: str | None) -> Any:
     """The task manager, once every name is known to it and its data loads (before any work)."""
-    from llmprune.hub import describe_hub_error, hub_errors, hub_unreachable
+    from llmprune.io.hub import describe_hub_error, hub_errors, hub_unreachable
 
     manager = task_manager(include)
     known = set(manager.all_tasks)
@@ -107,8 +109,10 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 @torch.no_grad()
 def evaluate_tasks(model: nn.Module, tokenizer: Any, names: tuple[str, ...], *, include: str | None = None,
                    limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                   device: torch.device | None = None, manager: Any = None) -> dict[str, Any]:
-    """Run lm-eval ``names`` on ``model``; returns {"results": {task: metrics}, "n_samples", ...}."""
+                   device: torch.device | None = None, manager: Any = None,
+                   cancel: Cancel | None = None) -> dict[str, Any]:
+    """Run lm-eval ``names`` on ``model``; returns {"results": {task: metrics}, "n_samples", ...}.
+    ``cancel`` is polled before each of the model's forward passes."""
     import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -120,9 +124,10 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, names: tuple[str, ...], *, 
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         count = int(limit) if limit is not None and limit >= 1 else limit
-        out = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=count,
-                              num_fewshot=num_fewshot, log_samples=False, random_seed=0, numpy_random_seed=0,
-                              torch_random_seed=0, fewshot_random_seed=0)
+        with polled(model, cancel, "during lm-eval"):
+            out = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=count,
+                                  num_fewshot=num_fewshot, log_samples=False, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     finally:
         model.to(home)
     if out is None:  # lm-eval returns None on non-zero ranks only

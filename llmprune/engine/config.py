@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from llmprune.core.patterns import Pattern
 from llmprune.errors import LlmpruneError
 from llmprune.methods import Options, get_method
-from llmprune.patterns import Pattern
 
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 

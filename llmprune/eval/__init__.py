@@ -1,0 +1,1 @@
+"""Measurement: perplexity, decode speed and weight bytes, lm-eval tasks."""

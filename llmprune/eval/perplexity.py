@@ -1,0 +1,139 @@
+"""Perplexity with the published protocol (non-overlapping windows of the joined test text)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.stream import StreamHost
+from llmprune.io.shards import Checkpoint
+from llmprune.progress import Cancel, Progress, Steps
+
+CE_ROWS = 256  # token positions per cross-entropy call: bounds its log-softmax copy (~50 MB at 49k vocab)
+
+
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Σ −log p(ids[t+1] | ids[:t+1]) over all positions, without copying the (batch, seqlen,
+    vocab) logits: the last position of each row gets no target, instead of slicing it off."""
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.shape[0], CE_ROWS):
+        total += nn.functional.cross_entropy(
+            flat[start : start + CE_ROWS].float(), flat_targets[start : start + CE_ROWS],
+            reduction="sum", ignore_index=-100,
+        ).item()
+    return total
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    stage: str = "eval",
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> float:
+    """exp(mean next-token NLL) over every predicted token of ``windows`` (n, seqlen).
+
+    Each window is scored on its own (no context carried over), as in GPTQ/SparseGPT/Wanda;
+    the mean is over all predicted tokens, n · (seqlen − 1). Progress: ``stage``, in windows;
+    ``cancel`` is polled after each batch.
+    """
+    model.eval()
+    run_device = torch.device(device) if device else next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    steps = Steps(progress, cancel, stage, windows.shape[0], "windows")
+    steps(0)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(run_device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        total_nll += summed_nll(logits, batch)
+        total_tokens += batch[:, 1:].numel()
+        steps(min(start + batch_size, windows.shape[0]))
+    return math.exp(total_nll / total_tokens)
+
+
+def move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:
+    """Move every present tensor outside the decoder layers (embeddings, norm, lm_head, rotary
+    buffers) to ``device``; the layers' meta parameters stay where they are."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in named:
+        if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
+            set_module_tensor_to_device(model, name, device)
+
+
+class Substitute:
+    """A decoder layer's forward that ignores the hidden states it is given and runs the real
+    layer on stored ones: the model's own tail (final norm, lm_head) then sees them."""
+
+    def __init__(self, layer: nn.Module, stored: torch.Tensor) -> None:
+        self.layer, self.stored = layer, stored
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.layer).forward
+        if args:
+            return forward(self.layer, self.stored.to(args[0].device), *args[1:], **kwargs)
+        kwargs["hidden_states"] = self.stored.to(kwargs["hidden_states"].device)
+        return forward(self.layer, **kwargs)
+
+
+@torch.no_grad()
+def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
+                        device: torch.device, batch_size: int = 1, stage: str = "eval",
+                        progress: Progress | None = None, cancel: Cancel | None = None) -> float:
+    """:func:`perplexity` with one decoder layer in memory at a time, read from ``source`` (the
+    dense checkpoint, or the pruned shards written so far). Progress in layers (the last step is
+    the loss); ``cancel`` is polled after each."""
+    reader = copy.copy(host)  # the same model and layers, read from ``source``
+    reader.source = source
+    layers = reader.layers
+    batches = list(windows.split(batch_size))
+    steps = Steps(progress, cancel, stage, len(layers) + 1, "layers")
+    steps(0)
+    reader.load_rest()
+    try:
+        hidden, calls = capture_layer_calls(model, layers, batches)
+        for index, layer in enumerate(layers[:-1]):
+            reader.fetch(index, layer)
+            layer.to(device)
+            hidden = [call.run(layer, state, device).to("cpu")
+                      for state, call in zip(hidden, calls[index], strict=True)]
+            layer.to("meta")
+            steps(index + 1)
+        last = layers[-1]
+        reader.fetch(len(layers) - 1, last)
+        last.to(device)
+        move_front(model, reader.layers_path, device)
+        total = 0.0
+        saved = [block.__dict__.get("forward") for block in layers]
+        try:
+            for block in layers[:-1]:
+                block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
+            for batch, state in zip(batches, hidden, strict=True):
+                last.forward = Substitute(last, state)
+                logits = model(input_ids=batch.to(device), use_cache=False).logits
+                total += summed_nll(logits, batch.to(device))
+        finally:
+            for block, original in zip(layers, saved, strict=True):
+                if original is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = original
+            move_front(model, reader.layers_path, torch.device("cpu"))
+            last.to("meta")
+    finally:
+        reader.release_rest()
+    steps(len(layers) + 1)
+    return math.exp(total / windows[:, 1:].numel())
