@@ -1,4 +1,4 @@
-"""Peak memory of SparseGPT's inverse-Hessian factor (methods.sparsegpt.inverse_hessian_factor)
+"""Peak memory of SparseGPT's inverse-Hessian factor (core.factor.inverse_hessian_factor)
 for an n x n Hessian, against n² fp32 bytes; the previous implementation for comparison.
 
     .venv/bin/python scripts/bench_factor.py            # n = 4096, CPU (and CUDA when present)
@@ -19,7 +19,7 @@ import sys
 CHILD = r"""
 import json, sys, torch
 from llmprune.io.memory import peak_rss_bytes, reset_peaks
-from llmprune.methods.sparsegpt import inverse_hessian_factor
+from llmprune.core.factor import inverse_hessian_factor
 
 n, variant, device = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.manual_seed(0)

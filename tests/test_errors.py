@@ -13,10 +13,10 @@ import tiny
 import torch
 
 from llmprune.cli.commands import main
+from llmprune.core.factor import inverse_hessian_factor
 from llmprune.engine.config import PruneConfig
 from llmprune.engine.driver import prune
 from llmprune.errors import LlmpruneError
-from llmprune.methods.sparsegpt import inverse_hessian_factor
 
 CLI = str(Path(sys.executable).with_name("llmprune"))
 FAST = ["--nsamples", "2", "--seqlen", "16", "--eval", "none", "--threads", "1", "--quiet"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -29,3 +30,59 @@ def test_perplexity_matches_naive_mean_nll(batch_size, monkeypatch):
     windows = tiny.random_ids(5, 12, seed=3)
     expected = naive_perplexity(model, windows)
     assert evaluate.perplexity(model, windows, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
+
+
+def full_logits_perplexity(model, windows: torch.Tensor) -> float:
+    """The previous implementation: the model's own (batch, seqlen, vocab) logits."""
+    with torch.no_grad():
+        total = sum(evaluate.summed_nll(model(input_ids=w[None], use_cache=False).logits, w[None]) for w in windows)
+    return math.exp(total / windows[:, 1:].numel())
+
+
+def head_rows(model) -> list[int]:
+    """Rows each call of the output head gets (the logits it makes are rows x vocab)."""
+    rows: list[int] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: rows.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    return rows
+
+
+def test_chunked_perplexity_equals_full_logits_at_a_50k_vocabulary():
+    model = tiny.llama(vocab_size=50_000)
+    windows = tiny.random_ids(3, 600, vocab_size=50_000, seed=4)  # 600 > CE_ROWS: several chunks a window
+    expected = full_logits_perplexity(model, windows)
+    rows = head_rows(model)
+    assert evaluate.perplexity(model, windows, batch_size=3) == pytest.approx(expected, rel=1e-6)
+    assert max(rows[1:]) <= evaluate.CE_ROWS  # after the probe, never a whole window's logits
+
+
+def test_soft_capped_logits_are_capped_in_the_chunks_too():
+    from transformers import Gemma3ForCausalLM
+
+    base = tiny.gemma3()
+    config = copy.deepcopy(base.config)
+    config.final_logit_softcapping = 0.5  # small: the cap changes every logit
+    model = Gemma3ForCausalLM(config)
+    model.load_state_dict(base.state_dict())
+    model.eval()
+    windows = tiny.random_ids(2, 20, seed=5)
+    head = evaluate.loss_head(model, windows[:1, :evaluate.PROBE])
+    assert head is not None and head.cap == 0.5
+    expected = full_logits_perplexity(model, windows)
+    assert evaluate.perplexity(model, windows) == pytest.approx(expected, rel=1e-6)
+    assert full_logits_perplexity(base, windows) != pytest.approx(expected, rel=1e-2)  # the cap matters
+
+
+def test_a_head_the_probe_cannot_reproduce_falls_back_to_full_logits():
+    model = tiny.llama()
+    forward = type(model).forward
+
+    def scaled(self, *args, **kwargs):  # an unknown step after the head: logits doubled
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = scaled.__get__(model)
+    windows = tiny.random_ids(2, 20, seed=6)
+    assert evaluate.loss_head(model, windows[:1, :evaluate.PROBE]) is None
+    assert evaluate.perplexity(model, windows) == pytest.approx(full_logits_perplexity(model, windows), rel=1e-6)

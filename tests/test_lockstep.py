@@ -113,3 +113,46 @@ def test_a_diverging_layer_is_finished_group_by_group(signs):
         assert (got == 0).float().mean().item() == 0.5
     for got, want in zip(results[True][2], results[False][2], strict=True):
         assert torch.equal(got, want)
+
+
+class Parallel(nn.Module):
+    """q and k read x, o reads their product, then g reads x again (a parallel block's MLP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.o, self.g = (nn.Linear(8, 8, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) * self.k(x)) + self.g(x)
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_a_group_s_statistics_are_freed_after_its_last_linear(lockstep):
+    import gc
+    import weakref
+
+    from llmprune.engine.driver import visit_layer
+    from llmprune.methods.base import HESSIAN
+
+    layer, hidden = Parallel(), batches([1, 1, 1])
+    alive: dict[str, bool] = {}
+    refs: dict[str, weakref.ref] = {}
+    hessians: dict[str, torch.Tensor] = {}
+
+    def on_ready(name: str, stats) -> None:
+        gc.collect()
+        alive[name] = all(ref() is not None for ref in refs.values())
+        refs[name] = weakref.ref(stats)
+        hessians[name] = stats.raw()[HESSIAN].clone()
+
+    with torch.no_grad():
+        visit_layer(layer, hidden, [CALL] * 3, dict(layer.named_children()), {HESSIAN}, on_ready, True, CPU,
+                    lockstep)
+    assert list(hessians) == ["q", "k", "o", "g"]
+    assert alive["k"]  # q's statistics are k's: shared, not copied
+    assert not alive["o"] and not alive["g"]  # q/k's went once o's input arrived
+    x = torch.cat(hidden).reshape(-1, 8)
+    # g reads x again: its statistics, rebuilt, are exactly q's
+    assert torch.equal(hessians["g"], hessians["q"])
+    torch.testing.assert_close(hessians["q"], 2 * x.T @ x / x.shape[0])

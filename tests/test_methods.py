@@ -6,10 +6,11 @@ import itertools
 import pytest
 import torch
 
+from llmprune.core.factor import inverse_hessian_factor
 from llmprune.core.patterns import Pattern, keep_nm, prune_count
 from llmprune.errors import LlmpruneError
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Options, get_method
-from llmprune.methods.sparsegpt import inverse_hessian_factor, keep_group, obs_update, shrink_to_diagonal
+from llmprune.methods.sparsegpt import keep_group, obs_update, shrink_to_diagonal
 
 
 def opts(pattern="unstructured", sparsity=0.5, group="layer", update="none", blocksize=128, damp=0.01,
@@ -289,12 +290,12 @@ def test_inverse_hessian_factor_leaves_h_alone_and_takes_the_live_mean():
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 11, 64])
 def test_in_place_reverse_equals_flip(n):
-    from llmprune.methods.sparsegpt import _reverse
+    from llmprune.core.factor import reverse_in_place
 
     x = torch.arange(n, dtype=torch.float32)
     for chunk in (1, 2, 3, 100):
         y = x.clone()
-        _reverse(y, chunk)
+        reverse_in_place(y, chunk)
         assert torch.equal(y, x.flip(0))
 
 

@@ -152,7 +152,7 @@ def test_two_jobs_in_two_threads_do_not_interfere(llama_dir, text_file, tmp_path
     def work(name: str, spec: Job) -> None:
         try:
             results[name] = run(spec)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n, s)) for n, s in (("a", sparse), ("b", other))]
@@ -173,7 +173,8 @@ def test_two_jobs_in_two_processes_do_not_interfere(llama_dir, text_file, tmp_pa
         return [sys.executable, "-m", "llmprune.cli", "--model", str(llama_dir), "--method", method,
                 "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32", "--calib", str(text_file),
                 "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "4", "--threads", "1",
-                "--quiet", "--device", "cpu", "--batch-size", "2", "--out", str(tmp_path / out), "--json", str(tmp_path / f"{out}.json")]
+                "--quiet", "--device", "cpu", "--batch-size", "2", "--out", str(tmp_path / out),
+                "--json", str(tmp_path / f"{out}.json")]
 
     running = [subprocess.Popen(command(out, method), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for out, method in (("a", "sparsegpt"), ("b", "wanda"))]

@@ -10,9 +10,10 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmprune.core.factor import damped_inverse
 from llmprune.engine.capture import capture_layer_calls
 from llmprune.errors import LlmpruneError
-from llmprune.structured.obs import damped_inverse, greedy_remove, greedy_remove_columns, group_errors
+from llmprune.structured.obs import greedy_remove, greedy_remove_columns, group_errors
 from llmprune.structured.run import StructuredConfig, prune_structured
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma3", "phi3"]

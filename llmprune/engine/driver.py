@@ -283,6 +283,12 @@ def visit_layer(
         def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
             stats = next((s for ref, s in shared if ref() is inputs[0]), None)
             if stats is None:
+                # A new input: the group before it is complete in every stock layer (q/k/v, then
+                # o; gate/up, then down), so its statistics and factor (3·n² for a SparseGPT
+                # down_proj) go now, not at the end of the layer. Should a later linear read
+                # an earlier input after all (parallel attention and MLP blocks), its
+                # statistics are rebuilt from the same inputs: the same numbers, more compute.
+                shared.clear()
                 stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
                 for x in inputs:
                     stats.add(x.detach())
@@ -290,6 +296,8 @@ def visit_layer(
             if name in pending:  # a linear may run twice in a layer
                 del pending[name]
                 on_ready(name, stats)
+            if not pending:
+                shared.clear()  # the last target: nothing reads these statistics again
 
         try:
             Lockstep(dict(pending), on_arrival).run(layer, hidden, calls, device, sink)

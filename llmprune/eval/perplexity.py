@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -13,6 +14,8 @@ from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.stream import StreamHost
 from llmprune.io.shards import Checkpoint
 from llmprune.progress import Cancel, Progress, Steps
+
+log = logging.getLogger(__name__)
 
 CE_ROWS = 256  # token positions per cross-entropy call: bounds its log-softmax copy (~50 MB at 49k vocab)
 
@@ -32,6 +35,68 @@ def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return total
 
 
+class LossHead:
+    """The model's output head applied to final hidden states a few rows at a time, giving
+    Σ NLL without ever holding (batch, seqlen, vocab) logits (1 GB per 1k-token window at
+    Gemma 3's 262k vocabulary). ``post`` is what the model's forward does to the head's output
+    (Gemma's final soft-capping, Cohere's logit scale, Granite's logit scaling)."""
+
+    def __init__(self, model: Any) -> None:
+        self.base: nn.Module = model.base_model
+        self.head: nn.Module = model.get_output_embeddings()
+        config = model.config
+        self.scale = getattr(config, "logit_scale", None)
+        self.scaling = getattr(config, "logits_scaling", None)
+        self.cap = getattr(config, "final_logit_softcapping", None)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids=ids, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if isinstance(self.scale, (int, float)):
+            logits = logits * self.scale
+        if isinstance(self.scaling, (int, float)):
+            logits = logits / self.scaling
+        if isinstance(self.cap, (int, float)):
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def summed_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        """:func:`summed_nll` of the logits of ``hidden`` (batch, seqlen, width), ``CE_ROWS``
+        positions at a time."""
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]
+        flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        total = 0.0
+        for start in range(0, flat.shape[0], CE_ROWS):
+            logits = self.logits(flat[start : start + CE_ROWS]).float()
+            total += nn.functional.cross_entropy(logits, flat_targets[start : start + CE_ROWS], reduction="sum",
+                                                 ignore_index=-100).item()
+        return total
+
+
+PROBE = 8  # tokens of the first window on which the head is checked against the model's own logits
+
+
+def loss_head(model: Any, probe: torch.Tensor) -> LossHead | None:
+    """A :class:`LossHead` for ``model`` when it reproduces the model's own logits on ``probe``
+    (1, ≤ PROBE) token ids, else None: a forward that does more after its head than the ones
+    known is scored from its full logits instead (correct, only less frugal)."""
+    base, output = getattr(model, "base_model", None), getattr(model, "get_output_embeddings", None)
+    if base is None or base is model or output is None or output() is None:
+        return None
+    head = LossHead(model)
+    full = model(input_ids=probe, use_cache=False).logits.float()
+    ours = head.logits(head.hidden(probe)).float()
+    if full.shape != ours.shape or not torch.allclose(full, ours, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
+        log.info("%s: the output head does not reproduce the model's logits; perplexity from full logits",
+                 type(model).__name__)
+        return None
+    return head
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -46,18 +111,22 @@ def perplexity(
     """exp(mean next-token NLL) over every predicted token of ``windows`` (n, seqlen).
 
     Each window is scored on its own (no context carried over), as in GPTQ/SparseGPT/Wanda;
-    the mean is over all predicted tokens, n · (seqlen − 1). Progress: ``stage``, in windows;
-    ``cancel`` is polled after each batch.
+    the mean is over all predicted tokens, n · (seqlen − 1). The loss comes from the final
+    hidden states, a few positions at a time (:class:`LossHead`). Progress: ``stage``, in
+    windows; ``cancel`` is polled after each batch.
     """
     model.eval()
     run_device = torch.device(device) if device else next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     steps = Steps(progress, cancel, stage, windows.shape[0], "windows")
     steps(0)
+    head = loss_head(model, windows[:1, :PROBE].to(run_device))
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(run_device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        total_nll += summed_nll(logits, batch)
+        if head is not None:
+            total_nll += head.summed_nll(head.hidden(batch), batch)
+        else:
+            total_nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch)
         total_tokens += batch[:, 1:].numel()
         steps(min(start + batch_size, windows.shape[0]))
     return math.exp(total_nll / total_tokens)
@@ -121,10 +190,16 @@ def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, 
         try:
             for block in layers[:-1]:
                 block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
+            # Causal: the stored states of the first positions are those of the shorter probe.
+            last.forward = Substitute(last, hidden[0][:1, :PROBE])
+            head = loss_head(model, batches[0][:1, :PROBE].to(device))
             for batch, state in zip(batches, hidden, strict=True):
                 last.forward = Substitute(last, state)
-                logits = model(input_ids=batch.to(device), use_cache=False).logits
-                total += summed_nll(logits, batch.to(device))
+                ids = batch.to(device)
+                if head is not None:
+                    total += head.summed_nll(head.hidden(ids), ids)
+                else:
+                    total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
         finally:
             for block, original in zip(layers, saved, strict=True):
                 if original is None:

@@ -30,67 +30,14 @@ import math
 
 import torch
 
+from llmprune.core.factor import inverse_hessian_factor, live_mean
 from llmprune.core.patterns import keep_nm, lowest_mask, prune_count
-from llmprune.errors import LlmpruneError
 from llmprune.methods.base import DAMP_USED, DEAD, FACTOR, HESSIAN, Options, Result, Stats
 
 log = logging.getLogger(__name__)
 
-DAMP_RETRIES = 4  # each retry multiplies the damping by 10
-
-
 def needs(options: Options) -> set[str]:
     return {HESSIAN}
-
-
-def inverse_hessian_factor(H: torch.Tensor, damp: float, mean_diag: float | None = None) -> tuple[torch.Tensor, float]:
-    """Upper triangular U with UᵀU = (H + λI)⁻¹, λ = damp · ``mean_diag`` (default: the mean of
-    diag H). H: (in, in), fp32, left unchanged.
-
-    With J the order-reversing permutation and JHJ = LLᵀ (Cholesky), U = J L⁻¹ J: one Cholesky
-    and one triangular inverse instead of inverting H and factoring the inverse again. Memory
-    beyond H is 2·n² at the peak (scripts/bench_factor.py measures it): JHJ with the damping added
-    in place and L; then L and L⁻¹, computed in place in a column-major identity (the layout
-    solve_triangular would copy its right-hand side to anyway) and turned into U by reversing
-    its storage in place.
-    A failed factorisation is retried with 10× more damping, up to ``DAMP_RETRIES`` times; then
-    it stops with an error rather than silently pruning without the update.
-    """
-    mean = H.diagonal().mean() if mean_diag is None else torch.tensor(mean_diag, dtype=H.dtype, device=H.device)
-    for attempt in range(DAMP_RETRIES + 1):
-        factor = damp * 10**attempt
-        flipped = H.flip(0, 1)  # JHJ, damped in place, freed once factored
-        flipped.diagonal().add_(factor * mean)
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
-        if info.item() == 0:
-            # Column-major, as solve_triangular would copy it anyway: solved in place.
-            inverse = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).t()
-            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-            del lower
-            _reverse(inverse.t().reshape(-1))  # J L⁻¹ J: both indices reversed = the storage reversed
-            # A sum is non-finite whenever an element is (without a mask the size of U).
-            if torch.isfinite(inverse.sum()) or torch.isfinite(inverse).all():
-                return inverse, factor
-        log.warning("Hessian not positive definite with damping %.3g; retrying with more", factor)
-    raise LlmpruneError(
-        f"the Hessian stays singular even with damping {factor:.3g} x mean(diag H); "
-        "use more (or more varied) calibration samples, or a larger --damp"
-    )
-
-
-def _reverse(flat: torch.Tensor, chunk: int = 1 << 16) -> None:
-    """Reverse a 1-D tensor in place, swapping mirrored chunks (temporaries of ``chunk``
-    elements, not of the whole tensor)."""
-    n = flat.numel()
-    start = 0
-    while start + chunk <= n - start - chunk:
-        head = flat[start : start + chunk].clone()
-        flat[start : start + chunk] = flat[n - start - chunk : n - start].flip(0)
-        flat[n - start - chunk : n - start] = head.flip(0)
-        start += chunk
-    middle = flat[start : n - start]
-    middle.copy_(middle.flip(0))
 
 
 def prepare_stats(stats: Stats, options: Options) -> Stats:
@@ -121,16 +68,9 @@ def prepare(stats: Stats, options: Options) -> Stats:
     """Once per shared input: zero-input ("dead") columns and the factor U of the damped H⁻¹
     (of the Hessian shrunk toward its diagonal by ``options.shrink``)."""
     H = shrink_to_diagonal(stats[HESSIAN].float(), options.shrink)
-    dead = H.diagonal() == 0
-    # λ is a fraction of the mean energy of the *live* inputs: counting the dead inputs'
-    # placeholder 1.0 (70% of a ReLU model's inputs can be dead) would make it many times what
-    # was asked and all but switch the update off.
-    mean_diag = None  # no dead inputs: the mean of diag H itself, reduced exactly as always
-    if dead.any():
-        live = H.diagonal()[~dead]
-        mean_diag = float(live.mean()) if live.numel() else 1.0
+    dead, mean = live_mean(H)  # λ from the live inputs' energy (see llmprune.core.factor)
     H.diagonal()[dead] = 1.0
-    U, damp_used = inverse_hessian_factor(H, options.damp, mean_diag)
+    U, damp_used = inverse_hessian_factor(H, options.damp, float(mean) if dead.any() else None)
     return {**stats, DEAD: dead, FACTOR: U, DAMP_USED: torch.tensor(damp_used)}
 
 

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from llmprune.core.factor import damped_inverse
 from llmprune.engine.capture import LayerCall
 from llmprune.engine.driver import run_batches
 from llmprune.engine.model import get_weight, set_weight
-from llmprune.structured.obs import damped_inverse
 
 
 def fit_bridge(G: torch.Tensor, C: torch.Tensor, keep: Sequence[int], damp: float) -> torch.Tensor:

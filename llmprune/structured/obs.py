@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmprune.core.factor import damped_inverse
 from llmprune.errors import LlmpruneError
-from llmprune.methods.sparsegpt import DAMP_RETRIES
 
 
 @dataclass
@@ -32,26 +32,6 @@ class Removal:
     removed: list[int]  # group indices, in removal order
     errors: list[float]  # cumulative OBS error after each removal
     damp: float
-
-
-def damped_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """(H + λI)⁻¹ in float64 with λ = damp · mean(diag H) over the live inputs (dead ones, with
-    diag 0, get a placeholder 1 that must not dilute λ); more damping on failure, then an error."""
-    H = H.double()
-    dead = H.diagonal() == 0
-    H = H.clone()
-    mean = H.diagonal().mean()  # reduced as always when no input is dead
-    if dead.any():
-        live = H.diagonal()[~dead]
-        mean = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
-    H.diagonal()[dead] = 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for attempt in range(DAMP_RETRIES + 1):
-        factor = damp * 10**attempt
-        lower, info = torch.linalg.cholesky_ex(H + eye * factor * mean)
-        if info.item() == 0:
-            return torch.cholesky_inverse(lower), factor
-    raise LlmpruneError(f"the Hessian stays singular even with damping {factor:.3g} x mean(diag H)")
 
 
 def group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
