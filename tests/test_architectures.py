@@ -288,6 +288,7 @@ def test_batching_and_path_do_not_change_the_result(models, method, sequential, 
     results = {}
     for lockstep in (True, False):
         monkeypatch.setattr(driver, "LOCKSTEP_BUDGET", budget if lockstep else 0)
+        monkeypatch.setattr(driver, "LOCKSTEP_SHARE", 1 / 3 if lockstep else 0)
         for batch_size in (1, 2, len(ids)):
             model = fresh(models, "llama")
             report = prune(model, config, ids, device="cpu", batch_size=batch_size)

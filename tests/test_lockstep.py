@@ -156,3 +156,18 @@ def test_a_group_s_statistics_are_freed_after_its_last_linear(lockstep):
     # g reads x again: its statistics, rebuilt, are exactly q's
     assert torch.equal(hessians["g"], hessians["q"])
     torch.testing.assert_close(hessians["q"], 2 * x.T @ x / x.shape[0])
+
+
+def test_the_lockstep_budget_follows_free_memory(monkeypatch):
+    import llmprune.engine.driver as driver
+
+    monkeypatch.setattr(driver, "available_bytes", lambda: 24 * 10**9)  # this project's CI machine
+    assert driver.lockstep_budget(CPU) == 8 * 10**9 // (4 * 3)  # a third of it, 3 fp32 copies
+    # SmolLM2's default run (128 x 2048 tokens, MLP width 1536) now takes one pass per layer;
+    # Llama-3.1-8B's (width 14336) would need 45 GB of activations and takes one per group.
+    assert driver.fits_lockstep(128, 2048, 1536, device=CPU)
+    assert not driver.fits_lockstep(128, 2048, 14336, device=CPU)
+    monkeypatch.setattr(driver, "available_bytes", lambda: 2 * 10**9)
+    assert driver.lockstep_budget(CPU) == driver.LOCKSTEP_BUDGET  # never below the fixed floor
+    monkeypatch.setattr(driver, "available_bytes", lambda: None)
+    assert driver.lockstep_budget(CPU) == driver.LOCKSTEP_BUDGET

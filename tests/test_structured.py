@@ -229,8 +229,11 @@ def test_a_bridge_that_does_not_fit_the_architecture_is_put_back():
     outputs, explained = bridge(layers[0], down, hidden, before, calls[0], [(layers[1], calls[1])], keep, 0.01, cpu)
     old = sum(float((t - b).square().sum()) for t, b in zip(target, before, strict=True))
     new = sum(float((t - o).square().sum()) for t, o in zip(target, outputs, strict=True))
-    assert explained == pytest.approx(1 - new / old, rel=1e-3, abs=1e-9)  # the share is the measured one
-    assert explained == 0 or not torch.equal(down.weight, W)
+    # The share is measured on the held-out batch; a fit it does not help is put back whole.
+    if explained == 0:
+        assert torch.equal(down.weight, W) and all(torch.equal(o, b) for o, b in zip(outputs, before, strict=True))
+    else:
+        assert 0 < explained < 1 and new < old and not torch.equal(down.weight, W)
 
 
 def test_a_refit_that_makes_the_outputs_worse_is_put_back(monkeypatch):
@@ -276,7 +279,10 @@ def test_bridge_matches_a_naive_ridge_fit_and_explains_what_it_says():
 
     model = tiny.llama(layers=3, seed=4)
     layers, cpu = model.model.layers, torch.device("cpu")
-    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(4, SEQLEN, seed=5).split(2)))
+    # 4 batches of 16 x 24 tokens: 1152 tokens to fit 16 kept channels, 384 held out. (A random
+    # tiny model's dropped layers are mostly not linear in the kept channels: fewer tokens or
+    # more channels and the fit does not carry over to the held-out batch, which is the point.)
+    hidden, calls = capture_layer_calls(model, layers, list(tiny.random_ids(64, SEQLEN, seed=5).split(16)))
     down = layers[0].mlp.down_proj
     seen = []
     hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -286,7 +292,7 @@ def test_bridge_matches_a_naive_ridge_fit_and_explains_what_it_says():
         target = [c.run(layers[2], c1.run(layers[1], b, cpu), cpu)
                   for b, c1, c in zip(before, calls[1], calls[2], strict=True)]
     # Slow reference: every token's down_proj input, ridge solution on the kept channels.
-    keep = list(range(0, tiny.INTERMEDIATE, 2))
+    keep = list(range(0, tiny.INTERMEDIATE, 8))
     A = torch.cat(seen).double()[:, keep]
     delta = torch.cat([(t - b).reshape(-1, t.shape[-1]) for t, b in zip(target, before, strict=True)]).double()
     G = A.T @ A
@@ -297,10 +303,22 @@ def test_bridge_matches_a_naive_ridge_fit_and_explains_what_it_says():
                                 [(layers[1], calls[1]), (layers[2], calls[2])], keep, 0.01, cpu)
     change = (down.weight.detach() - W).double()
     assert torch.allclose(change[:, keep], expected, rtol=1e-3, atol=1e-4)  # float32 sums
-    assert change[:, 1::2].abs().max() == 0
+    assert change[:, [j for j in range(tiny.INTERMEDIATE) if j % 8]].abs().max() == 0
     old = sum(float((t - b).square().sum()) for t, b in zip(target, before, strict=True))
     new = sum(float((t - o).square().sum()) for t, o in zip(target, outputs, strict=True))
-    assert new < old and explained == pytest.approx(1 - new / old, rel=1e-3)
+    assert new < old
+    # The share it reports is measured on the last batch, held out of a fit on the others: not
+    # on the tokens the kept fit saw (which would flatter it).
+    rows = sum(x.shape[0] for x in seen[:-1])
+    A_fit, delta_fit, A_held, delta_held = A[:rows], delta[:rows], A[rows:], delta[rows:]
+    G_fit = A_fit.T @ A_fit
+    D_fit = torch.linalg.solve(G_fit + 0.01 * G_fit.diagonal().mean() * torch.eye(len(keep), dtype=G.dtype),
+                               A_fit.T @ delta_fit).T
+    held_out = 1 - float((delta_held - A_held @ D_fit.T).square().sum()) / float(delta_held.square().sum())
+    assert held_out > 0  # the set-up: a fit that carries over, so the bridge is kept
+    assert explained == pytest.approx(held_out, rel=1e-3)
+    in_sample = 1 - new / old
+    assert explained < in_sample  # the in-sample share overstates what the bridge carries
 
 
 def test_structured_depth_bridges_each_dropped_run():

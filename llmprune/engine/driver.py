@@ -34,6 +34,7 @@ from llmprune.engine.model import (
 )
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile
+from llmprune.io.memory import available_bytes
 from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
 from llmprune.progress import Event, Progress, check_cancel
 
@@ -48,8 +49,12 @@ Sink = list[torch.Tensor] | BatchFile
 CPU_BATCH_BUDGET = 2**22
 DEVICE_BATCH_BUDGET = 2**26
 # Elements of the widest activation of all batches together, which the lockstep mode keeps alive
-# at once (256 MB in fp32). Above it true-sequential pruning takes one pass per input group.
+# at once: at least LOCKSTEP_BUDGET (256 MB in fp32), more while LOCKSTEP_COPIES fp32 copies of
+# it take at most LOCKSTEP_SHARE of the memory still free where the layer runs. Above it
+# true-sequential pruning takes one pass per input group (the same result, more compute).
 LOCKSTEP_BUDGET = 2**26
+LOCKSTEP_SHARE = 1 / 3
+LOCKSTEP_COPIES = 3  # the widest point's activations alive together (MLP gate, up and their product)
 ERROR_SAMPLE_ROWS = 256  # calibration rows (over all batches) on which reconstruction error is measured
 
 
@@ -138,9 +143,30 @@ def auto_batch_size(nsamples: int, seqlen: int, widest: int, device: torch.devic
     return max(1, min(nsamples, budget // max(1, seqlen * widest)))
 
 
-def fits_lockstep(nsamples: int, seqlen: int, widest: int, budget: int | None = None) -> bool:
-    """Whether every batch's activations may be alive at once (one-pass true-sequential)."""
-    return nsamples * seqlen * widest <= (LOCKSTEP_BUDGET if budget is None else budget)
+def free_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device`` (the system's for the CPU), if known."""
+    if device.type == "cpu":
+        return available_bytes()
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
+def lockstep_budget(device: torch.device) -> int:
+    """Elements of the widest activation, over all batches, that lockstep may keep alive on
+    ``device``: a fixed floor, or what a share of its free memory holds."""
+    free = free_bytes(device)
+    from_memory = int(LOCKSTEP_SHARE * free) // (4 * LOCKSTEP_COPIES) if free else 0
+    return max(LOCKSTEP_BUDGET, from_memory)
+
+
+def fits_lockstep(nsamples: int, seqlen: int, widest: int, budget: int | None = None,
+                  device: torch.device | None = None) -> bool:
+    """Whether every batch's activations may be alive at once (one-pass true-sequential);
+    ``budget`` None: :func:`lockstep_budget` of ``device`` (default: the CPU)."""
+    if budget is None:
+        budget = lockstep_budget(device or torch.device("cpu"))
+    return nsamples * seqlen * widest <= budget
 
 
 class StatSet:
@@ -409,7 +435,7 @@ class LayerHost:
 
     def lockstep_budget(self) -> int | None:
         """Elements of the widest activation of all batches that may be alive at once
-        (None: :data:`LOCKSTEP_BUDGET`)."""
+        (None: :func:`lockstep_budget` of the device)."""
         return None
 
     def resume(self, hidden: list[torch.Tensor]) -> Resumed:
@@ -485,8 +511,10 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                   start: float) -> PruneReport:
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
-    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest,
-                                                   host.lockstep_budget())
+    budget = host.lockstep_budget()
+    if budget is None:  # the tightest of the devices the layers run on
+        budget = min(lockstep_budget(d) for d in set(devices))
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest, budget)
     batches = list(calibration.split(size))
     if captured is not None and len(captured[0]) != len(batches):
         raise LlmpruneError(f"captured inputs hold {len(captured[0])} batches, calibration has {len(batches)}")

@@ -13,8 +13,8 @@ dropped run is reproduced exactly; if Δ = 0, D = 0 and nothing changes.
 
 The linear model needs down_proj's output to reach the residual stream as it is. Where it does
 not (Gemma's post-feed-forward norm, Granite's residual multiplier), the refit is checked: it is
-kept only if it measurably brings the layer's outputs closer to the dropped run's on the
-calibration tokens, and the share it carries is that measured one.
+kept only if it measurably brings the layer's outputs closer to the dropped run's on a
+calibration batch held out of the fit, and the share it carries is that measured one.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], ou
     """Refit ``down`` (in ``layer``, already on ``device``) so that ``layer`` also adds what the
     ``dropped`` layers (each with its calls, in order after ``layer``) would have added to its
     ``outputs`` for ``inputs``. Returns ``layer``'s outputs afterwards and the share of the
-    dropped layers' contribution they now carry, measured on these tokens. Where the fit does
+    dropped layers' contribution they now carry, measured on the last batch, held out of the
+    fit that is judged (the kept fit then uses every batch). Where the fit does
     not help (an architecture whose MLP output is normalised or scaled before the residual add,
     so the linear model above does not hold), the weight is put back and the share is 0."""
     # What the dropped run would add, one dropped layer on the device at a time.
@@ -64,29 +65,35 @@ def bridge(layer: nn.Module, down: nn.Module, inputs: Sequence[torch.Tensor], ou
             module.to(home)
     seen: list[torch.Tensor] = []
     hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    G = C = None
+    # The last batch is held out: the fit is judged on tokens it was not fitted on. (With one
+    # batch there is nothing to hold out, and it is judged on its own tokens.)
+    held = len(inputs) - 1 if len(inputs) > 1 else None
+    sums: dict[bool, list[torch.Tensor]] = {}  # held out or not -> [G, C]
     before = 0.0
     try:
-        for call, state, aim in zip(calls, inputs, aims, strict=True):
+        for index, (call, state, aim) in enumerate(zip(calls, inputs, aims, strict=True)):
             seen.clear()
             out = call.run(layer, state, device).double()
             a = seen[0].float()
             delta = (aim.to(device).double() - out).reshape(-1, out.shape[-1]).float()
-            if G is None or C is None:
-                G = torch.zeros(a.shape[1], a.shape[1], device=a.device)
-                C = torch.zeros(delta.shape[1], a.shape[1], device=a.device)
+            G, C = sums.setdefault(index == held, [torch.zeros(a.shape[1], a.shape[1], device=a.device),
+                                                   torch.zeros(delta.shape[1], a.shape[1], device=a.device)])
             G += a.T @ a
             C += delta.T @ a
-            before += float(delta.double().square().sum())
+            if held is None or index == held:
+                before += float(delta.double().square().sum())
     finally:
         hook.remove()
-    assert G is not None and C is not None
-    D = fit_bridge(G, C, keep, damp)
+    G, C = sums[False]
     W = get_weight(down).detach().clone()
-    set_weight(down, W.double() + D.to(W.device))
-    new = list(run_batches(layer, inputs, calls, device, []))
-    after = sum(float((aim.double() - out.double()).square().sum()) for aim, out in zip(aims, new, strict=True))
+    set_weight(down, W.double() + fit_bridge(G, C, keep, damp).to(W.device))
+    judged = [held] if held is not None else list(range(len(inputs)))
+    trial = list(run_batches(layer, [inputs[i] for i in judged], [calls[i] for i in judged], device, []))
+    after = sum(float((aims[i].double() - out.double()).square().sum()) for i, out in zip(judged, trial, strict=True))
     if before == 0 or after >= before:
         set_weight(down, W)
         return list(outputs), 0.0
-    return new, 1 - after / before
+    if held is not None:  # accepted: the final fit uses every calibration token
+        G_held, C_held = sums[True]
+        set_weight(down, W.double() + fit_bridge(G + G_held, C + C_held, keep, damp).to(W.device))
+    return list(run_batches(layer, inputs, calls, device, [])), 1 - after / before

@@ -398,7 +398,8 @@ def prune_structured(
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
-    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest)
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest,
+                                                   device=run_device)
 
     share = width_share(config, len(layers)) if pattern == "structured" else config.amount
     grads = gradients
