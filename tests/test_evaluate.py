@@ -86,3 +86,13 @@ def test_a_head_the_probe_cannot_reproduce_falls_back_to_full_logits():
     windows = tiny.random_ids(2, 20, seed=6)
     assert evaluate.loss_head(model, windows[:1, :evaluate.PROBE]) is None
     assert evaluate.perplexity(model, windows) == pytest.approx(full_logits_perplexity(model, windows), rel=1e-6)
+
+
+def test_moving_the_front_keeps_a_tied_head_with_the_embeddings():
+    """Layer-wise evaluation moves the tensors outside the decoder layers to the device; a tied
+    head must go along (else, on a GPU, it stays on the CPU: a device mismatch in the loss)."""
+    model = tiny.gemma3()  # ties its head to the embeddings
+    evaluate.move_front(model, "model.layers", torch.device("meta"))  # any device other than the CPU
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.device.type == "meta"
+    assert next(model.model.layers.parameters()).device.type == "cpu"  # the layers stay

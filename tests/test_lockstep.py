@@ -171,3 +171,15 @@ def test_the_lockstep_budget_follows_free_memory(monkeypatch):
     assert driver.lockstep_budget(CPU) == driver.LOCKSTEP_BUDGET  # never below the fixed floor
     monkeypatch.setattr(driver, "available_bytes", lambda: None)
     assert driver.lockstep_budget(CPU) == driver.LOCKSTEP_BUDGET
+
+
+def test_eager_attention_counts_its_probabilities_in_the_lockstep_budget():
+    import tiny
+
+    from llmprune.engine.model import eager_attention_width
+
+    model = tiny.llama()
+    model.config._attn_implementation = "eager"  # every waiting batch holds heads x seq x seq probabilities
+    assert eager_attention_width(model, 2048) == model.config.num_attention_heads * 2048
+    model.config._attn_implementation = "sdpa"
+    assert eager_attention_width(model, 2048) == 0

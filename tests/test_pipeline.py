@@ -90,7 +90,8 @@ def cancel_at(stage: str, done: int = 0):
     ("eval pruned", 2, "sparse"), ("save", 0, "sparse"),
     ("save", 1, "sparse"),  # the checkpoint is written, not yet published
     ("taylor", 2, "taylor"), ("allocate", 1, "taylor"), ("prune", 1, "taylor"),
-    ("eval dense", 1, "stream"), ("prune", 1, "stream"), ("eval pruned", 1, "stream"), ("save", 1, "stream"),
+    ("eval dense", 1, "stream"), ("prune", 1, "stream"), ("eval pruned", 1, "stream"), ("save", 0, "stream"),
+    ("save", 1, "stream"),  # its journal is gone with the metadata written: nothing left to resume
 ])
 def test_cancel_inside_each_stage_publishes_nothing(llama_dir, text_file, tmp_path, stage, done, kind):
     progress, cancel = cancel_at(stage, done)
@@ -101,10 +102,18 @@ def test_cancel_inside_each_stage_publishes_nothing(llama_dir, text_file, tmp_pa
         run(job(llama_dir, text_file, out, config, **extra), progress=progress, cancel=cancel)
     left = leftovers(tmp_path)
     assert "out" not in left
-    if kind == "stream" and stage in ("prune", "eval pruned", "save"):
-        assert left == [".out.partial"]  # journaled layers, kept for --resume
+    if kind == "stream" and (stage in ("prune", "eval pruned") or (stage, done) == ("save", 0)):
+        assert left == [".out.partial"]  # journaled layers, kept for --resume, which finishes the run
+        resumed = run(job(llama_dir, text_file, out, config, resume=True, **extra))
+        whole = run(job(llama_dir, text_file, tmp_path / "whole", config, **extra))
+        assert resumed["evaluation"] == whole["evaluation"]
+        assert shards(out) == shards(tmp_path / "whole")
     else:
         assert left == []
+
+
+def shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
 def test_cancel_during_lm_eval_stops_it(llama_dir, text_file, tmp_path):

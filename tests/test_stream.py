@@ -147,6 +147,25 @@ def test_device_map_places_every_layer_with_accelerate(tokenizer, text_file, tmp
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 
+def test_in_memory_evaluation_follows_the_device_map(tokenizer, text_file, tmp_path, monkeypatch):
+    """With a device map the model is evaluated one layer at a time, each on its mapped device
+    (never moved whole to --device), and scores what the whole-model forward scores."""
+    import llmprune.jobs.stores as stores
+
+    source = save(tiny.llama(len(tokenizer), layers=3), tokenizer, tmp_path / "src")
+    whole = run(job(source, text_file, tmp_path / "a", stream="off"))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the whole model was evaluated on one device")
+
+    monkeypatch.setattr(stores, "perplexity", refused)
+    mapped = run(job(source, text_file, tmp_path / "b", stream="off", device_map="auto"))
+    assert "streaming" not in mapped
+    for key in ("ppl_dense", "ppl_pruned"):
+        assert mapped["evaluation"][key] == pytest.approx(whole["evaluation"][key], rel=1e-6)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+
+
 # -- resume ------------------------------------------------------------------------------------
 
 KILLER = textwrap.dedent("""
@@ -216,13 +235,24 @@ def test_resume_after_kill_writes_identical_shards(four_layers, text_file, tmp_p
     assert not staging.exists() and not (out / JOURNAL).exists()
 
 
+@pytest.fixture(scope="module")
+def killed_run(four_layers, text_file, tmp_path_factory) -> Path:
+    """The staging folder of one streaming run killed after its first layer, shared (as a copy)
+    by every damage case."""
+    work = tmp_path_factory.mktemp("killed")
+    kill_after(1, four_layers, text_file, work / "out", work)
+    return work / ".out.partial"
+
+
 @pytest.mark.parametrize("damage", ["journal", "shard", "activations", "settings"])
-def test_damaged_journal_is_reported_never_reused(damage, four_layers, text_file, tmp_path, capsys):
+def test_damaged_journal_is_reported_never_reused(damage, killed_run, four_layers, text_file, tmp_path, capsys):
+    import shutil
+
     from llmprune.cli.commands import main
 
     out = tmp_path / "out"
-    kill_after(1, four_layers, text_file, out, tmp_path)
     staging = tmp_path / ".out.partial"
+    shutil.copytree(killed_run, staging)
     journal = staging / JOURNAL / "journal.json"
     entry = json.loads(journal.read_text())["layers"][0]
     if damage == "journal":

@@ -429,3 +429,17 @@ def test_structured_obs_zeroes_dead_columns_and_damps_by_the_live_inputs():
     W = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     for removal in (greedy_remove(W, H, [[0, 1], [4, 5]], 1), greedy_remove_columns(W, H, 2)):
         assert (removal.weight[:, [2, 6]] == 0).all()
+
+
+def test_the_smaller_model_is_built_without_a_second_full_model():
+    """shrink gives the new model the sliced tensors themselves (built on the meta device): the
+    unsliced ones are the old model's own, nothing is left on the meta device, ties hold."""
+    model = tiny.gemma3()  # ties its head to the embeddings
+    embeddings = model.model.embed_tokens.weight.data_ptr()
+    smaller, _ = prune_structured(model, StructuredConfig("heads", sparsity=0.5), tiny.random_ids(4, SEQLEN),
+                                  device="cpu")
+    tensors = [*smaller.named_parameters(), *smaller.named_buffers()]
+    assert [n for n, t in tensors if t.device.type == "meta"] == []
+    assert smaller.model.embed_tokens.weight.data_ptr() == embeddings  # shared, not copied
+    assert smaller.lm_head.weight.data_ptr() == embeddings
+    assert all(p.requires_grad for p in smaller.parameters())

@@ -41,15 +41,18 @@ def prune_with_tasks(model: str, text: str, task_dir: Path, out: Path, samples: 
                    tasks=TasksConfig((TASK,), include=str(task_dir)), out=str(out), device="cpu"))
 
 
-def check_against_direct_run(record: dict, out: Path, source: Path, task_dir: Path, tmp_path: Path) -> None:
+def check_against_direct_run(record: dict, out: Path, source: Path | None, task_dir: Path, tmp_path: Path) -> None:
+    """The record's task results against lm-eval's own command line on the saved checkpoint and
+    (``source`` given) on the dense model."""
     dense, pruned = (record["tasks"][k]["results"][TASK] for k in ("dense", "pruned"))
     assert record["tasks"]["pruned"]["n_samples"][TASK] == 40
     direct = direct_lm_eval(out, task_dir, tmp_path / "direct")
     assert pruned["acc"] == pytest.approx(direct["acc,none"], abs=1e-12)
     assert pruned["acc_norm"] == pytest.approx(direct["acc_norm,none"], abs=1e-12)
     assert pruned["acc_stderr"] == pytest.approx(direct["acc_stderr,none"], abs=1e-12)
-    direct_dense = direct_lm_eval(source, task_dir, tmp_path / "direct-dense")
-    assert dense["acc"] == pytest.approx(direct_dense["acc,none"], abs=1e-12)
+    if source is not None:
+        direct_dense = direct_lm_eval(source, task_dir, tmp_path / "direct-dense")
+        assert dense["acc"] == pytest.approx(direct_dense["acc,none"], abs=1e-12)
     card = (out / "README.md").read_text()
     assert f"| {TASK} | acc | {dense['acc']:.4f}" in card
 
@@ -62,13 +65,14 @@ def test_tasks_on_a_tiny_model_match_a_direct_lm_eval_run(llama_dir, text_file, 
 
 @pytest.mark.slow
 def test_tasks_on_smollm2_match_a_direct_lm_eval_run(task_dir, tmp_path):
-    from llmprune.io.loading import resolve
 
     out = tmp_path / "out"
     record = prune_with_tasks("smollm2-135m", "wikipedia", task_dir, out, 8, 256)
     dense = record["tasks"]["dense"]["results"][TASK]["acc"]
     assert dense > 0.4  # the real model reads Wikipedia: far above the 0.25 of chance
-    check_against_direct_run(record, out, Path(resolve("smollm2-135m")[0]), task_dir, tmp_path)
+    # The dense side is checked against lm-eval's own run on the tiny model above; here the
+    # pruned real model is (a minute of CI time less).
+    check_against_direct_run(record, out, None, task_dir, tmp_path)
 
 
 def test_eval_subcommand_runs_tasks_and_perplexity(llama_dir, text_file, task_dir, tmp_path, capsys):

@@ -25,6 +25,7 @@ from llmprune.engine.lockstep import Diverged, Lockstep
 from llmprune.engine.model import (
     check_finite,
     count_zeros,
+    eager_attention_width,
     find_decoder_layers,
     find_linears,
     get_weight,
@@ -514,7 +515,8 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     budget = host.lockstep_budget()
     if budget is None:  # the tightest of the devices the layers run on
         budget = min(lockstep_budget(d) for d in set(devices))
-    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest, budget)
+    alive = max(widest, eager_attention_width(model, calibration.shape[1]))
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], alive, budget)
     batches = list(calibration.split(size))
     if captured is not None and len(captured[0]) != len(batches):
         raise LlmpruneError(f"captured inputs hold {len(captured[0])} batches, calibration has {len(batches)}")

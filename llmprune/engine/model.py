@@ -160,6 +160,16 @@ def window_length(requested: int | None, model: nn.Module) -> int:
     return requested or default
 
 
+def eager_attention_width(model: nn.Module, seqlen: int) -> int:
+    """Elements per token that an eager attention keeps alive while a batch waits in lockstep
+    (its heads × seqlen probabilities; the SDPA and flash kernels keep none)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "eager":
+        return 0
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "num_attention_heads", 0) or 0) * seqlen
+
+
 @contextlib.contextmanager
 def polled(model: nn.Module, cancel: Cancel | None, where: str) -> Iterator[None]:
     """Poll ``cancel`` before every forward pass of ``model`` while the block runs: work driven

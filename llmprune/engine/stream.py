@@ -205,10 +205,15 @@ class StreamHost(LayerHost):
         return stored if isinstance(outputs, BatchFile) else outputs
 
     def finalize(self) -> None:
-        """Write the shard index and drop the journal: the folder is a complete checkpoint."""
+        """Write the shard index: the folder's weights are a complete checkpoint. The journal and
+        the last layer's activations stay until :meth:`drop_journal`, so a run stopped after
+        this (during the evaluation or the save) still resumes, with every layer done."""
         entries = [self.journal.rest, *self.journal.layers]
         weight_map = {tensor: entry["shard"] for entry in entries if entry for tensor in entry["tensors"]}
         write_index(self.staging, weight_map, sum(entry["bytes"] for entry in entries if entry))
+
+    def drop_journal(self) -> None:
+        """Remove the journal and the last activations: the folder is about to be published."""
         if self.previous is not None:
             self.previous.path.unlink(missing_ok=True)
         shutil.rmtree(self.staging / JOURNAL_FOLDER, ignore_errors=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.model import find_decoder_layers
 from llmprune.engine.stream import StreamHost
 from llmprune.io.shards import Checkpoint
 from llmprune.progress import Cancel, Progress, Steps
@@ -77,20 +78,26 @@ class LossHead:
         return total
 
 
-PROBE = 8  # tokens of the first window on which the head is checked against the model's own logits
+PROBE = 32  # tokens of the first window on which the head is checked against the model's own logits
+PROBE_TOLERANCE = 1e-4  # nats, on every log-probability of the probe (both paths do the same ops)
 
 
 def loss_head(model: Any, probe: torch.Tensor) -> LossHead | None:
-    """A :class:`LossHead` for ``model`` when it reproduces the model's own logits on ``probe``
-    (1, ≤ PROBE) token ids, else None: a forward that does more after its head than the ones
-    known is scored from its full logits instead (correct, only less frugal)."""
+    """A :class:`LossHead` for ``model`` when it reproduces the model's own log-probabilities on
+    ``probe`` (1, ≤ PROBE) token ids, else None: a forward that does more after its head than
+    the steps known (or that the head path cannot run) is scored from its full logits instead
+    (correct, only less frugal)."""
     base, output = getattr(model, "base_model", None), getattr(model, "get_output_embeddings", None)
     if base is None or base is model or output is None or output() is None:
         return None
     head = LossHead(model)
-    full = model(input_ids=probe, use_cache=False).logits.float()
-    ours = head.logits(head.hidden(probe)).float()
-    if full.shape != ours.shape or not torch.allclose(full, ours, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
+    try:
+        full = model(input_ids=probe, use_cache=False).logits.float().log_softmax(-1)
+        ours = head.logits(head.hidden(probe)).float().log_softmax(-1)
+    except Exception as exc:  # any failure of the head path: the full-logits path
+        log.info("%s: no loss from hidden states (%s); perplexity from full logits", type(model).__name__, exc)
+        return None
+    if full.shape != ours.shape or not torch.allclose(full, ours, rtol=0, atol=PROBE_TOLERANCE):
         log.info("%s: the output head does not reproduce the model's logits; perplexity from full logits",
                  type(model).__name__)
         return None
@@ -138,9 +145,15 @@ def move_front(model: nn.Module, layers_path: str, device: torch.device) -> None
     from accelerate.utils import set_module_tensor_to_device
 
     named = [*model.named_parameters(), *model.named_buffers()]
+    moved = False
     for name, tensor in named:
         if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
             set_module_tensor_to_device(model, name, device)
+            moved = True
+    # A tied head is listed once (as the embeddings) and the move gave the embeddings a new
+    # Parameter: tie the head to it again, or it stays behind (and untied) on the old device.
+    if moved and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # type: ignore[operator]
 
 
 class Substitute:
@@ -158,33 +171,54 @@ class Substitute:
         return forward(self.layer, **kwargs)
 
 
+class MemoryLayers:
+    """The layers of an in-memory model, for :func:`layerwise_perplexity`: nothing to read, and
+    each layer goes back where it was after its turn."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers_path, self.layers = find_decoder_layers(model)
+
+    def load_rest(self) -> None:
+        pass
+
+    def release_rest(self) -> None:
+        pass
+
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
 @torch.no_grad()
-def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
-                        device: torch.device, batch_size: int = 1, stage: str = "eval",
-                        progress: Progress | None = None, cancel: Cancel | None = None) -> float:
-    """:func:`perplexity` with one decoder layer in memory at a time, read from ``source`` (the
-    dense checkpoint, or the pruned shards written so far). Progress in layers (the last step is
-    the loss); ``cancel`` is polled after each."""
-    reader = copy.copy(host)  # the same model and layers, read from ``source``
-    reader.source = source
-    layers = reader.layers
+def layerwise_perplexity(model: nn.Module, source: Any, windows: torch.Tensor, devices: list[torch.device],
+                         device: torch.device, batch_size: int = 1, stage: str = "eval",
+                         progress: Progress | None = None, cancel: Cancel | None = None,
+                         keep: bool = True) -> float:
+    """:func:`perplexity` one decoder layer at a time, layer i on ``devices[i]`` (a device map),
+    the last one and the head on ``device``. ``source`` gives the layers (``fetch``, and
+    ``load_rest`` / ``release_rest`` for the tensors outside them): a :class:`MemoryLayers`, or
+    a streaming host reading shards. ``keep``: layers go back where they were after their turn
+    (else to the meta device: a streamed model holds one layer at a time). Progress in layers
+    (the last step is the loss); ``cancel`` is polled after each."""
+    layers = source.layers
     batches = list(windows.split(batch_size))
     steps = Steps(progress, cancel, stage, len(layers) + 1, "layers")
     steps(0)
-    reader.load_rest()
+    source.load_rest()
     try:
         hidden, calls = capture_layer_calls(model, layers, batches)
         for index, layer in enumerate(layers[:-1]):
-            reader.fetch(index, layer)
-            layer.to(device)
-            hidden = [call.run(layer, state, device).to("cpu")
+            source.fetch(index, layer)
+            home = next(layer.parameters()).device
+            layer.to(devices[index])
+            hidden = [call.run(layer, state, devices[index]).to("cpu")
                       for state, call in zip(hidden, calls[index], strict=True)]
-            layer.to("meta")
+            layer.to(home if keep else "meta")
             steps(index + 1)
         last = layers[-1]
-        reader.fetch(len(layers) - 1, last)
+        source.fetch(len(layers) - 1, last)
+        home = next(last.parameters()).device
         last.to(device)
-        move_front(model, reader.layers_path, device)
+        move_front(model, source.layers_path, device)
         total = 0.0
         saved = [block.__dict__.get("forward") for block in layers]
         try:
@@ -206,9 +240,20 @@ def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, 
                     block.__dict__.pop("forward", None)
                 else:
                     block.forward = original
-            move_front(model, reader.layers_path, torch.device("cpu"))
-            last.to("meta")
+            move_front(model, source.layers_path, torch.device("cpu"))
+            last.to(home if keep else "meta")
     finally:
-        reader.release_rest()
+        source.release_rest()
     steps(len(layers) + 1)
     return math.exp(total / windows[:, 1:].numel())
+
+
+def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
+                        devices: list[torch.device], device: torch.device, batch_size: int = 1,
+                        stage: str = "eval", progress: Progress | None = None, cancel: Cancel | None = None) -> float:
+    """:func:`layerwise_perplexity` with each decoder layer read from ``source`` (the dense
+    checkpoint, or the pruned shards written so far) and dropped after its turn."""
+    reader = copy.copy(host)  # the same model and layers, read from ``source``
+    reader.source = source
+    return layerwise_perplexity(model, reader, windows, devices, device, batch_size, stage, progress, cancel,
+                                keep=False)

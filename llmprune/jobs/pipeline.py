@@ -27,7 +27,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.eval.perplexity import perplexity
 from llmprune.eval.speed import decode_speed, weights_bytes
 from llmprune.io.data import calibration_data, check_text_source, evaluation_data, wants_bos
-from llmprune.io.export import OutputLock, check_output, publish_folder, signals_held
+from llmprune.io.export import OutputLock, check_output, publish_folder
 from llmprune.io.loading import BUILTIN_MODELS
 from llmprune.io.memory import reset_peaks
 from llmprune.jobs.card import model_card, structured_card
@@ -218,10 +218,9 @@ def publish(state: State) -> None:
     if state.out is None:
         return
     assert state.staging is not None and state.record is not None
-    with signals_held():  # a cancel either comes before the rename or not at all
-        check_cancel(state.cancel, "before publishing")
-        publish_folder(state.staging, state.out, state.job.overwrite)
-        state.published = True
+    check_cancel(state.cancel, "before publishing")
+    publish_folder(state.staging, state.out, state.job.overwrite)  # holds signals around its renames
+    state.published = True
     state.record["out"] = str(state.out)
 
 

@@ -31,8 +31,9 @@ from llmprune.engine.stream import (
     open_staging,
 )
 from llmprune.errors import LlmpruneError
-from llmprune.eval.perplexity import perplexity, streamed_perplexity
-from llmprune.io.export import make_staging, write_metadata
+from llmprune.eval.perplexity import MemoryLayers, layerwise_perplexity, perplexity, streamed_perplexity
+from llmprune.io.export import make_staging, signals_held, write_metadata
+from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
 from llmprune.io.loading import BUILTIN_MODELS, check_local_folder, load, parse_dtype, resolve
 from llmprune.io.memory import available_bytes
@@ -108,6 +109,9 @@ class MemoryStore(ModelStore):
 
     def perplexity(self, windows: torch.Tensor, device: torch.device, batch_size: int, stage: str,
                    progress: Progress | None, cancel: Cancel | None) -> float:
+        if self.devices is not None:  # a device map: each layer where the map puts it
+            return layerwise_perplexity(self.model, MemoryLayers(self.model), windows, self.devices, device,
+                                        batch_size, stage, progress, cancel)
         home = next(self.model.parameters()).device
         self.model.to(device)
         try:
@@ -125,7 +129,8 @@ class MemoryStore(ModelStore):
         self.model = model
 
     def write(self, out: Path, record: dict[str, Any], card: Card) -> Path:
-        self.staging = make_staging(out)
+        with signals_held():  # made and owned (for close to remove) with nothing in between
+            self.staging = make_staging(out)
         self.model.save_pretrained(self.staging, max_shard_size="5GB")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.staging)
@@ -219,7 +224,9 @@ class StreamStore(ModelStore):
                    progress: Progress | None, cancel: Cancel | None) -> float:
         assert self.staging is not None
         source = Checkpoint(self.staging) if self.pruned else self.source
-        return streamed_perplexity(self.model, self.host, source, windows, device, batch_size, stage, progress, cancel)
+        devices = self.devices or [device] * len(self.host.layers)
+        return streamed_perplexity(self.model, self.host, source, windows, devices, device, batch_size, stage,
+                                   progress, cancel)
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
@@ -232,6 +239,7 @@ class StreamStore(ModelStore):
 
     def write(self, out: Path, record: dict[str, Any], card: Card) -> Path:
         assert self.staging is not None
+        self.host.drop_journal()
         self.model.config.save_pretrained(self.staging)
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(self.staging)
@@ -248,9 +256,12 @@ class StreamStore(ModelStore):
     def close(self, failed: bool) -> None:
         # A fresh run that fails before its first layer is done has nothing worth resuming: leave
         # no interrupted run behind (a rerun would otherwise be asked for --resume).
-        if failed and self.staging is not None and not self.resuming and \
-                (self.journal is None or not self.journal.layers):
-            shutil.rmtree(self.staging, ignore_errors=True)
+        # Nor one whose journal is gone (stopped while its metadata was written): no resume could
+        # use it.
+        if failed and self.staging is not None and self.staging.exists():
+            fresh_and_empty = not self.resuming and (self.journal is None or not self.journal.layers)
+            if fresh_and_empty or not (self.staging / JOURNAL_FOLDER).exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
 
 
 # A checkpoint is streamed (auto mode) when its weights take more than this share of the memory

@@ -29,7 +29,15 @@ from llmprune.engine.driver import (
     run_batches,
     visit_layer,
 )
-from llmprune.engine.model import Conv1D, check_finite, find_decoder_layers, find_linears, get_weight, set_weight
+from llmprune.engine.model import (
+    Conv1D,
+    check_finite,
+    eager_attention_width,
+    find_decoder_layers,
+    find_linears,
+    get_weight,
+    set_weight,
+)
 from llmprune.errors import LlmpruneError
 from llmprune.methods.base import HESSIAN
 from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
@@ -371,7 +379,8 @@ def prune_structured(
 ) -> tuple[nn.Module, StructuredReport]:
     """Prune ``model`` structurally; returns a new, physically smaller model (stock transformers
     classes, rewritten config) and the report. ``model`` itself is changed (zeroed columns) and
-    should be dropped afterwards. ``gradients``: for ``taylor``, the output of
+    should be dropped afterwards: the new model shares its unsliced tensors (embeddings, norms,
+    the head), so changing either in place changes both. ``gradients``: for ``taylor``, the output of
     :func:`taylor_gradients` on this model, if already computed. ``progress`` is given
     :class:`~llmprune.progress.Event` s of each phase ("taylor" batches, "influence" and
     "allocate" layers where the pattern needs them, then "prune" layers); ``cancel`` is polled
@@ -398,7 +407,8 @@ def prune_structured(
 
     widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
-    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], widest,
+    alive = max(widest, eager_attention_width(model, calibration.shape[1]))
+    lockstep = config.sequential and fits_lockstep(calibration.shape[0], calibration.shape[1], alive,
                                                    device=run_device)
 
     share = width_share(config, len(layers)) if pattern == "structured" else config.amount

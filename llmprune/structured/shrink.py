@@ -98,7 +98,9 @@ def _bias_flags(state: dict[str, torch.Tensor], prefix: str, anatomy: LayerAnato
 
 
 def shrink(model: nn.Module, plan: Plan, anatomy: LayerAnatomy) -> nn.Module:
-    """A new, physically smaller model following ``plan`` (``model`` is left as it is)."""
+    """A new, physically smaller model following ``plan``. ``model`` is left as it is, and shares
+    its unsliced tensors with the new one: drop it (or copy the new model) before changing
+    either in place."""
     from transformers import AutoModelForCausalLM
 
     layers_path, layers = find_decoder_layers(model)
@@ -144,11 +146,20 @@ def shrink(model: nn.Module, plan: Plan, anatomy: LayerAnatomy) -> nn.Module:
                 value = value.index_select(1, torch.tensor(col_keep[module]))
             new_state[new_prefix + rest] = value
 
-    new_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Built on the meta device (thread-local, unlike accelerate's init_empty_weights, which
+    # patches torch for the whole process) and given the sliced tensors themselves: no second
+    # full model is allocated and randomly initialised, and the tensors left unsliced
+    # (embeddings, norms, the head) are shared with ``model``.
+    with torch.device("meta"):
+        new_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = new_model.state_dict()
     for key, value in expected.items():  # biases switched on by a flag start at zero
         if key not in new_state and key.endswith(".bias"):
-            new_state[key] = torch.zeros_like(value)
+            new_state[key] = torch.zeros(value.shape, dtype=value.dtype)
+    for key, value in new_state.items():  # the new model's dtypes, as a copy into it would give
+        if key in expected and value.dtype != expected[key].dtype:
+            new_state[key] = value.to(expected[key].dtype)
+    _copy_buffers(new_model, model, prefix, plan)
     mismatched = [k for k, v in new_state.items() if k in expected and expected[k].shape != v.shape]
     if mismatched:
         raise LlmpruneError(
@@ -156,8 +167,31 @@ def shrink(model: nn.Module, plan: Plan, anatomy: LayerAnatomy) -> nn.Module:
             f"({mismatched[0]}: {tuple(expected[mismatched[0]].shape)} vs {tuple(new_state[mismatched[0]].shape)}); "
             "its config cannot express this structure"
         )
-    new_model.load_state_dict(new_state, strict=True)
+    new_model.load_state_dict(new_state, strict=True, assign=True)
+    new_model.tie_weights()
     new_model.eval()
     if hasattr(model, "generation_config") and model.generation_config is not None:
         new_model.generation_config = copy.deepcopy(model.generation_config)
     return new_model
+
+
+def _copy_buffers(new_model: nn.Module, model: nn.Module, prefix: str, plan: Plan) -> None:
+    """The buffers the state dict does not hold (rotary frequencies), from ``model``: a model
+    built on the meta device has them on the meta device too. Layer ``i`` of the new model is
+    layer ``plan.layers[i]`` of the old one."""
+    persistent = set(new_model.state_dict())
+    for name, buffer in list(new_model.named_buffers()):
+        if name in persistent or buffer.device.type != "meta":
+            continue
+        old = name
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            old = f"{prefix}{plan.layers[int(index)]}.{rest}"
+        try:
+            source = model.get_buffer(old)
+        except AttributeError:
+            source = None
+        if source is None or source.shape != buffer.shape:
+            raise LlmpruneError(f"cannot rebuild buffer {name} of the smaller {type(new_model).__name__}")
+        owner, _, leaf = name.rpartition(".")
+        new_model.get_submodule(owner).register_buffer(leaf, source.clone(), persistent=False)

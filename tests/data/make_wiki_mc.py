@@ -17,7 +17,7 @@ ITEMS = 40
 
 
 def main() -> None:
-    from llmprune.data import load_text
+    from llmprune.io.data import load_text
 
     text = load_text("wikipedia", "evaluation")
     sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", text)]
