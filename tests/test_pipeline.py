@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+import tiny
+import torch
 
 from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.errors import Cancelled
@@ -164,12 +166,23 @@ def test_two_jobs_in_two_threads_do_not_interfere(llama_dir, text_file, tmp_path
         except BaseException as exc:
             errors.append(exc)
 
+    from transformers import PreTrainedModel
+    from transformers.initialization import TORCH_INIT_FUNCTIONS
+
+    before = (PreTrainedModel.init_weights, {name: getattr(torch.nn.init, name) for name in TORCH_INIT_FUNCTIONS
+                                             if hasattr(torch.nn.init, name)})
     threads = [threading.Thread(target=work, args=(n, s)) for n, s in (("a", sparse), ("b", other))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=600)
     assert errors == []
+    # transformers swaps these for no-ops while it builds a model; two builds at once could
+    # leave the no-ops in place for the whole process (every later model uninitialised, its
+    # tied head untied)
+    assert (PreTrainedModel.init_weights, {n: getattr(torch.nn.init, n) for n in before[1]}) == before
+    tied = tiny.gemma3()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert [essentials(results["a"]), essentials(results["b"])] == alone
     for name in ("a", "b"):
         saved = json.loads((tmp_path / name / "llmprune.json").read_text())

@@ -35,6 +35,7 @@ from llmprune.io.export import make_staging
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
 from llmprune.io.shards import Checkpoint, shard_name, write_index, write_shard
+from llmprune.io.threads import MODEL_BUILD
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def build_skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights():
+    with MODEL_BUILD, init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config))
     model.tie_weights()
     model.eval()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmprune.errors import LlmpruneError
+from llmprune.io.threads import MODEL_BUILD
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,9 @@ def load(spec: str, dtype: str | None = None) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf) if gguf else \
             AutoTokenizer.from_pretrained(where)
-        model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
-            where, output_loading_info=True, **kwargs)
+        with MODEL_BUILD:
+            model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
+                where, output_loading_info=True, **kwargs)
     except SafetensorError as exc:
         raise LlmpruneError(f"cannot read the weights of {spec!r}: {exc}") from None
     except OSError as exc:

@@ -19,6 +19,7 @@ from torch import nn
 
 from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
+from llmprune.io.threads import MODEL_BUILD
 from llmprune.structured.anatomy import LayerAnatomy, RowBlock, Widths
 
 
@@ -150,7 +151,7 @@ def shrink(model: nn.Module, plan: Plan, anatomy: LayerAnatomy) -> nn.Module:
     # patches torch for the whole process) and given the sliced tensors themselves: no second
     # full model is allocated and randomly initialised, and the tensors left unsliced
     # (embeddings, norms, the head) are shared with ``model``.
-    with torch.device("meta"):
+    with MODEL_BUILD, torch.device("meta"):
         new_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = new_model.state_dict()
     for key, value in expected.items():  # biases switched on by a flag start at zero
