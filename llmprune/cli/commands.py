@@ -443,6 +443,13 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+def _ppl_rows(ev: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not ev:
+        return []
+    return [("ppl dense", f"{ev['ppl_dense']:.3f}"), ("ppl pruned", f"{ev['ppl_pruned']:.3f}"),
+            ("ppl protocol", _protocol(ev))]
+
+
 def _protocol(ev: dict[str, Any]) -> str:
     from llmprune.jobs.card import text_name
 
@@ -463,10 +470,7 @@ def summary(record: dict[str, Any]) -> str:
                              if record.get("unpruned_weights") else "")),
             ("calibration", f"{record['calibration']['source']}, {record['calibration']['samples']} x "
                             f"{record['calibration']['seqlen']} tokens, seed {record['calibration']['seed']}")]
-    ev = record.get("evaluation")
-    if ev:
-        rows += [("ppl dense", f"{ev['ppl_dense']:.3f}"), ("ppl pruned", f"{ev['ppl_pruned']:.3f}"),
-                 ("ppl protocol", _protocol(ev))]
+    rows += _ppl_rows(record.get("evaluation"))
     t = record["timings"]
     rows.append(("pruning time", f"{t['prune_s']:.1f} s on {record['device']}, {record['threads']} threads"))
     if record.get("streaming"):
@@ -509,10 +513,7 @@ def structured_summary(record: dict[str, Any]) -> str:
                            f"({params['decoder_layer_fraction_removed']:.1%} of decoder-layer parameters removed)"),
             ("weights", f"{record['weights_bytes']['before'] / 1e6:.1f} MB -> "
                         f"{record['weights_bytes']['after'] / 1e6:.1f} MB")]
-    ev = record.get("evaluation")
-    if ev:
-        rows += [("ppl dense", f"{ev['ppl_dense']:.3f}"), ("ppl pruned", f"{ev['ppl_pruned']:.3f}"),
-                 ("ppl protocol", _protocol(ev))]
+    rows += _ppl_rows(record.get("evaluation"))
     sp = record.get("decode_speed")
     if sp:
         rows.append(("decode speed", f"{sp['tokens_per_s_dense']:.1f} -> {sp['tokens_per_s_pruned']:.1f} tok/s "
