@@ -1,6 +1,7 @@
 """Benchmark: pruning models larger than memory (streaming, activation offload, resume).
 
     .venv/bin/python scripts/bench_scale.py smol   # SmolLM2-135M: streaming vs in-memory
+    .venv/bin/python scripts/bench_scale.py small  # TinyLlama-1.1B-shaped random fp16 (2.34 GB), peak RSS / model
     .venv/bin/python scripts/bench_scale.py big    # Llama-2-13B-shaped random fp16 (~26 GB), Wanda
     .venv/bin/python scripts/bench_scale.py gpu    # 7B-shaped, SparseGPT on CUDA, device memory bound
 
@@ -63,7 +64,8 @@ def smol(args: argparse.Namespace, work: Path) -> None:
           f"identical tensors: {same}")
 
 
-def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, heads: int) -> int:
+def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, heads: int,
+                            kv_heads: int | None = None) -> int:
     """A Llama-shaped fp16 checkpoint with random weights, one shard per decoder layer; the
     tokenizer is SmolLM2's (so the vocabulary is 49152). Returns its size in bytes."""
     import torch
@@ -78,7 +80,7 @@ def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers
     tokenizer = AutoTokenizer.from_pretrained(smol_folder)
     vocab = len(tokenizer)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
                          max_position_embeddings=4096, tie_word_embeddings=False, dtype="float16")
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
@@ -95,8 +97,9 @@ def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers
             p = f"model.layers.{index}."
             part = {p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
                     p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16)}
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                part[p + f"self_attn.{name}.weight"] = randn(hidden, hidden)
+            kv = hidden // heads * (kv_heads or heads)
+            for name, rows in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)):
+                part[p + f"self_attn.{name}.weight"] = randn(rows, hidden)
             part[p + "mlp.gate_proj.weight"] = randn(intermediate, hidden)
             part[p + "mlp.up_proj.weight"] = randn(intermediate, hidden)
             part[p + "mlp.down_proj.weight"] = randn(hidden, intermediate)
@@ -111,6 +114,19 @@ def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
     return total
+
+
+def small(args: argparse.Namespace, work: Path) -> None:
+    """The streamed run's peak RSS against the size of the model it prunes."""
+    source, out = work / "tinyllama-shaped", work / "pruned"
+    size = write_random_checkpoint(source, 2048, 5632, args.layers, 32, kv_heads=4)
+    record, wall = prune(source, out, "--method", "wanda", "--sparsity", "0.5", "--nsamples", "4",
+                         "--seqlen", "128", "--eval", "none", "--calib", "wikipedia", "--stream", "on",
+                         threads=args.threads)
+    rss = record["memory"]["peak_rss_bytes"]
+    print(f"TinyLlama-1.1B-shaped fp16 ({args.layers} layers, {size / 1e9:.2f} GB of shards), Wanda 50%, "
+          f"4 x 128 calibration tokens, --stream on --eval none, {args.threads} threads")
+    print(f"peak RSS {rss / 1e9:.2f} GB = {rss / size:.2f} x the model (target <= 0.40); wall {wall:.0f} s")
 
 
 def big(args: argparse.Namespace, work: Path) -> None:
@@ -159,18 +175,18 @@ def gpu(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["smol", "big", "gpu"])
+    parser.add_argument("part", choices=["smol", "small", "big", "gpu"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="wanda", help="smol: the method compared")
-    parser.add_argument("--layers", type=int, default=None, help="big: 40, gpu: 32 (fewer for a quick look)")
+    parser.add_argument("--layers", type=int, default=None, help="small: 22, big: 40, gpu: 32 (fewer for a quick look)")
     parser.add_argument("--stream", default="auto", help="big: auto (streams when larger than memory), on, off")
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temporary folder)")
     args = parser.parse_args()
     if args.layers is None:
-        args.layers = 32 if args.part == "gpu" else 40
+        args.layers = {"small": 22, "gpu": 32}.get(args.part, 40)
     work = Path(tempfile.mkdtemp(prefix="llmprune-scale-", dir=args.workdir))
     try:
-        {"smol": smol, "big": big, "gpu": gpu}[args.part](args, work)
+        {"smol": smol, "small": small, "big": big, "gpu": gpu}[args.part](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -150,6 +150,25 @@ def test_nan_weight(tokenizer, text_file, tmp_path, capsys, where):
     assert "NaN" in message
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_is_finite_finds_one_bad_element_in_any_chunk(dtype, monkeypatch):
+    """The check sums chunk by chunk (no fp32 copy of a whole fp16 weight); against the naive
+    element-wise test, for a bad element in every chunk position, and a chunk whose sum alone
+    overflows but whose elements are all finite."""
+    import llmprune.engine.model as adapter
+
+    monkeypatch.setattr(adapter, "FINITE_CHUNK", 7)
+    base = torch.linspace(-1, 1, 50, dtype=dtype).reshape(5, 10)
+    assert adapter.is_finite(base)
+    for index in range(base.numel()):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            damaged = base.clone()
+            damaged.view(-1)[index] = bad
+            assert adapter.is_finite(damaged) == bool(torch.isfinite(damaged).all()) is False
+    huge = torch.full((5, 10), torch.finfo(dtype).max, dtype=dtype)
+    assert adapter.is_finite(huge)  # every element finite, though an fp32 sum of them may not be
+
+
 # --- data ----------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import tiny
 import torch
 
 import llmprune.eval.perplexity as evaluate
+from llmprune.engine.placement import move_front, spread
 
 
 def naive_perplexity(model, windows: torch.Tensor) -> float:
@@ -92,7 +93,34 @@ def test_moving_the_front_keeps_a_tied_head_with_the_embeddings():
     """Layer-wise evaluation moves the tensors outside the decoder layers to the device; a tied
     head must go along (else, on a GPU, it stays on the CPU: a device mismatch in the loss)."""
     model = tiny.gemma3()  # ties its head to the embeddings
-    evaluate.move_front(model, "model.layers", torch.device("meta"))  # any device other than the CPU
+    move_front(model, "model.layers", torch.device("meta"))  # any device other than the CPU
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.device.type == "meta"
     assert next(model.model.layers.parameters()).device.type == "cpu"  # the layers stay
+
+
+def test_a_spread_model_gives_the_same_logits_and_is_left_as_it_was():
+    """lm-eval under a device map runs the model spread over the map's devices (each layer where
+    the map puts it, hooks carrying the hidden states); on this machine every device is the CPU,
+    so the check is that the hooks change no number, and that nothing is left behind."""
+    model = tiny.gemma3()
+    ids = tiny.random_ids(2, 12, seed=4)
+    with torch.no_grad():
+        expected = model(ids).logits
+        cpu = torch.device("cpu")
+        with spread(model, "model.layers", [cpu] * len(model.model.layers), cpu):
+            assert all(layer._forward_pre_hooks and layer._forward_hooks for layer in model.model.layers)
+            spread_logits = model(ids).logits
+            generated = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert torch.equal(spread_logits, expected)
+    assert generated.shape == (1, 7)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.model.layers)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_spread_needs_a_device_for_every_layer():
+    model = tiny.llama()
+    with pytest.raises(ValueError), spread(model, "model.layers", [torch.device("cpu")], torch.device("cpu")):
+        pass
+    assert not any(layer._forward_pre_hooks for layer in model.model.layers)

@@ -79,3 +79,25 @@ def test_imports_point_down_the_layers():
     upward = sorted({(module, target) for module, edges in graph.items() for target, _ in edges
                      if target != "llmprune" and layer(target) > layer(module)})
     assert upward == []
+
+
+# Library code changes nothing for the whole process: these patch torch or transformers globally
+# (accelerate's empty-weights contexts replace nn.Module.register_parameter for every thread).
+PROCESS_WIDE = {"init_empty_weights", "init_on_device", "umask", "matplotlib.use", "set_default_dtype"}
+
+
+def test_no_process_wide_patches_in_library_code():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute):
+                base = node.value.id if isinstance(node.value, ast.Name) else ""
+                name = f"{base}.{node.attr}" if f"{base}.{node.attr}" in PROCESS_WIDE else node.attr
+            elif isinstance(node, ast.Name):
+                name = node.id
+            elif isinstance(node, ast.alias):
+                name = node.name
+            if name in PROCESS_WIDE:
+                found.append((module_name(path), name))
+    assert found == []

@@ -104,13 +104,15 @@ def test_pruned_weights_have_exact_structure(results, name):
 def test_structured_obs_beats_one_shot_scores_and_loads_smaller(smol, tmp_path):
     """20% of decoder-layer parameters, the same heads/channels split for every score: the OBS
     solver's perplexity is below magnitude's and Wanda-sp's; the saved model is stock-loadable,
-    smaller, and gives the in-memory pruned model's logits."""
+    smaller, and gives the in-memory pruned model's logits. Measured with these 8 samples and
+    10 windows: OBS 29.07, Wanda-sp 120.3, magnitude 7.1e5 (kept small for CI time; with 16
+    samples and 20 windows the order is the same)."""
     from llmprune.structured.run import StructuredConfig, prune_structured
 
     model, tokenizer, windows = smol
-    calibration = llmprune.calibration_data(tokenizer, "wikipedia", nsamples=16, seqlen=512, seed=0)
-    # What plan_split(model, StructuredConfig("structured", params=0.2), calibration) returns
-    # here (1 head unit, 282 MLP channels per layer; a minute of CI time): the comparison needs
+    calibration = llmprune.calibration_data(tokenizer, "wikipedia", nsamples=8, seqlen=512, seed=0)
+    # What plan_split(model, StructuredConfig("structured", params=0.2), calibration) returned
+    # with 16 samples (1 head unit, 282 MLP channels per layer; a minute of CI time): the comparison needs
     # one split shared by the scores, not this one. The allocation itself runs on the real model
     # in the depth-and-width test below, and on the tiny models in tests/test_structured.py.
     split = (1, 282)
@@ -119,7 +121,7 @@ def test_structured_obs_beats_one_shot_scores_and_loads_smaller(smol, tmp_path):
         pruned, report = prune_structured(copy.deepcopy(model), StructuredConfig(
             "structured", params=0.2, score=score, split=split), calibration)
         assert report.layer_params_removed == pytest.approx(0.2, abs=0.01)
-        ppl[score], models[score] = perplexity(pruned, windows, batch_size=4), pruned
+        ppl[score], models[score] = perplexity(pruned, windows[:10], batch_size=4), pruned
     print(json.dumps({k: round(v, 2) for k, v in ppl.items()}))
     assert ppl["obs"] < ppl["magnitude"] and ppl["obs"] < ppl["wanda-sp"]
     models["obs"].save_pretrained(tmp_path)

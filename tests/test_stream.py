@@ -3,6 +3,7 @@ a kill, placement with accelerate: each must give exactly what the in-memory pat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -46,6 +47,39 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("arch", list(tiny.ARCHITECTURES))
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_skeleton_has_the_buffers_of_a_built_model_and_no_weights(arch, dtype, tmp_path):
+    """The skeleton is built on the meta device, which leaves buffers (rotary frequencies,
+    embedding scales) on meta too; they must come out as a normal build computes them."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.engine.stream import build_skeleton
+
+    model = tiny.ARCHITECTURES[arch]()
+    model.save_pretrained(tmp_path)
+    skeleton = build_skeleton(tmp_path, dtype)
+    built = AutoModelForCausalLM.from_config(model.config, dtype=dtype or model.dtype)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    expected, actual = dict(built.named_buffers()), dict(skeleton.named_buffers())
+    assert set(actual) == set(expected)
+    for name, buffer in expected.items():
+        assert actual[name].device.type == "cpu" and actual[name].dtype == buffer.dtype, name
+        assert torch.equal(actual[name], buffer), name
+
+
+def test_a_buffer_the_model_cannot_compute_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.engine.stream import materialise_buffers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny.llama().config)
+    model.model.register_buffer("made_elsewhere", torch.ones(3, device="meta"), persistent=False)
+    with pytest.raises(LlmpruneError, match="made_elsewhere"):
+        materialise_buffers(model)
 
 
 @pytest.mark.parametrize("arch", list(tiny.ARCHITECTURES))
@@ -328,3 +362,46 @@ def test_batch_file_round_trip_and_integrity(dtype, tmp_path):
     (tmp_path / "a.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-1])
     with pytest.raises(LlmpruneError, match="does not match the journal"):
         BatchFile.reopen(tmp_path, stored.describe())
+
+
+def test_a_shard_copied_from_files_is_byte_for_byte_what_safetensors_writes(tmp_path, monkeypatch):
+    """Streaming copies the unchanged non-layer tensors (embeddings, head) from the source
+    shards by byte range instead of mapping them; the file must be exactly safetensors' own,
+    whatever the mix of dtypes and wherever each tensor comes from."""
+    from safetensors.torch import save_file
+
+    import llmprune.io.shards as shards
+
+    monkeypatch.setattr(shards, "COPY_CHUNK", 8)  # many chunks per tensor
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w.f16": torch.randn(5, 3, generator=gen).half(), "a.bf16": torch.randn(7, generator=gen).bfloat16(),
+               "z.f32": torch.randn(2, 9, generator=gen), "m.i64": torch.arange(5), "b.bool": torch.rand(6) > 0.5,
+               "q.i8": torch.arange(-3, 8, dtype=torch.int8), "e.f16": torch.randn(4, generator=gen).half()}
+    save_file(tensors, str(tmp_path / "expected.safetensors"), metadata={"format": "pt"})
+    save_file({k: v for k, v in tensors.items() if k != "z.f32"}, str(tmp_path / "src.safetensors"),
+              metadata={"format": "pt"})
+    stored = shards.read_header(tmp_path / "src.safetensors")
+    seen: dict[str, list[torch.Tensor]] = {}
+    parts = {**stored, "z.f32": tensors["z.f32"]}
+    shards.copy_shard(tmp_path, "copied.safetensors", parts,
+                      lambda name, chunk: seen.setdefault(name, []).append(chunk))
+    assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+    for name in stored:  # the check saw every copied element, in order
+        assert torch.equal(torch.cat(seen[name]), tensors[name].reshape(-1)), name
+    assert not (tmp_path / "copied.safetensors.partial").exists()
+
+
+def test_a_damaged_head_is_refused_before_any_layer_is_pruned(tokenizer, text_file, tmp_path):
+    """The untied head is never read for a streamed run's capture; it is copied into shard 1 by
+    byte range and checked on the way, before the first decoder layer."""
+    model = tiny.llama(len(tokenizer))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = float("inf")
+    source = save(model, tokenizer, tmp_path / "src")
+    spec = job(source, text_file, tmp_path / "out", stream="on")
+    with pytest.raises(LlmpruneError, match=r"lm_head\.weight contains NaN or Inf"):
+        run(dataclasses.replace(spec, evaluation=EvalConfig(None)))
+    assert not (tmp_path / "out").exists()
+    staging = tmp_path / ".out.partial"
+    assert not staging.exists() or not list(staging.glob("model-0000[2-9]*.safetensors"))

@@ -75,6 +75,17 @@ def test_tasks_on_smollm2_match_a_direct_lm_eval_run(task_dir, tmp_path):
     check_against_direct_run(record, out, None, task_dir, tmp_path)
 
 
+def test_tasks_under_a_device_map_match_the_run_without(llama_dir, text_file, task_dir):
+    """With --device-map, lm-eval runs each layer where the map puts it (here every device is the
+    CPU), not the whole model moved to --device: the same numbers, dense and pruned."""
+    records = [run(Job(model=str(llama_dir), prune=PruneConfig("wanda", "unstructured", 0.5),
+                       calibration=CalibrationConfig(str(text_file), 4, 32), evaluation=EvalConfig(None),
+                       tasks=TasksConfig((TASK,), include=str(task_dir), limit=12), device="cpu", device_map=spec))
+               for spec in (None, "cpu=1GiB")]
+    assert records[0]["tasks"]["pruned"]["results"] == records[1]["tasks"]["pruned"]["results"]
+    assert records[0]["tasks"]["dense"]["results"] == records[1]["tasks"]["dense"]["results"]
+
+
 def test_eval_subcommand_runs_tasks_and_perplexity(llama_dir, text_file, task_dir, tmp_path, capsys):
     from llmprune.cli.commands import main
 

@@ -9,6 +9,8 @@ each decoder layer is then processed on the device it was given. Layers placed o
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,3 +66,66 @@ def layer_devices(model: nn.Module, layers_path: str, count: int, spec: str) -> 
         if device.type == "cuda" and (not torch.cuda.is_available() or device.index >= torch.cuda.device_count()):
             raise LlmpruneError(f"device map {spec!r} names {device}, which does not exist here")
     return devices
+
+
+def move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:
+    """Move every present tensor outside the decoder layers (embeddings, norm, lm_head, rotary
+    buffers) to ``device``; the layers' meta parameters stay where they are."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    moved = False
+    for name, tensor in named:
+        if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
+            set_module_tensor_to_device(model, name, device)
+            moved = True
+    # A tied head is listed once (as the embeddings) and the move gave the embeddings a new
+    # Parameter: tie the head to it again, or it stays behind (and untied) on the old device.
+    if moved and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # type: ignore[operator]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value  # caches move themselves: each layer's keys and values are made on its device
+
+
+@contextmanager
+def spread(model: nn.Module, layers_path: str, devices: list[torch.device], front: torch.device) -> Iterator[None]:
+    """For the block, each decoder layer on its device from the map and everything else
+    (embeddings, norm, head) on ``front``; hooks carry the hidden states from layer to layer.
+    Work driven by another library (lm-eval) then runs the model as the map places it instead of
+    moving it whole to one device. Afterwards every tensor is back where it was and no hook left."""
+    layers = list(model.get_submodule(layers_path).children())
+    home = next(model.parameters()).device
+    handles = []
+
+    def enter(device: torch.device) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            return _to(args, device), _to(kwargs, device)
+        return hook
+
+    def leave(device: torch.device) -> Any:
+        def hook(_: nn.Module, __: Any, output: Any) -> Any:
+            return _to(output, device)
+        return hook
+
+    try:
+        move_front(model, layers_path, front)
+        for index, (layer, device) in enumerate(zip(layers, devices, strict=True)):
+            layer.to(device)
+            after = devices[index + 1] if index + 1 < len(devices) else front
+            handles.append(layer.register_forward_pre_hook(enter(device), with_kwargs=True))
+            handles.append(layer.register_forward_hook(leave(after)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
+            layer.to(home)
+        move_front(model, layers_path, home)

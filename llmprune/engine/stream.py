@@ -1,8 +1,9 @@
 """Prune a model larger than memory: decoder layers streamed from safetensors shards to disk.
 
-The model is built without weights (accelerate's ``init_empty_weights``: parameters on the meta
-device). The embeddings and other non-layer tensors are read for the calibration capture,
-written to the first output shard and released. Then, for each decoder layer, its tensors are
+The model is built without weights (under ``torch.device("meta")``, its buffers then made real
+as transformers' own loading makes them). The embeddings and other non-layer tensors the
+calibration capture needs are read for it and released; all of them are copied, by byte range,
+into the first output shard. Then, for each decoder layer, its tensors are
 read from the source shards, the layer is pruned by the same :func:`llmprune.engine.driver.prune` loop
 as in memory, written to a shard of its own and released again. Memory therefore holds one
 decoder layer, its statistics and the calibration activations (which may themselves live in a
@@ -28,13 +29,13 @@ from torch import nn
 
 from llmprune import __version__
 from llmprune.engine.driver import LayerHost, LinearReport, PruneReport, Resumed, Sink
-from llmprune.engine.model import find_decoder_layers
+from llmprune.engine.model import find_decoder_layers, is_finite
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile, file_sha256
 from llmprune.io.export import make_staging
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
-from llmprune.io.shards import Checkpoint, shard_name, write_index, write_shard
+from llmprune.io.shards import DTYPES, Checkpoint, Stored, copy_shard, locate, shard_name, write_index, write_shard
 from llmprune.io.threads import MODEL_BUILD
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,42 @@ def staging_folder(out: Path) -> Path:
 
 def build_skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
     """The model with every parameter on the meta device (no memory), buffers real."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    with MODEL_BUILD, init_empty_weights():
+    # torch.device("meta") is thread-local; accelerate's init_empty_weights patches nn.Module for
+    # the whole process, so a job in another thread would build its model empty too.
+    with MODEL_BUILD, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config))
+    with MODEL_BUILD:
+        materialise_buffers(model)
     model.tie_weights()
     model.eval()
     return model
+
+
+def materialise_buffers(model: nn.Module) -> None:
+    """Give a model built on the meta device real buffers, filled as transformers fills them when
+    it loads a checkpoint: by the model's own ``_init_weights`` (rotary frequencies, embedding
+    scales). The persistent ones a checkpoint holds are read over them later. A buffer the
+    model's initialisation leaves unfilled is an error, not a silent NaN."""
+    filled: list[str] = []
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type == "meta":
+            blank = torch.full_like(buffer, float("nan") if buffer.is_floating_point() else 0, device="cpu")
+            _set(model, name, blank)
+            filled.append(name)
+    init = getattr(model, "_init_weights", None)
+    owners = {name.rpartition(".")[0] for name in filled}
+    with torch.no_grad():
+        for owner in sorted(owners):
+            if init is not None:
+                init(model.get_submodule(owner))
+    for name in filled:
+        value = model.get_buffer(name)
+        if value.is_floating_point() and torch.isnan(value).any():
+            raise LlmpruneError(f"{type(model).__name__} does not compute its buffer {name} without building the "
+                                "whole model; prune it in memory (--stream off)")
 
 
 def _config_dtype(config: Any) -> torch.dtype:
@@ -109,12 +137,23 @@ class StreamHost(LayerHost):
         self.previous: BatchFile | None = None
 
     # -- the front: embeddings, final norm, lm_head ---------------------------------------
-    def load_rest(self) -> None:
-        """Read the non-layer tensors (needed for the calibration capture)."""
-        wanted = [n for n in self.rest if n in self.source.files or not self._is_buffer(n)]
+    def load_rest(self, head: bool = True) -> None:
+        """Read the non-layer tensors. ``head=False``: those the calibration capture needs, all but
+        an untied output head, which only the evaluation runs (:meth:`captured` copies it)."""
+        skip = None if head else self._head()
+        wanted = [n for n in self.rest if (n in self.source.files or not self._is_buffer(n)) and n != skip]
         for name, value in self.source.read(wanted).items():
             _set(self.model, name, value)
         self.model.tie_weights()  # type: ignore[operator]  # setting a tensor replaces the Parameter, which unties it
+
+    def _head(self) -> str | None:
+        """The name of the output head's weight when it is a tensor of its own (not tied)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        weight = getattr(head, "weight", None)
+        if weight is None or weight is self.model.get_input_embeddings().weight:  # type: ignore[operator]
+            return None
+        return next((n for n, p in self.model.named_parameters() if p is weight), None)
 
     def release_rest(self) -> None:
         for name in self.rest:
@@ -127,12 +166,34 @@ class StreamHost(LayerHost):
 
     def captured(self, model: nn.Module) -> None:
         if self.journal.rest is None:
-            tensors = {n: t for n, t in _own_tensors(self.model).items() if n in self.rest}
-            name = shard_name(1, self.total)
-            path = write_shard(self.staging, name, tensors)
-            self.journal.record_rest({"shard": name, "sha256": file_sha256(path), "tensors": sorted(tensors),
-                                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values())})
+            self._write_rest()
         self.release_rest()
+
+    def _write_rest(self) -> None:
+        """Shard 1: the tensors outside the decoder layers, never pruned. Those the source holds
+        in the model's dtype are copied from it by byte range (a large model's embeddings and
+        head would otherwise be resident while written), checked for NaN and Inf on the way."""
+        model = _own_tensors(self.model)
+        stored = locate(self.source, [n for n in self.rest if n in self.source.files])
+        parts: dict[str, Stored | torch.Tensor] = {}
+        for name in self.rest:
+            tensor, found = model[name], stored.get(name)
+            if found is not None and DTYPES[found.dtype] == tensor.dtype and found.shape == list(tensor.shape):
+                parts[name] = found
+            elif tensor.device.type == "meta":  # the head, in another dtype than the model's
+                parts[name] = self.source.read([name])[name].to(tensor.dtype)
+            else:
+                parts[name] = tensor
+
+        def check(name: str, chunk: torch.Tensor) -> None:
+            if chunk.is_floating_point() and not is_finite(chunk):
+                raise LlmpruneError(f"weight {name} contains NaN or Inf; the checkpoint is damaged")
+
+        name = shard_name(1, self.total)
+        path = copy_shard(self.staging, name, parts, check)
+        size = sum(p.end - p.start if isinstance(p, Stored) else p.numel() * p.element_size() for p in parts.values())
+        self.journal.record_rest({"shard": name, "sha256": file_sha256(path), "tensors": sorted(parts),
+                                  "bytes": size})
 
     # -- the decoder layers ----------------------------------------------------------------
     def lockstep_budget(self) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 
 from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.model import find_decoder_layers
+from llmprune.engine.placement import move_front
 from llmprune.engine.stream import StreamHost
 from llmprune.io.shards import Checkpoint
 from llmprune.progress import Cancel, Progress, Steps
@@ -137,23 +138,6 @@ def perplexity(
         total_tokens += batch[:, 1:].numel()
         steps(min(start + batch_size, windows.shape[0]))
     return math.exp(total_nll / total_tokens)
-
-
-def move_front(model: nn.Module, layers_path: str, device: torch.device) -> None:
-    """Move every present tensor outside the decoder layers (embeddings, norm, lm_head, rotary
-    buffers) to ``device``; the layers' meta parameters stay where they are."""
-    from accelerate.utils import set_module_tensor_to_device
-
-    named = [*model.named_parameters(), *model.named_buffers()]
-    moved = False
-    for name, tensor in named:
-        if not name.startswith(layers_path + ".") and tensor.device.type != "meta" and tensor.device != device:
-            set_module_tensor_to_device(model, name, device)
-            moved = True
-    # A tied head is listed once (as the embeddings) and the move gave the embeddings a new
-    # Parameter: tie the head to it again, or it stays behind (and untied) on the old device.
-    if moved and callable(getattr(model, "tie_weights", None)):
-        model.tie_weights()  # type: ignore[operator]
 
 
 class Substitute:

@@ -10,28 +10,50 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llmprune.engine.model import polled
+from llmprune.engine.model import find_decoder_layers, polled
+from llmprune.engine.placement import spread
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel
 
 log = logging.getLogger(__name__)
 
 
+# lm-eval's task index takes seconds to build (it reads ~15k task YAMLs), so each is built once
+# per process and kept while the files it read are unchanged; the index is only read afterwards.
+_MANAGERS: dict[tuple[Any, ...], Any] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def _stamp(include: Path | None) -> tuple[Any, ...]:
+    """What an index depends on: the include folder's task files, as they are now."""
+    if include is None:
+        return ()
+    return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size)
+                        for p in include.rglob("*") if p.is_file()))
+
+
 def task_manager(include: str | None) -> Any:
     from lm_eval.tasks import TaskManager
 
+    folder = None
     if include is not None:
-        from pathlib import Path
-
-        if not Path(include).is_dir():
+        folder = Path(include).expanduser().resolve()
+        if not folder.is_dir():
             raise LlmpruneError(f"--tasks-include {include} is not a folder of lm-eval task YAML files")
-        return TaskManager(include_path=str(include))
-    return TaskManager()
+    key = (str(folder), _stamp(folder))
+    with _MANAGERS_LOCK:
+        if key not in _MANAGERS:
+            _MANAGERS[key] = TaskManager(include_path=str(folder)) if folder else TaskManager()
+        return _MANAGERS[key]
 
 
 # datasets builders that read local files: tasks built on them need no Hub.
@@ -106,30 +128,44 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return table
 
 
+@contextmanager
+def placed(model: nn.Module, front: torch.device, layer_devices: list[torch.device] | None) -> Iterator[None]:
+    """The model on ``front`` for the block, or spread as the device map places its layers."""
+    if layer_devices is not None:
+        layers_path, _ = find_decoder_layers(model)
+        with spread(model, layers_path, layer_devices, front):
+            yield
+        return
+    home = next(model.parameters()).device
+    model.to(front)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
 @torch.no_grad()
 def evaluate_tasks(model: nn.Module, tokenizer: Any, names: tuple[str, ...], *, include: str | None = None,
                    limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                    device: torch.device | None = None, manager: Any = None,
-                   cancel: Cancel | None = None) -> dict[str, Any]:
+                   cancel: Cancel | None = None, layer_devices: list[torch.device] | None = None) -> dict[str, Any]:
     """Run lm-eval ``names`` on ``model``; returns {"results": {task: metrics}, "n_samples", ...}.
-    ``cancel`` is polled before each of the model's forward passes."""
+    ``cancel`` is polled before each of the model's forward passes. ``layer_devices`` (from a
+    device map): each decoder layer runs there and the rest on ``device``, instead of the whole
+    model on ``device``."""
     import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or check_tasks(names, include)
-    home = next(model.parameters()).device
-    if device is not None:
-        model.to(device)
-    try:
+    front = device if device is not None else next(model.parameters()).device
+    count = int(limit) if limit is not None and limit >= 1 else limit
+    with placed(model, front, layer_devices), polled(model, cancel, "during lm-eval"):
+        # HFLM sends its batches to model.device: the first parameter's, the embeddings' (front).
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        count = int(limit) if limit is not None and limit >= 1 else limit
-        with polled(model, cancel, "during lm-eval"):
-            out = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=count,
-                                  num_fewshot=num_fewshot, log_samples=False, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
-    finally:
-        model.to(home)
+        out = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=count,
+                              num_fewshot=num_fewshot, log_samples=False, random_seed=0,
+                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if out is None:  # lm-eval returns None on non-zero ranks only
         raise LlmpruneError("lm-eval returned no results")
     return {"results": summarize(out["results"]), "n_samples": {k: v.get("effective", v) if isinstance(v, dict)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,6 +99,95 @@ def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> Pa
               metadata={"format": "pt"})
     with open(partial, "rb+") as handle:
         os.fsync(handle.fileno())
+    os.replace(partial, target)
+    return target
+
+
+# safetensors' dtype names, in the order of its enum: a file lists its tensors by dtype, the
+# later (wider) ones first, then by name, and so must a file written without the library.
+DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+          "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+          "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ORDER = list(DTYPES)
+COPY_CHUNK = 1 << 24  # bytes read and written at a time
+
+
+@dataclass
+class Stored:
+    """A tensor's bytes inside a safetensors file: where they are and what they hold."""
+
+    path: Path
+    dtype: str
+    shape: list[int]
+    start: int  # absolute offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, Stored]:
+    """Where each tensor of a safetensors file lies (the header only; no data read)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: Stored(path, entry["dtype"], entry["shape"], 8 + length + entry["data_offsets"][0],
+                         8 + length + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def locate(source: Checkpoint, names: Iterable[str]) -> dict[str, Stored]:
+    headers: dict[Path, dict[str, Stored]] = {}
+    found = {}
+    for name in names:
+        path = source.files[name]
+        if path not in headers:
+            headers[path] = read_header(path)
+        found[name] = headers[path][name]
+    return found
+
+
+def copy_shard(folder: Path, name: str, parts: dict[str, Stored | torch.Tensor],
+               check: Callable[[str, torch.Tensor], None] | None = None) -> Path:
+    """Write one shard atomically, as :func:`write_shard` would, from tensors in memory and from
+    byte ranges of other safetensors files copied through the page cache, never mapped: the
+    embeddings and head of a large model, copied unchanged, then never count in this process's
+    resident memory. ``check`` is given each copied tensor's name and every chunk of it."""
+    def describe(part: Stored | torch.Tensor) -> tuple[str, list[int], int]:
+        if isinstance(part, Stored):
+            return part.dtype, part.shape, part.end - part.start
+        return NAMES[part.dtype], list(part.shape), part.numel() * part.element_size()
+
+    described = {key: describe(part) for key, part in parts.items()}
+    order = sorted(parts, key=lambda key: (-ORDER.index(described[key][0]), key))
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        dtype, shape, size = described[key]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target, partial = folder / name, folder / f"{name}.partial"
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            part = parts[key]
+            if isinstance(part, torch.Tensor):
+                out.write(part.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                continue
+            with open(part.path, "rb") as handle:
+                handle.seek(part.start)
+                left = part.end - part.start
+                while left:
+                    block = handle.read(min(COPY_CHUNK, left))
+                    if not block:
+                        raise LlmpruneError(f"{part.path} ends inside tensor {key}; the checkpoint is damaged")
+                    if check is not None:
+                        check(key, torch.frombuffer(bytearray(block), dtype=DTYPES[part.dtype]))
+                    out.write(block)
+                    left -= len(block)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(partial, target)
     return target
 

@@ -133,7 +133,8 @@ def _tasks(state: State, which: str) -> None:
     state.tasks[which] = evaluate_tasks(state.store.model, state.store.tokenizer, config.names,
                                         include=config.include, limit=config.limit,
                                         num_fewshot=config.num_fewshot, batch_size=config.batch_size,
-                                        device=state.device, manager=state.manager, cancel=state.cancel)
+                                        device=state.device, manager=state.manager, cancel=state.cancel,
+                                        layer_devices=state.store.devices)
     state.timed(f"tasks_{which}_s", tick)
     steps(1)
 

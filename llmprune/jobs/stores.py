@@ -230,7 +230,7 @@ class StreamStore(ModelStore):
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
-        self.host.load_rest()
+        self.host.load_rest(head=False)  # the capture runs no head
         report = prune(self.model, config, calibration, device=device, batch_size=batch_size, progress=progress,
                        cancel=cancel, layer_devices=self.devices, host=self.host)
         self.host.finalize()
