@@ -99,6 +99,20 @@ def test_eval_subcommand_reproduces_the_recorded_perplexity(pruned_run, text_fil
     assert json.loads(result.read_text())["ppl"] == pytest.approx(recorded, rel=1e-6)
 
 
+def test_threads_last_one_command_when_main_runs_in_process(llama_dir, text_file, tmp_path):
+    """--threads sets torch's thread count for the whole process; called from Python (a notebook,
+    these tests), main() puts it back afterwards, or every later computation runs on one core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["--model", str(llama_dir), "--method", "magnitude", "--sparsity", "0.5", *SMALL,
+                     "--calib", str(text_file), "--eval", "none", "--json", str(tmp_path / "r.json")]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_jsonl_calibration(llama_dir, text_file, tmp_path, capsys):
     paragraphs = [p for p in text_file.read_text().split("\n\n") if p.strip()][:300]
     calib = tmp_path / "calib.jsonl"

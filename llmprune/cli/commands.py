@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import __version__
+from llmprune.cli.service import COMMANDS as SERVICE_COMMANDS
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Event
 
@@ -23,7 +24,13 @@ SUBCOMMANDS = """subcommands:
   llmprune eval MODEL    perplexity and lm-eval tasks of a saved (or any) model
   llmprune push DIR      upload a pruned checkpoint to the Hugging Face Hub
   llmprune sweep         a grid of methods x sparsities x patterns, with a table and a plot
+  llmprune serve         run pruning jobs for a team over HTTP (--workdir DIR)
+  llmprune submit RECIPE a job to a server; jobs, status ID, logs ID [-f], cancel ID, fetch ID DIR
   (llmprune SUBCOMMAND --help for each)"""
+
+
+# torch's thread count before a command's --threads changed it (process-wide), to restore.
+THREADS_BEFORE: list[int] = []
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -233,6 +240,7 @@ def _setup(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
 
+        THREADS_BEFORE.append(torch.get_num_threads())  # main() puts it back when the command ends
         torch.set_num_threads(args.threads)
 
 
@@ -536,7 +544,7 @@ def _write_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval": cmd_eval, "push": cmd_push,
-                                                       "sweep": cmd_sweep}
+                                                       "sweep": cmd_sweep, **SERVICE_COMMANDS}
 
 
 class Terminated(KeyboardInterrupt):
@@ -572,3 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if THREADS_BEFORE:  # called in-process (a notebook, a test): --threads lasts one command
+            import torch
+
+            torch.set_num_threads(THREADS_BEFORE[0])
+            THREADS_BEFORE.clear()

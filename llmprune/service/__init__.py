@@ -1,0 +1,1 @@
+"""The pruning service: jobs submitted over HTTP, kept in SQLite, run in worker processes."""

@@ -1,0 +1,140 @@
+"""Runs queued jobs in worker processes, one per slot (``--workers``), and watches them.
+
+A worker that dies (a crash, the OOM killer, a kill) leaves its job ``failed`` with the reason;
+a job asked to cancel that does not stop on its own within :data:`CANCEL_GRACE_S` is killed.
+On shutdown, running workers are stopped and their jobs requeued: a streamed job resumes from
+its journal when the server starts again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from llmprune.service.db import Database
+from llmprune.service.layout import Layout
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+CANCEL_GRACE_S = 10.0  # a running job polls its cancel flag often; past this it is killed
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Slot:
+    device: str
+    threads: int
+    job: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    cancel_seen: float | None = None
+    stopping: bool = False
+
+
+@dataclass
+class Scheduler:
+    layout: Layout
+    db: Database
+    slots: list[Slot]
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        for job_id in self.db.requeue_running():
+            log.info("job %s was running when the server stopped; queued again", job_id)
+        self.thread = threading.Thread(target=self.loop, name="llmprune-scheduler", daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except Exception:  # the scheduler must outlive any one job's trouble
+                log.exception("scheduler step failed")
+            self.stop_event.wait(POLL_S)
+
+    def step(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                self.watch(slot)
+            if slot.process is None and not self.stop_event.is_set():
+                job = self.db.claim()
+                if job is not None:
+                    self.launch(slot, job["id"])
+
+    def launch(self, slot: Slot, job_id: str) -> None:
+        folder = self.layout.job(job_id)
+        (folder / "cwd").mkdir(parents=True, exist_ok=True)
+        with open(folder / "worker.log", "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "llmprune.service.worker", str(self.layout.workdir), job_id, slot.device,
+                 str(slot.threads)], cwd=folder / "cwd", stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
+        self.db.update(job_id, pid=process.pid)
+        row = self.db.get(job_id) or {}
+        self.db.add_event(job_id, "log", {"level": "INFO", "message": f"started on {slot.device}, "
+                                          f"{slot.threads} threads (attempt {row.get('attempts')})"})
+        slot.job, slot.process, slot.cancel_seen = job_id, process, None
+
+    def watch(self, slot: Slot) -> None:
+        assert slot.process is not None and slot.job is not None
+        code = slot.process.poll()
+        if code is None:
+            if self.db.cancel_requested(slot.job):
+                slot.cancel_seen = slot.cancel_seen or time.monotonic()
+                if time.monotonic() - slot.cancel_seen > CANCEL_GRACE_S:
+                    slot.process.kill()
+                    slot.process.wait()
+                    self.db.finish(slot.job, "cancelled", "cancelled (the worker did not stop in time and was killed)")
+                    self.clear(slot)
+            return
+        if not slot.stopping:
+            row = self.db.get(slot.job)
+            if row is not None and row["status"] == "running":  # the worker died without a word
+                reason = describe_exit(code)
+                self.db.add_event(slot.job, "log", {"level": "ERROR", "message": reason})
+                self.db.finish(slot.job, "failed", reason)
+        self.clear(slot)
+
+    def clear(self, slot: Slot) -> None:
+        slot.job, slot.process, slot.cancel_seen, slot.stopping = None, None, None, False
+
+    def stop(self) -> list[str]:
+        """Stop taking jobs; stop running workers and queue their jobs again. Returns them."""
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        left = []
+        for slot in self.slots:
+            if slot.process is None or slot.job is None:
+                continue
+            slot.stopping = True
+            slot.process.send_signal(signal.SIGTERM)
+            try:
+                slot.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                slot.process.kill()
+                slot.process.wait()
+            row = self.db.get(slot.job)
+            if row is not None and row["status"] == "running":
+                self.db.update(slot.job, status="queued", pid=None)
+                self.db.add_event(slot.job, "log", {"level": "INFO", "message": "server stopped; queued again"})
+                left.append(slot.job)
+            self.clear(slot)
+        return left
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"worker process killed by {name}{hint}"
+    return f"worker process exited with code {code} without finishing the job (see worker.log)"

@@ -1,0 +1,351 @@
+"""The service, for real: `llmprune serve` in a subprocess on a loopback port, its worker
+processes, SQLite under a temporary workdir, and the real client (HTTP and the CLI)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmprune.service.client import Client
+
+TOKEN = "t0k3n-for-tests-only"
+START_TIMEOUT_S = 60
+JOB_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    workdir: Path
+    process: subprocess.Popen[bytes]
+    args: list[str]
+
+    def client(self, token: str | None = TOKEN) -> Client:
+        return Client(self.url, token=token)
+
+    def http(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def start(workdir: Path, models: Path, data: Path, *extra: str, port: int | None = None) -> Server:
+    port = port or free_port()
+    args = [sys.executable, "-m", "llmprune.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--workdir", str(workdir), "--models-dir", str(models), "--data-dir", str(data), "--threads", "1", *extra]
+    log = open(workdir.parent / f"{workdir.name}-server.log", "ab")  # noqa: SIM115 (lives with the server)
+    process = subprocess.Popen(args, env={**os.environ, "LLMPRUNE_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # its own process group: the tests kill it whole
+    server = Server(f"http://127.0.0.1:{port}", workdir, process, args)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (workdir.parent / f"{workdir.name}-server.log").read_text()
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+def stop(server: Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, llama_dir, text_file) -> tuple[Path, Path]:
+    return llama_dir.parent, text_file.parent
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, roots) -> Iterator[Server]:
+    live = start(tmp_path_factory.mktemp("service") / "work", *roots, "--max-queued", "3", "--max-body", "4096")
+    yield live
+    stop(live)
+
+
+def recipe(llama_dir: Path, text_file: Path, **extra) -> dict:
+    return {"model": str(llama_dir), "prune": {"method": "sparsegpt", "sparsity": 0.5},
+            "calibration": {"source": str(text_file), "samples": 4, "seqlen": 32},
+            "evaluation": {"source": str(text_file), "seqlen": 32, "windows": 2}, **extra}
+
+
+def wait(client: Client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=JOB_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def direct_run(llama_dir: Path, text_file: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The same recipe through the CLI, one thread, as the server's worker runs it."""
+    spec = out.parent / "recipe.json"
+    spec.write_text(json.dumps({**recipe(llama_dir, text_file), "out": str(out)}))
+    subprocess.run([sys.executable, "-m", "llmprune.cli", "--recipe", str(spec), "--threads", "1", "--device", "cpu",
+                    "--quiet"], check=True, capture_output=True, timeout=300)
+    return tensors(out)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+def test_health_needs_no_token_and_everything_else_does(server):
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    for token in (None, "wrong", TOKEN + "x"):
+        with server.http(token) as http:
+            for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
+                                 ("GET", "/metrics"), ("GET", "/openapi.json/../v1/jobs")):
+                response = http.request(method, path)
+                assert response.status_code == 401, (token, path)
+                assert TOKEN not in response.text
+
+
+def test_a_job_runs_to_the_checkpoint_a_direct_run_writes(server, llama_dir, text_file, tmp_path):
+    client = server.client()
+    job = client.submit(recipe(llama_dir, text_file))
+    assert job["status"] == "queued"
+    done = wait(client, job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["sparsity_achieved"] > 0.3 and result["ppl_pruned"] > result["ppl_dense"] > 1
+    kinds = [kind for kind, _ in client.events(job["id"])]
+    stages = {data["stage"] for kind, data in client.events(job["id"]) if kind == "progress"}
+    assert kinds[-1] == "end" and {"load", "calibrate", "prune", "save"} <= stages
+    fetched = tmp_path / "fetched"
+    files = client.fetch(job["id"], fetched)
+    for item in files:
+        assert hashlib.sha256((fetched / item["name"]).read_bytes()).hexdigest() == item["sha256"]
+    expected = direct_run(llama_dir, text_file, tmp_path / "direct")
+    actual = tensors(fetched)
+    assert set(actual) == set(expected) and all(torch.equal(actual[k], expected[k]) for k in expected)
+    assert job["id"] in [j["id"] for j in client.jobs("succeeded")]
+    assert 'llmprune_jobs{status="succeeded"}' in server.http().get("/metrics").text
+
+
+@pytest.mark.parametrize(("change", "status", "words"), [
+    ({"prune": {"method": "sparsegpt", "sparsty": 0.5}}, 422, "did you mean prune.sparsity"),
+    ({"modle": "x"}, 422, "did you mean model"),
+    ({"prune": {"method": "sparsegpt", "sparsity": 2}}, 422, "sparsity"),
+    ({"out": "/tmp/anywhere"}, 422, "recipe key out is not accepted"),
+    ({"offload_dir": "/tmp/x"}, 422, "offload_dir"),
+    ({"device": "cuda:7"}, 422, "device"),
+    ({"model": "/etc"}, 422, "not a model folder under the service's folders"),
+    ({"model": "../../../../etc"}, 422, "model"),
+    ({"model": "~/models/x"}, 422, "model"),
+    ({"calibration": {"source": "/etc/passwd", "samples": 4, "seqlen": 32}}, 422, "calibration.source"),
+    ({"evaluation": {"source": "../../../../etc/hostname"}}, 422, "evaluation.source"),
+    ({"tasks": {"names": ["x"], "include": "/etc"}}, 422, "tasks.include"),
+])
+def test_bad_recipes_are_refused_naming_the_key(server, llama_dir, text_file, change, status, words):
+    body = {**recipe(llama_dir, text_file), **change}
+    with server.http() as http:
+        before = len(http.get("/v1/jobs").json()["jobs"])
+        response = http.post("/v1/jobs", json=body)
+        assert response.status_code == status
+        assert words in response.json()["detail"]
+        assert len(http.get("/v1/jobs").json()["jobs"]) == before  # nothing queued
+
+
+def test_a_symlink_out_of_the_models_folder_is_refused(server, roots, tmp_path, llama_dir, text_file):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = roots[0] / "escape"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with server.http() as http:
+            response = http.post("/v1/jobs", json={**recipe(llama_dir, text_file), "model": str(link)})
+            assert response.status_code == 422 and "model" in response.json()["detail"]
+    finally:
+        link.unlink()
+
+
+def test_body_too_large_and_not_json(server):
+    with server.http() as http:
+        assert http.post("/v1/jobs", content=b"{" + b" " * 5000 + b"}",
+                         headers={"Content-Type": "application/json"}).status_code == 413
+        garbage = http.post("/v1/jobs", content=b"not json", headers={"Content-Type": "application/json"})
+        assert garbage.status_code == 422
+
+
+def test_artifact_names_cannot_leave_the_job_folder(server, llama_dir, text_file):
+    client = server.client()
+    job = wait(client, client.submit(recipe(llama_dir, text_file))["id"])
+    assert job["status"] == "succeeded"
+    secret = server.workdir / "service.db"
+    with server.http() as http:
+        listed = http.get(f"/v1/jobs/{job['id']}/artifacts").json()["files"]
+        assert "config.json" in {f["name"] for f in listed}
+        ok = http.get(f"/v1/jobs/{job['id']}/artifacts/config.json")
+        assert ok.status_code == 200 and json.loads(ok.content)
+        ranged = http.get(f"/v1/jobs/{job['id']}/artifacts/config.json", headers={"Range": "bytes=0-9"})
+        assert ranged.status_code == 206 and ranged.content == ok.content[:10]
+        for name in ("../artifacts.json", "..%2F..%2Fservice.db", "%2e%2e/%2e%2e/service.db", str(secret),
+                     "/etc/passwd", "out/../../service.db"):
+            response = http.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
+            assert response.status_code in (404, 400), name
+            assert response.content != secret.read_bytes()[:len(response.content)] or not response.content
+
+
+def test_a_link_planted_in_the_output_is_never_served(server, llama_dir, text_file):
+    client = server.client()
+    job = wait(client, client.submit(recipe(llama_dir, text_file))["id"])
+    out = server.workdir / "jobs" / job["id"] / "out"
+    (out / "leak.json").symlink_to(server.workdir / "service.db")
+    with server.http() as http:
+        assert http.get(f"/v1/jobs/{job['id']}/artifacts/leak.json").status_code == 404
+
+
+def test_cancel_queued_and_running_jobs_and_the_queue_limit(server, llama_dir, text_file):
+    client = server.client()
+    slow = recipe(llama_dir, text_file, calibration={"source": str(text_file), "samples": 64, "seqlen": 64},
+                  evaluation={"source": str(text_file), "seqlen": 64, "windows": 40})
+    running = client.submit(slow)["id"]
+    wait(client, running, ("running",), timeout=60)
+    queued = [client.submit(recipe(llama_dir, text_file))["id"] for _ in range(3)]
+    with server.http() as http:
+        refused = http.post("/v1/jobs", json=recipe(llama_dir, text_file))
+        assert refused.status_code == 429
+    assert client.cancel(queued[0])["status"] == "cancelled"
+    tick = time.monotonic()
+    client.cancel(running)
+    job = wait(client, running, timeout=60)
+    assert job["status"] == "cancelled" and time.monotonic() - tick < 30
+    assert not (server.workdir / "jobs" / running / "out").exists()
+    for job_id in queued[1:]:
+        client.cancel(job_id)
+    assert all(wait(client, j)["status"] in ("cancelled", "succeeded") for j in queued[1:])
+
+
+def test_a_killed_worker_fails_its_job_and_the_server_keeps_serving(server, llama_dir, text_file):
+    client = server.client()
+    slow = recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64, "windows": 60})
+    job_id = client.submit(slow)["id"]
+    deadline = time.monotonic() + 60
+    while not client.job(job_id)["progress"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pid = worker_pid(server, job_id)
+    os.kill(pid, signal.SIGKILL)
+    job = wait(client, job_id)
+    assert job["status"] == "failed" and "SIGKILL" in job["error"]
+    again = wait(client, client.submit(recipe(llama_dir, text_file))["id"])
+    assert again["status"] == "succeeded"
+
+
+def worker_pid(server: Server, job_id: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(server.workdir / "service.db") as db:
+        return int(db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+
+@pytest.fixture(scope="module")
+def four_layers(roots, tokenizer) -> Path:
+    import tiny
+
+    folder = roots[0] / "four"
+    if not folder.exists():
+        tiny.llama(len(tokenizer), layers=4).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def streamed(model: Path, text_file: Path) -> dict:
+    return {**recipe(model, text_file, calibration={"source": str(text_file), "samples": 48, "seqlen": 64}),
+            "stream": "on"}
+
+
+def test_a_killed_server_resumes_its_streamed_job_and_two_workers_run_at_once(
+        tmp_path, roots, four_layers, llama_dir, text_file):
+    """SIGKILL to the server's whole process group (workers included) in the middle of a
+    streamed job; the restarted server on the same workdir resumes the job from its journal,
+    which ends with the checkpoint a direct run writes. With --workers 2, two jobs run at once."""
+    workdir = tmp_path / "work"
+    first = start(workdir, *roots, "--workers", "2")
+    try:
+        client = first.client()
+        job_id = client.submit(streamed(four_layers, text_file))["id"]
+        other = client.submit(recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64,
+                                                                        "windows": 40}))["id"]
+        deadline = time.monotonic() + 120
+        both = False
+        while time.monotonic() < deadline:
+            rows = {j["id"]: j for j in client.jobs()}
+            both = both or all(rows[j]["status"] == "running" for j in (job_id, other))
+            progress = rows[job_id]["progress"] or {}
+            if progress.get("stage") == "prune" and progress.get("done", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert both, "the two jobs never ran at the same time"
+        assert (client.job(job_id)["progress"] or {}).get("stage") == "prune"
+    finally:
+        os.killpg(first.process.pid, signal.SIGKILL)
+        first.process.wait()
+    second = start(workdir, *roots, "--workers", "2")
+    try:
+        client = second.client()
+        job = wait(client, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["attempts"] == 2
+        messages = [d.get("message", "") for kind, d in client.events(job_id) if kind == "log"]
+        assert any(m.startswith("resuming from") for m in messages)
+        spec = tmp_path / "direct.json"
+        spec.write_text(json.dumps({**streamed(four_layers, text_file), "out": str(tmp_path / "direct")}))
+        subprocess.run([sys.executable, "-m", "llmprune.cli", "--recipe", str(spec), "--threads", "1",
+                        "--device", "cpu", "--quiet"], check=True, capture_output=True, timeout=300)
+        expected, actual = tensors(tmp_path / "direct"), tensors(workdir / "jobs" / job_id / "out")
+        assert set(actual) == set(expected) and all(torch.equal(actual[k], expected[k]) for k in expected)
+        assert wait(client, other)["status"] == "succeeded"
+    finally:
+        stop(second)
+
+
+def test_sigterm_requeues_the_running_job_and_the_next_start_finishes_it(tmp_path, roots, llama_dir, text_file):
+    workdir = tmp_path / "work"
+    first = start(workdir, *roots)
+    client = first.client()
+    job_id = client.submit(recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64,
+                                                                     "windows": 60}))["id"]
+    wait(client, job_id, ("running",), timeout=60)
+    tick = time.monotonic()
+    os.killpg(first.process.pid, signal.SIGTERM)
+    first.process.wait(timeout=60)
+    assert time.monotonic() - tick < 30
+    log = (tmp_path / "work-server.log").read_text()
+    assert f"job {job_id} was running; queued again" in log
+    second = start(workdir, *roots)
+    try:
+        assert wait(second.client(), job_id)["status"] == "succeeded"
+    finally:
+        stop(second)
