@@ -343,9 +343,98 @@ def test_sigterm_requeues_the_running_job_and_the_next_start_finishes_it(tmp_pat
     first.process.wait(timeout=60)
     assert time.monotonic() - tick < 30
     log = (tmp_path / "work-server.log").read_text()
-    assert f"job {job_id} was running; queued again" in log
+    assert f"job {job_id} was stopped while running; queued again" in log
     second = start(workdir, *roots)
     try:
         assert wait(second.client(), job_id)["status"] == "succeeded"
     finally:
         stop(second)
+
+
+def cli(server: Server, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmprune.cli", *args, "--server", server.url], text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, "LLMPRUNE_TOKEN": TOKEN})
+
+
+def test_the_command_line_client_submits_follows_and_fetches(server, llama_dir, text_file, tmp_path):
+    import yaml
+
+    spec = tmp_path / "recipe.yaml"
+    spec.write_text(yaml.safe_dump({**recipe(llama_dir, text_file), "out": "./wherever"}))
+    submitted = cli(server, "submit", str(spec))
+    assert submitted.returncode == 0, submitted.stderr
+    assert "dropping out: './wherever'" in submitted.stderr
+    job_id = submitted.stdout.strip()
+    logs = cli(server, "logs", job_id, "--follow")
+    assert logs.returncode == 0 and "prune: " in logs.stdout and logs.stdout.strip().endswith("job succeeded")
+    status = cli(server, "status", job_id)
+    assert status.stdout.startswith(f"{job_id}  succeeded") and "ppl " in status.stdout
+    fetched = cli(server, "fetch", job_id, str(tmp_path / "got"))
+    assert fetched.returncode == 0 and "every SHA-256 checked" in fetched.stdout
+    assert (tmp_path / "got" / "config.json").is_file()
+    again = cli(server, "fetch", job_id, str(tmp_path / "got"))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    missing = cli(server, "status", "nope")
+    assert missing.returncode == 2 and "404" in missing.stderr and "Traceback" not in missing.stderr
+    wrong = subprocess.run([sys.executable, "-m", "llmprune.cli", "status", job_id, "--server", server.url],
+                           text=True, capture_output=True, timeout=60, env={**os.environ, "LLMPRUNE_TOKEN": "bad"})
+    assert wrong.returncode == 2 and "401" in wrong.stderr
+
+
+def test_the_token_is_stored_nowhere(server):
+    leaked = [p for p in server.workdir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    log = server.workdir.parent / f"{server.workdir.name}-server.log"
+    assert leaked == [] and TOKEN not in log.read_text()
+
+
+def test_serving_beyond_loopback_needs_a_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LLMPRUNE_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "llmprune.cli", "serve", "--host", "0.0.0.0", "--port", "0",
+                             "--workdir", str(tmp_path / "w")], text=True, capture_output=True, timeout=60, env=env)
+    assert result.returncode == 2 and "without a token" in result.stderr and not (tmp_path / "w").exists()
+
+
+def test_the_api_keeps_to_its_openapi_spec(server):
+    """Property-based, for every operation of /openapi.json: requests generated from the spec,
+    with the token; no 5xx, and every response's status code, content type and body are the
+    ones the spec declares."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30, checks=checks)
+
+        check()
+
+
+@pytest.mark.slow
+def test_smollm2_through_the_service(server, tmp_path):
+    """The real model, built-in name and texts (nothing to confine), a small calibration."""
+    from transformers import AutoModelForCausalLM
+
+    client = server.client()
+    job = client.submit({"model": "smollm2-135m", "prune": {"method": "wanda", "sparsity": 0.5},
+                         "calibration": {"source": "wikipedia", "samples": 8, "seqlen": 128},
+                         "evaluation": {"source": "wikipedia", "seqlen": 128, "windows": 4}})
+    done = wait(client, job["id"], timeout=600)
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert 5 < result["ppl_dense"] < result["ppl_pruned"] < 10 * result["ppl_dense"]
+    client.fetch(job["id"], tmp_path / "smol")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)

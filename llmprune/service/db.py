@@ -111,6 +111,13 @@ class Database:
                 (status, error, json.dumps(result) if result is not None else None, time.time(), job_id))
             return cursor.rowcount == 1
 
+    def requeue(self, job_id: str) -> bool:
+        """A running job back to the queue (its worker was stopped); False if it was not running."""
+        with self.connect() as db:
+            cursor = db.execute("UPDATE jobs SET status = 'queued', pid = NULL WHERE id = ? AND status = 'running'",
+                                (job_id,))
+            return cursor.rowcount == 1
+
     def request_cancel(self, job_id: str) -> str | None:
         """Cancel: a queued job is dropped at once, a running one is flagged. The status after."""
         with self.connect() as db:

@@ -1,6 +1,7 @@
 """Runs queued jobs in worker processes, one per slot (``--workers``), and watches them.
 
-A worker that dies (a crash, the OOM killer, a kill) leaves its job ``failed`` with the reason;
+A worker that dies (a crash, the OOM killer, SIGKILL) leaves its job ``failed`` with the reason;
+one stopped by SIGTERM or SIGINT queues it again;
 a job asked to cancel that does not stop on its own within :data:`CANCEL_GRACE_S` is killed.
 On shutdown, running workers are stopped and their jobs requeued: a streamed job resumes from
 its journal when the server starts again.
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmprune.service.db import Database
@@ -33,7 +35,6 @@ class Slot:
     job: str | None = None
     process: subprocess.Popen[bytes] | None = None
     cancel_seen: float | None = None
-    stopping: bool = False
 
 
 @dataclass
@@ -41,8 +42,10 @@ class Scheduler:
     layout: Layout
     db: Database
     slots: list[Slot]
+    say: Callable[[str], None] = print
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    requeued: set[str] = field(default_factory=set)
 
     def start(self) -> None:
         for job_id in self.db.requeue_running():
@@ -93,40 +96,47 @@ class Scheduler:
                     self.db.finish(slot.job, "cancelled", "cancelled (the worker did not stop in time and was killed)")
                     self.clear(slot)
             return
-        if not slot.stopping:
-            row = self.db.get(slot.job)
-            if row is not None and row["status"] == "running":  # the worker died without a word
-                reason = describe_exit(code)
-                self.db.add_event(slot.job, "log", {"level": "ERROR", "message": reason})
-                self.db.finish(slot.job, "failed", reason)
+        row = self.db.get(slot.job)
+        if row is not None and row["status"] == "running" and code in (-signal.SIGTERM, -signal.SIGINT):
+            # Stopped before it could say so (still importing): a stop, not a failure.
+            self.db.requeue(slot.job)
+            self.left(slot.job)
+        elif row is not None and row["status"] == "running":  # the worker died without a word
+            reason = describe_exit(code)
+            self.db.add_event(slot.job, "log", {"level": "ERROR", "message": reason})
+            self.db.finish(slot.job, "failed", reason)
+        elif row is not None and row["status"] == "queued":  # stopped by a signal; it requeued itself
+            self.left(slot.job)
         self.clear(slot)
 
+    def left(self, job_id: str) -> None:
+        if job_id not in self.requeued:
+            self.requeued.add(job_id)
+            self.say(f"llmprune serve: job {job_id} was stopped while running; queued again")
+
     def clear(self, slot: Slot) -> None:
-        slot.job, slot.process, slot.cancel_seen, slot.stopping = None, None, None, False
+        slot.job, slot.process, slot.cancel_seen = None, None, None
 
     def stop(self) -> list[str]:
-        """Stop taking jobs; stop running workers and queue their jobs again. Returns them."""
+        """Stop taking jobs; stop the running workers (each queues its job again) and say so, one
+        line per job. Returns them."""
         self.stop_event.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
-        left = []
         for slot in self.slots:
             if slot.process is None or slot.job is None:
                 continue
-            slot.stopping = True
-            slot.process.send_signal(signal.SIGTERM)
+            if slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
             try:
                 slot.process.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 slot.process.kill()
                 slot.process.wait()
-            row = self.db.get(slot.job)
-            if row is not None and row["status"] == "running":
-                self.db.update(slot.job, status="queued", pid=None)
-                self.db.add_event(slot.job, "log", {"level": "INFO", "message": "server stopped; queued again"})
-                left.append(slot.job)
+            if self.db.requeue(slot.job) or (self.db.get(slot.job) or {}).get("status") == "queued":
+                self.left(slot.job)
             self.clear(slot)
-        return left
+        return sorted(self.requeued)
 
 
 def describe_exit(code: int) -> str:

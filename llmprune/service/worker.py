@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -24,6 +25,16 @@ from llmprune.service.db import Database
 from llmprune.service.layout import Layout
 
 CANCEL_POLL_S = 0.5  # how often the cancel flag is read from the database
+STOPPED = 143  # the exit code of a worker stopped by a signal, its job queued again
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: the server is stopping (or someone asked this worker to). The job goes
+    back to the queue; a streamed one resumes from its journal next time."""
+
+
+def _stop(signum: int, _: Any) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 class EventLog(logging.Handler):
@@ -98,6 +109,10 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
 
     try:
         record = run(job, progress=progress, cancel=cancel, command=None)
+    except Stopped as exc:
+        db.add_event(job_id, "log", {"level": "INFO", "message": f"stopped by {exc}; queued again"})
+        db.requeue(job_id)
+        return STOPPED
     except Cancelled as exc:
         db.add_event(job_id, "log", {"level": "INFO", "message": str(exc)})
         db.finish(job_id, "cancelled", str(exc))
@@ -120,6 +135,8 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     workdir, job_id, device, threads = args
     return run_job(Layout(Path(workdir)), job_id, device, int(threads))
 
