@@ -438,3 +438,43 @@ def test_smollm2_through_the_service(server, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol")
     weight = model.model.layers[0].mlp.down_proj.weight
     assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_delete_removes_a_finished_job_and_refuses_a_live_one(server, llama_dir, text_file):
+    client = server.client()
+    slow = recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64, "windows": 60})
+    live = client.submit(slow)["id"]
+    wait(client, live, ("running",), timeout=60)
+    with server.http() as http:
+        assert http.delete(f"/v1/jobs/{live}").status_code == 409
+        client.cancel(live)
+        wait(client, live)
+        assert http.delete(f"/v1/jobs/{live}").status_code == 204
+        assert http.get(f"/v1/jobs/{live}").status_code == 404
+        assert http.delete(f"/v1/jobs/{live}").status_code == 404
+    assert not (server.workdir / "jobs" / live).exists()
+
+
+def test_the_token_can_come_from_a_file(tmp_path, roots):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LLMPRUNE_TOKEN"}
+    process = subprocess.Popen([sys.executable, "-m", "llmprune.cli", "serve", "--port", str(port), "--workdir",
+                                str(tmp_path / "w"), "--token-file", str(token_file)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401
+        ok = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer from-a-file"})
+        assert ok.status_code == 200 and ok.json() == {"jobs": []}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

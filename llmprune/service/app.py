@@ -125,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
         return job
 
     guarded = [Depends(authorized)]
+    recent: dict[str, tuple[float, bytes]] = {}  # job id -> (when read, the status route's body)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> dict[str, Any]:
@@ -161,8 +162,6 @@ def create_app(settings: Settings) -> FastAPI:
                   ) -> dict[str, Any]:
         return {"jobs": db.jobs(status)}
 
-    recent: dict[str, tuple[float, bytes]] = {}
-
     @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=guarded, responses=_errors(401, 404))
     async def get_job(job_id: str) -> Response:
         # The route clients poll: served on the event loop (one indexed SQLite read, no thread
@@ -181,6 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
     def cancel(job_id: str) -> dict[str, Any]:
         found(job_id)
         db.request_cancel(job_id)
+        recent.pop(job_id, None)  # what this server changed is never served stale
         return found(job_id)
 
     @app.delete("/v1/jobs/{job_id}", status_code=204, dependencies=guarded, responses=_errors(401, 404, 409))
@@ -190,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(409, f"job {job_id} is {job['status']}; cancel it first")
         layout.remove(job_id)
         db.delete(job_id)
+        recent.pop(job_id, None)
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=guarded,
              response_class=StreamingResponse,
