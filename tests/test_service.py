@@ -478,3 +478,16 @@ def test_the_token_can_come_from_a_file(tmp_path, roots):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_a_late_client_resumes_the_event_stream_after_the_last_event_it_saw(server, llama_dir, text_file):
+    client = server.client()
+    job = wait(client, client.submit(recipe(llama_dir, text_file))["id"])
+    with server.http() as http:
+        whole = http.get(f"/v1/jobs/{job['id']}/events").text
+    ids = [int(line[4:]) for line in whole.splitlines() if line.startswith("id: ")]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 5
+    rest = list(client.events(job["id"], after=ids[-3]))
+    assert [kind for kind, _ in rest][-1] == "end" and len(rest) == 3  # the last two events, then the end
+    so_far = list(client.events(job["id"], follow=False))
+    assert len(so_far) == len(ids) + 1
