@@ -49,12 +49,17 @@ def check_stream(events: list[Event]) -> dict[str, list[Event]]:
 
 def test_every_stage_of_a_sparse_job_reports_typed_events(llama_dir, text_file, tmp_path):
     events: list[Event] = []
-    record = run(job(llama_dir, text_file, tmp_path / "out"), progress=events.append)
+    figures: list[dict] = []
+    record = run(job(llama_dir, text_file, tmp_path / "out"), progress=events.append, figures=figures.append)
     stages = check_stream(events)
     assert list(stages) == ["load", "calibrate", "eval dense", "prune", "eval pruned", "save"]
-    assert stages["prune"][-1] == Event("prune", 2, 2, "layers")
+    assert stages["prune"] == [Event("prune", n, 2, "layers") for n in range(3)]  # its start, then each layer
     assert stages["eval dense"][-1] == Event("eval dense", 4, 4, "windows")
     assert record["out"] == str(tmp_path / "out")
+    # The headline figures as each becomes known (a service shows them mid-run), equal to the record's.
+    dense, pruned = record["evaluation"]["ppl_dense"], record["evaluation"]["ppl_pruned"]
+    assert figures == [{"ppl_dense": dense}, {"ppl_dense": dense, "sparsity_achieved": record["sparsity_achieved"]},
+                       {"ppl_dense": dense, "sparsity_achieved": record["sparsity_achieved"], "ppl_pruned": pruned}]
 
 
 def test_a_structured_job_reports_its_allocation_and_gradients(llama_dir, text_file, tmp_path):

@@ -84,7 +84,8 @@ def roots(tmp_path_factory, llama_dir, text_file) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, roots) -> Iterator[Server]:
-    live = start(tmp_path_factory.mktemp("service") / "work", *roots, "--max-queued", "3", "--max-body", "4096")
+    live = start(tmp_path_factory.mktemp("service") / "work", *roots, "--max-queued", "3", "--max-body", "4096",
+                 "--cancel-grace", "2")
     yield live
     stop(live)
 
@@ -282,12 +283,12 @@ def four_layers(roots, tokenizer) -> Path:
 
 
 def streamed(model: Path, text_file: Path) -> dict:
-    return {**recipe(model, text_file, calibration={"source": str(text_file), "samples": 48, "seqlen": 64}),
+    return {**recipe(model, text_file, calibration={"source": str(text_file), "samples": 128, "seqlen": 64}),
             "stream": "on"}
 
 
 def test_a_killed_server_resumes_its_streamed_job_and_two_workers_run_at_once(
-        tmp_path, roots, four_layers, llama_dir, text_file):
+        tmp_path, roots, four_layers, llama_dir, text_file, streamed_direct):
     """SIGKILL to the server's whole process group (workers included) in the middle of a
     streamed job; the restarted server on the same workdir resumes the job from its journal,
     which ends with the checkpoint a direct run writes. With --workers 2, two jobs run at once."""
@@ -320,35 +321,147 @@ def test_a_killed_server_resumes_its_streamed_job_and_two_workers_run_at_once(
         assert job["attempts"] == 2
         messages = [d.get("message", "") for kind, d in client.events(job_id) if kind == "log"]
         assert any(m.startswith("resuming from") for m in messages)
-        spec = tmp_path / "direct.json"
-        spec.write_text(json.dumps({**streamed(four_layers, text_file), "out": str(tmp_path / "direct")}))
-        subprocess.run([sys.executable, "-m", "llmprune.cli", "--recipe", str(spec), "--threads", "1",
-                        "--device", "cpu", "--quiet"], check=True, capture_output=True, timeout=300)
-        expected, actual = tensors(tmp_path / "direct"), tensors(workdir / "jobs" / job_id / "out")
+        expected, actual = streamed_direct, tensors(workdir / "jobs" / job_id / "out")
         assert set(actual) == set(expected) and all(torch.equal(actual[k], expected[k]) for k in expected)
         assert wait(client, other)["status"] == "succeeded"
     finally:
         stop(second)
 
 
-def test_sigterm_requeues_the_running_job_and_the_next_start_finishes_it(tmp_path, roots, llama_dir, text_file):
+@pytest.fixture(scope="module")
+def streamed_direct(tmp_path_factory, four_layers, text_file) -> dict[str, torch.Tensor]:
+    """The streamed recipe's checkpoint from an uninterrupted direct run, one thread."""
+    folder = tmp_path_factory.mktemp("streamed-direct")
+    spec = folder / "recipe.json"
+    spec.write_text(json.dumps({**streamed(four_layers, text_file), "out": str(folder / "out")}))
+    subprocess.run([sys.executable, "-m", "llmprune.cli", "--recipe", str(spec), "--threads", "1", "--device", "cpu",
+                    "--quiet"], check=True, capture_output=True, timeout=300)
+    return tensors(folder / "out")
+
+
+def log_lines(workdir: Path, job_id: str) -> list[str]:
+    """The job's log lines, read from the database (the server may be down)."""
+    from llmprune.service.db import Database
+
+    events = Database(workdir / "service.db").events(job_id)
+    return [e["data"].get("message", "") for e in events if e["kind"] == "log"]
+
+
+def test_sigterm_stops_each_job_its_own_way_and_the_next_start_finishes_them(
+        tmp_path, roots, four_layers, llama_dir, text_file, streamed_direct):
+    """SIGTERM to the server's process group (as Ctrl-C at a terminal) with three jobs running: the
+    streamed one finishes its decoder layer in flight and stops between layers, an in-memory one
+    stops at once, a hung one (SIGSTOP) is killed when --stop-grace runs out; each is queued again
+    with one line from the server. Mid-run, the streamed job showed its dense perplexity and an
+    ETA. The next start finishes all three, the streamed one from its journal with the checkpoint
+    of an uninterrupted run."""
     workdir = tmp_path / "work"
-    first = start(workdir, *roots)
+    first = start(workdir, *roots, "--workers", "3", "--stop-grace", "5")
     client = first.client()
-    job_id = client.submit(recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64,
-                                                                     "windows": 60}))["id"]
-    wait(client, job_id, ("running",), timeout=60)
+    layered, memory, hung = (client.submit(streamed(four_layers, text_file))["id"],
+                             client.submit(recipe(llama_dir, text_file))["id"],
+                             client.submit(recipe(llama_dir, text_file))["id"])
+    # Each worker is frozen (SIGSTOP) where the test wants it when the server is told to stop:
+    # the streamed one inside its prune stage, the others once they are under way.
+    frozen: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(frozen) < 3 and time.monotonic() < deadline:
+        for row in client.jobs():
+            progress = row["progress"] or {}
+            ready = progress.get("stage") == "prune" and progress["done"] >= 1 if row["id"] == layered else progress
+            if row["id"] not in frozen and row["status"] == "running" and ready:
+                os.kill(worker_pid(first, row["id"]), signal.SIGSTOP)
+                frozen.add(row["id"])
+        time.sleep(0.02)
+    mid = client.job(layered)
+    assert frozen == {layered, memory, hung} and mid["status"] == "running", mid
+    assert mid["progress"]["stage"] == "prune" and mid["progress"]["done"] < 4, mid
+    assert mid["result"]["ppl_dense"] > 1 and mid["progress"]["eta"] > mid["started"]
+    status = cli(first, "status", layered).stdout
+    assert f"dense ppl {mid['result']['ppl_dense']:.3f}" in status and "ETA" in status, status
     tick = time.monotonic()
     os.killpg(first.process.pid, signal.SIGTERM)
+    for job_id in (layered, memory):  # these two go on and see the signal; the hung one never does
+        os.kill(worker_pid(first, job_id), signal.SIGCONT)
     first.process.wait(timeout=60)
     assert time.monotonic() - tick < 30
     log = (tmp_path / "work-server.log").read_text()
-    assert f"job {job_id} was stopped while running; queued again" in log
-    second = start(workdir, *roots)
+    for job_id in (layered, memory, hung):
+        assert log.count(f"job {job_id} was stopped while running; queued again") == 1, log
+    stopped = [m for m in log_lines(workdir, layered) if m.startswith("stopped by")]
+    assert len(stopped) == 1 and "decoder layers; queued again, to resume from its journal" in stopped[0], stopped
+    layers_done = int(stopped[0].split(" after ")[1].split(" of ")[0])
+    assert layers_done >= mid["progress"]["done"]
+    assert "stopped by SIGTERM; queued again" in log_lines(workdir, memory)
+    assert any(m.startswith("killed: still running 5 s") for m in log_lines(workdir, hung))
+    second = start(workdir, *roots, "--workers", "3")
     try:
-        assert wait(second.client(), job_id)["status"] == "succeeded"
+        client = second.client()
+        for job_id in (layered, memory, hung):
+            job = wait(client, job_id)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        restarts = [d for kind, d in client.events(layered, follow=False)
+                    if kind == "progress" and d["stage"] == "prune"]
+        assert restarts[-(5 - layers_done)]["done"] == layers_done  # the resumed attempt began after that layer
+        actual = tensors(workdir / "jobs" / layered / "out")
+        assert set(actual) == set(streamed_direct)
+        assert all(torch.equal(actual[k], streamed_direct[k]) for k in streamed_direct)
     finally:
         stop(second)
+
+
+def test_a_cancelled_job_that_does_not_stop_is_killed_after_the_grace(server, llama_dir, text_file):
+    client = server.client()  # this server runs with --cancel-grace 2
+    slow = recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64, "windows": 60})
+    job_id = client.submit(slow)["id"]
+    wait(client, job_id, ("running",), timeout=60)
+    pid = worker_pid(server, job_id)
+    os.kill(pid, signal.SIGSTOP)  # hung: it can no longer see its cancel flag
+    tick = time.monotonic()
+    client.cancel(job_id)
+    job = wait(client, job_id, timeout=30)
+    assert job["status"] == "cancelled" and "did not stop within 2 s and was killed" in job["error"]
+    assert time.monotonic() - tick >= 2
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not (server.workdir / "jobs" / job_id / "out").exists()
+    assert wait(client, client.submit(recipe(llama_dir, text_file))["id"])["status"] == "succeeded"
+
+
+def test_pace_measures_the_eta_from_the_stage_start():
+    from llmprune.progress import Event
+    from llmprune.service.worker import Pace
+
+    pace = Pace()
+    assert pace.eta(Event("prune", 0, 4, "layers"), 100.0) is None  # no pace yet
+    assert pace.eta(Event("prune", 1, 4, "layers"), 110.0) == 140.0  # 10 s a layer, 3 to go
+    assert pace.eta(Event("prune", 2, 4, "layers"), 130.0) == 160.0  # 15 s a layer, 2 to go
+    assert pace.eta(Event("prune", 4, 4, "layers"), 150.0) is None  # done
+    assert pace.eta(Event("eval pruned", 2, 8, "windows"), 200.0) is None  # a new stage starts over
+    assert pace.eta(Event("eval pruned", 4, 8, "windows"), 204.0) == 212.0  # 2 s a window, 4 to go
+    resumed = Pace()  # a resumed prune starts at layer 2: only its own layers count
+    assert resumed.eta(Event("prune", 2, 4, "layers"), 0.0) is None
+    assert resumed.eta(Event("prune", 3, 4, "layers"), 5.0) == 10.0
+
+
+def test_an_older_database_gains_the_newer_columns(tmp_path):
+    import sqlite3
+
+    from llmprune.service.db import ADDED, SCHEMA, Database
+
+    path = tmp_path / "service.db"
+    with sqlite3.connect(path) as db:
+        old = SCHEMA
+        for name, kind in ADDED.items():
+            old = old.replace(f", {name} {kind}", "")
+        assert old != SCHEMA
+        db.executescript(old)
+        db.execute("INSERT INTO jobs (id, status, recipe, created, stage, done, total, unit) "
+                   "VALUES ('a', 'running', '{}', 1.0, 'prune', 1, 2, 'layers')")
+    database = Database(path)
+    assert database.get("a")["progress"] == {"stage": "prune", "done": 1, "total": 2, "unit": "layers", "eta": None}
+    database.update("a", eta=5.0)
+    assert database.get("a")["progress"]["eta"] == 5.0
 
 
 def cli(server: Server, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -70,6 +70,8 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_serve(argv: Sequence[str]) -> int:
+    from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S
+
     p = argparse.ArgumentParser(prog="llmprune serve", description="Run pruning jobs for a team over HTTP.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
@@ -81,7 +83,14 @@ def cmd_serve(argv: Sequence[str]) -> int:
     p.add_argument("--token-file", default=None, help="a file holding the API token (default: $LLMPRUNE_TOKEN)")
     p.add_argument("--max-queued", type=int, default=100, help="waiting jobs beyond which submissions get 429")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    p.add_argument("--cancel-grace", type=float, default=CANCEL_GRACE_S, metavar="SECONDS",
+                   help="a cancelled job still running after this is killed (default %(default)g)")
+    p.add_argument("--stop-grace", type=float, default=STOP_GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long running jobs get to finish their decoder layer in flight "
+                        "before they are killed; either way they are queued again (default %(default)g)")
     args = p.parse_args(argv)
+    if args.cancel_grace < 0 or args.stop_grace < 0:
+        raise LlmpruneError("--cancel-grace and --stop-grace are seconds, 0 or more")
     token = _token(args.token_file)
     if token is None and not _loopback(args.host):
         raise LlmpruneError(f"refusing to serve on {args.host} without a token: set LLMPRUNE_TOKEN or --token-file")
@@ -96,7 +105,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
                         models=[Path(m).expanduser().resolve() for m in args.models_dir],
                         data=[Path(d).expanduser().resolve() for d in args.data_dir],
                         slots=_slots(args.workers, args.threads), max_body=args.max_body,
-                        max_queued=args.max_queued)
+                        max_queued=args.max_queued, cancel_grace=args.cancel_grace,
+                        stop_grace=args.stop_grace)
     app = create_app(settings)
     workers = ", ".join(f"{s.device} x{s.threads} threads" for s in settings.slots)
     print(f"llmprune serve: http://{args.host}:{args.port} (workdir {settings.workdir}; workers: {workers}; "
@@ -128,12 +138,13 @@ def _describe(job: dict[str, Any]) -> str:
     progress = job.get("progress")
     if progress and job["status"] == "running":
         line += f"  {progress['stage']} {progress['done']}/{progress['total']} {progress['unit']}"
-        if job.get("started") and progress["unit"] == "layers" and progress["done"]:
-            elapsed = time.time() - job["started"]
-            line += f"  ETA {elapsed / progress['done'] * (progress['total'] - progress['done']):.0f} s (this stage)"
+        if progress.get("eta") is not None:
+            line += f"  ETA {max(0.0, progress['eta'] - time.time()):.0f} s (this stage)"
     result = job.get("result") or {}
-    if result.get("ppl_pruned") is not None:
+    if result.get("ppl_pruned") is not None and result.get("ppl_dense") is not None:
         line += f"  ppl {result['ppl_dense']:.3f} -> {result['ppl_pruned']:.3f}"
+    elif result.get("ppl_dense") is not None:
+        line += f"  dense ppl {result['ppl_dense']:.3f}"
     if result.get("sparsity_achieved") is not None:
         line += f"  sparsity {result['sparsity_achieved']:.4f}"
     if job.get("error"):

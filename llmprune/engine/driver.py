@@ -474,7 +474,8 @@ def prune(
     ``calibration``: (nsamples, seqlen) token ids. ``device``: where each layer is processed
     (default: CUDA if present); the model itself may stay on the CPU. ``layer_devices``: one
     device per decoder layer instead (from an accelerate device map). ``progress`` is given an
-    :class:`~llmprune.progress.Event` ("prune", layers done, total, "layers") after each layer;
+    :class:`~llmprune.progress.Event` ("prune", layers done, total, "layers") once the inputs are captured and after
+    each layer;
     ``cancel`` is polled between layers; when it returns True the run stops with :class:`Cancelled` (the model is
     then partly pruned). ``host`` decides where layer weights live between visits (default: in
     ``model``). ``captured``: the inputs of layer 0 and every layer's call arguments, from an
@@ -531,6 +532,8 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     first = resumed.start
     # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
     del resumed
+    if progress is not None:  # the stage's start (its pace is measured from here)
+        progress(Event("prune", first, len(layers), "layers"))
     for index in range(first, len(layers)):
         layer = layers[index]
         check_cancel(cancel, f"after {index} of {len(layers)} decoder layers")

@@ -262,6 +262,21 @@ def read_paths(job: Job) -> list[Path]:
     return paths + [Path(c).expanduser() for c in candidates if c and Path(c).expanduser().exists()]
 
 
+def known_figures(state: State) -> dict[str, Any]:
+    """The headline figures a stage has measured so far (each key only once it is known): dense
+    and pruned perplexity, the achieved sparsity of the pruned layers, lm-eval results."""
+    found: dict[str, Any] = {}
+    if state.dense is not None:
+        found["ppl_dense"] = state.dense["ppl"]
+    if isinstance(state.report, PruneReport):
+        found["sparsity_achieved"] = state.report.sparsity
+    if state.pruned is not None:
+        found["ppl_pruned"] = state.pruned["ppl"]
+    if state.tasks:
+        found["tasks"] = state.tasks
+    return found
+
+
 def check_job(job: Job) -> Path | None:
     """Everything about ``job`` that can be refused before any work; returns the resolved
     output folder (None: nothing is saved)."""
@@ -283,11 +298,13 @@ def check_job(job: Job) -> Path | None:
 
 def run(job: Job, progress: Progress | None = None, cancel: Cancel | None = None,
         command: list[str] | None = None,
-        on_saved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_saved: Callable[[dict[str, Any]], None] | None = None,
+        figures: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``job`` through :data:`STAGES`; returns the record also written to ``llmprune.json``.
     ``progress`` is given an :class:`~llmprune.progress.Event` at every step of every stage;
     ``cancel`` is polled inside each. ``on_saved`` is given the record once it is complete and
-    the checkpoint published, before any Hub push, so a failed push never loses it.
+    the checkpoint published, before any Hub push, so a failed push never loses it. ``figures`` is
+    given the headline figures known so far (:func:`known_figures`) each time a stage adds one.
     ``command``: the command line that asked for the job (None: an API call, which the record's
     recipe then stands for). Peak memory is counted from here."""
     out = check_job(job)
@@ -302,9 +319,13 @@ def run(job: Job, progress: Progress | None = None, cancel: Cancel | None = None
         state = State(job, out, device, open_store(job, out), progress, cancel, command, manager)
         reset_peaks()  # the record's peaks are this job's
         try:
+            known: dict[str, Any] = {}
             for stage in STAGES:
                 check_cancel(cancel, f"before {stage.__name__.replace('_', ' ')}")
                 stage(state)
+                if figures is not None and known_figures(state) != known:
+                    known = known_figures(state)
+                    figures(known)
         finally:
             state.store.close(failed=not state.published and out is not None)
     finally:

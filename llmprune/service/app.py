@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llmprune import __version__
 from llmprune.errors import LlmpruneError
 from llmprune.service.db import FINISHED, STATUSES, Database
 from llmprune.service.layout import Layout
 from llmprune.service.rules import check_recipe
-from llmprune.service.scheduler import Scheduler, Slot
+from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
 
 SSE_POLL_S = 0.25
 STATUS_TTL_S = 0.1  # how stale a polled status may be
@@ -41,6 +41,8 @@ class Settings:
     slots: list[Slot] = field(default_factory=lambda: [Slot("cpu", 1)])
     max_body: int = 1 << 20
     max_queued: int = 100
+    cancel_grace: float = CANCEL_GRACE_S
+    stop_grace: float = STOP_GRACE_S
 
 
 class Progress(BaseModel):
@@ -48,6 +50,7 @@ class Progress(BaseModel):
     done: int
     total: int
     unit: str
+    eta: float | None = Field(None, description="when the stage should end (Unix time), from its pace so far")
 
 
 class JobView(BaseModel):
@@ -98,7 +101,8 @@ def create_app(settings: Settings) -> FastAPI:
     layout = Layout(settings.workdir)
     layout.create()
     db = Database(layout.database)
-    scheduler = Scheduler(layout, db, settings.slots, say=lambda line: print(line, flush=True))
+    scheduler = Scheduler(layout, db, settings.slots, say=lambda line: print(line, flush=True),
+                          cancel_grace=settings.cancel_grace, stop_grace=settings.stop_grace)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

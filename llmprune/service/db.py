@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, recipe TEXT NOT NULL,
     created REAL NOT NULL, started REAL, finished REAL, error TEXT,
     stage TEXT, done INTEGER, total INTEGER, unit TEXT, result TEXT,
-    cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER
+    cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER, eta REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 CREATE TABLE IF NOT EXISTS events (
@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS events (
 """
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
-COLUMNS = {"status", "started", "finished", "error", "stage", "done", "total", "unit", "result", "cancel", "pid"}
+COLUMNS = {"status", "started", "finished", "error", "stage", "done", "total", "unit", "result", "cancel", "pid",
+           "eta"}
+ADDED = {"eta": "REAL"}  # columns newer than the first schema: added to an older workdir's database
 
 
 class Database:
@@ -39,6 +41,10 @@ class Database:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -106,7 +112,8 @@ class Database:
         """Mark a running (or queued) job finished; False if it already was."""
         with self.connect() as db:
             cursor = db.execute(
-                "UPDATE jobs SET status = ?, error = ?, result = COALESCE(?, result), finished = ?, pid = NULL "
+                "UPDATE jobs SET status = ?, error = ?, result = COALESCE(?, result), finished = ?, pid = NULL, "
+                "eta = NULL "
                 "WHERE id = ? AND status IN ('queued', 'running')",
                 (status, error, json.dumps(result) if result is not None else None, time.time(), job_id))
             return cursor.rowcount == 1
@@ -114,8 +121,8 @@ class Database:
     def requeue(self, job_id: str) -> bool:
         """A running job back to the queue (its worker was stopped); False if it was not running."""
         with self.connect() as db:
-            cursor = db.execute("UPDATE jobs SET status = 'queued', pid = NULL WHERE id = ? AND status = 'running'",
-                                (job_id,))
+            cursor = db.execute("UPDATE jobs SET status = 'queued', pid = NULL, eta = NULL "
+                                "WHERE id = ? AND status = 'running'", (job_id,))
             return cursor.rowcount == 1
 
     def request_cancel(self, job_id: str) -> str | None:
@@ -175,7 +182,8 @@ class Database:
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     progress = None
     if row["stage"] is not None:
-        progress = {"stage": row["stage"], "done": row["done"], "total": row["total"], "unit": row["unit"]}
+        progress = {"stage": row["stage"], "done": row["done"], "total": row["total"], "unit": row["unit"],
+                    "eta": row["eta"]}
     return {"id": row["id"], "status": row["status"], "progress": progress, "created": row["created"],
             "started": row["started"], "finished": row["finished"], "error": row["error"],
             "recipe": json.loads(row["recipe"]), "result": json.loads(row["result"]) if row["result"] else None,

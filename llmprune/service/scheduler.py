@@ -2,9 +2,10 @@
 
 A worker that dies (a crash, the OOM killer, SIGKILL) leaves its job ``failed`` with the reason;
 one stopped by SIGTERM or SIGINT queues it again;
-a job asked to cancel that does not stop on its own within :data:`CANCEL_GRACE_S` is killed.
-On shutdown, running workers are stopped and their jobs requeued: a streamed job resumes from
-its journal when the server starts again.
+a job asked to cancel that does not stop on its own within ``cancel_grace`` seconds is killed.
+On shutdown, running workers are signalled (a streamed job finishes its decoder layer in flight)
+and their jobs requeued; one still running after ``stop_grace`` seconds is killed and requeued
+too. A streamed job resumes from its journal when the server starts again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 CANCEL_GRACE_S = 10.0  # a running job polls its cancel flag often; past this it is killed
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 60.0  # long enough for one decoder layer of a large model to finish
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Scheduler:
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     requeued: set[str] = field(default_factory=set)
+    cancel_grace: float = CANCEL_GRACE_S
+    stop_grace: float = STOP_GRACE_S
 
     def start(self) -> None:
         for job_id in self.db.requeue_running():
@@ -90,10 +93,12 @@ class Scheduler:
         if code is None:
             if self.db.cancel_requested(slot.job):
                 slot.cancel_seen = slot.cancel_seen or time.monotonic()
-                if time.monotonic() - slot.cancel_seen > CANCEL_GRACE_S:
+                if time.monotonic() - slot.cancel_seen >= self.cancel_grace:
                     slot.process.kill()
                     slot.process.wait()
-                    self.db.finish(slot.job, "cancelled", "cancelled (the worker did not stop in time and was killed)")
+                    reason = f"cancelled (the worker did not stop within {self.cancel_grace:g} s and was killed)"
+                    self.db.add_event(slot.job, "log", {"level": "INFO", "message": reason})
+                    self.db.finish(slot.job, "cancelled", reason)
                     self.clear(slot)
             return
         row = self.db.get(slot.job)
@@ -123,16 +128,21 @@ class Scheduler:
         self.stop_event.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
-        for slot in self.slots:
-            if slot.process is None or slot.job is None:
-                continue
+        running = [slot for slot in self.slots if slot.process is not None and slot.job is not None]
+        for slot in running:  # all at once: they stop side by side, within one grace period
+            assert slot.process is not None
             if slot.process.poll() is None:
                 slot.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace
+        for slot in running:
+            assert slot.process is not None and slot.job is not None
             try:
-                slot.process.wait(timeout=STOP_GRACE_S)
+                slot.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 slot.process.kill()
                 slot.process.wait()
+                self.db.add_event(slot.job, "log", {"level": "INFO", "message": f"killed: still running "
+                                                    f"{self.stop_grace:g} s after the server began to stop"})
             if self.db.requeue(slot.job) or (self.db.get(slot.job) or {}).get("status") == "queued":
                 self.left(slot.job)
             self.clear(slot)

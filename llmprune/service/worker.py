@@ -16,10 +16,12 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.progress import Event
 from llmprune.service.db import Database
 from llmprune.service.layout import Layout
@@ -33,8 +35,44 @@ class Stopped(BaseException):
     back to the queue; a streamed one resumes from its journal next time."""
 
 
-def _stop(signum: int, _: Any) -> None:
-    raise Stopped(signal.Signals(signum).name)
+@dataclass
+class StopRequest:
+    """How a worker stops on SIGTERM or SIGINT. A streamed job whose journal exists finishes the
+    decoder layer in flight (the pipeline polls :meth:`asked` with the cancel flag between
+    layers), so the next attempt resumes after it; any other job stops at once, since it starts
+    again from the beginning anyway. Repeats of the signal change nothing (Ctrl-C reaches the
+    worker and the server, and the server then signals the worker too): a worker that takes too
+    long is killed by the server after its ``--stop-grace``."""
+
+    journal: Path
+    signal_name: str | None = None
+
+    def handle(self, signum: int, _: Any) -> None:
+        if self.signal_name is not None:
+            return
+        self.signal_name = signal.Signals(signum).name
+        if not self.journal.is_dir():
+            raise Stopped(self.signal_name)
+
+    def asked(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class Pace:
+    """When the current stage should end, from the pace since it began (its first event)."""
+
+    stage: str | None = None
+    began: float = 0.0
+    done: int = 0
+
+    def eta(self, event: Event, now: float) -> float | None:
+        if event.stage != self.stage:
+            self.stage, self.began, self.done = event.stage, now, event.done
+        gained = event.done - self.done
+        if gained <= 0 or event.done >= event.total:
+            return None
+        return now + (now - self.began) / gained * (event.total - event.done)
 
 
 class EventLog(logging.Handler):
@@ -61,7 +99,7 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
+def run_job(layout: Layout, job_id: str, device: str, threads: int, stop: StopRequest | None = None) -> int:
     import torch
 
     from llmprune.jobs.pipeline import run
@@ -88,6 +126,8 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
             shutil.rmtree(stale, ignore_errors=True)
     job = dataclasses.replace(job, out=str(out), device=device, resume=resumable, overwrite=not resumable,
                               offload_dir=None)
+    if stop is not None:  # from here a signal lets a streamed job finish its layer in flight
+        stop.journal = partial / JOURNAL_FOLDER
     handler = EventLog(db, job_id)
     logger = logging.getLogger("llmprune")
     logger.addHandler(handler)
@@ -95,25 +135,38 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
     if resumable:
         db.add_event(job_id, "log", {"level": "INFO", "message": f"resuming from {partial.name}"})
     last_poll, cancelled = 0.0, False
+    pace = Pace()
 
     def progress(event: Event) -> None:
-        db.update(job_id, stage=event.stage, done=event.done, total=event.total, unit=event.unit)
+        db.update(job_id, stage=event.stage, done=event.done, total=event.total, unit=event.unit,
+                  eta=pace.eta(event, time.time()))
         db.add_event(job_id, "progress", event._asdict())
+
+    def figures(known: dict[str, Any]) -> None:
+        db.update(job_id, result=known)
 
     def cancel() -> bool:
         nonlocal last_poll, cancelled
+        if stop is not None and stop.asked():
+            return True
         now = time.monotonic()
         if not cancelled and now - last_poll >= CANCEL_POLL_S:
             last_poll, cancelled = now, db.cancel_requested(job_id)
         return cancelled
 
     try:
-        record = run(job, progress=progress, cancel=cancel, command=None)
+        record = run(job, progress=progress, cancel=cancel, command=None, figures=figures)
     except Stopped as exc:
         db.add_event(job_id, "log", {"level": "INFO", "message": f"stopped by {exc}; queued again"})
         db.requeue(job_id)
         return STOPPED
     except Cancelled as exc:
+        if stop is not None and stop.asked():  # our own stop, between two decoder layers
+            where = str(exc).removeprefix("cancelled ")
+            db.add_event(job_id, "log", {"level": "INFO", "message": f"stopped by {stop.signal_name} {where}; "
+                                         "queued again, to resume from its journal"})
+            db.requeue(job_id)
+            return STOPPED
         db.add_event(job_id, "log", {"level": "INFO", "message": str(exc)})
         db.finish(job_id, "cancelled", str(exc))
         return 0
@@ -135,10 +188,18 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     workdir, job_id, device, threads = args
-    return run_job(Layout(Path(workdir)), job_id, device, int(threads))
+    stop = StopRequest(Path(workdir) / "no-journal-yet")  # until the job's own is known
+    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(signal.SIGINT, stop.handle)
+    layout = Layout(Path(workdir))
+    try:
+        return run_job(layout, job_id, device, int(threads), stop)
+    except Stopped as exc:  # before the job began (importing torch, reading the recipe)
+        db = Database(layout.database)
+        db.add_event(job_id, "log", {"level": "INFO", "message": f"stopped by {exc} before it began; queued again"})
+        db.requeue(job_id)
+        return STOPPED
 
 
 if __name__ == "__main__":
