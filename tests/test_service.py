@@ -48,12 +48,14 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
 
-def start(workdir: Path, models: Path, data: Path, *extra: str, port: int | None = None) -> Server:
+def start(workdir: Path, models: Path, data: Path, *extra: str, port: int | None = None,
+          env: dict[str, str] | None = None) -> Server:
     port = port or free_port()
     args = [sys.executable, "-m", "llmprune.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--workdir", str(workdir), "--models-dir", str(models), "--data-dir", str(data), "--threads", "1", *extra]
     log = open(workdir.parent / f"{workdir.name}-server.log", "ab")  # noqa: SIM115 (lives with the server)
-    process = subprocess.Popen(args, env={**os.environ, "LLMPRUNE_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(args, env={**os.environ, "LLMPRUNE_TOKEN": TOKEN, **(env or {})}, stdout=log,
+                               stderr=subprocess.STDOUT,
                                start_new_session=True)  # its own process group: the tests kill it whole
     server = Server(f"http://127.0.0.1:{port}", workdir, process, args)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -604,3 +606,33 @@ def test_a_late_client_resumes_the_event_stream_after_the_last_event_it_saw(serv
     assert [kind for kind, _ in rest][-1] == "end" and len(rest) == 3  # the last two events, then the end
     so_far = list(client.events(job["id"], follow=False))
     assert len(so_far) == len(ids) + 1
+
+
+def test_a_job_pushes_with_the_servers_own_hub_token_which_is_stored_nowhere(tmp_path, roots, llama_dir, text_file):
+    from hubstub import HubStub
+
+    hub_token = "hf_server_secret_for_tests"
+    with HubStub() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub_token, "HF_HUB_OFFLINE": "0",
+               "HF_HOME": str(tmp_path / "hf")}
+        live = start(tmp_path / "work", *roots, env=env)
+        try:
+            client = live.client()
+            with live.http() as http:  # a token in the body is no recipe key: refused, naming it
+                refused = http.post("/v1/jobs", json={**recipe(llama_dir, text_file), "hub_token": "hf_x"})
+                assert refused.status_code == 422 and "hub_token" in refused.text
+            job = wait(client, client.submit({**recipe(llama_dir, text_file), "push_to_hub": "me/tiny-pruned",
+                                              "private": True})["id"])
+            assert job["status"] == "succeeded", job["error"]
+            assert "me/tiny-pruned" in str(job["result"]["pushed_to"])
+            listed = {f["name"]: f for f in client.artifacts(job["id"])}
+            pushed = hub.repos["me/tiny-pruned"]
+            assert pushed["private"] is True and set(listed) <= set(pushed["files"])
+            for name, entry in listed.items():
+                assert hashlib.sha256(pushed["files"][name]).hexdigest() == entry["sha256"], name
+            auth = {h.get("authorization", h.get("Authorization")) for _, _, h in hub.requests}
+            assert auth == {f"Bearer {hub_token}"}  # the server's credentials, on every request
+        finally:
+            stop(live)
+    leaked = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and hub_token.encode() in p.read_bytes()]
+    assert leaked == [] and hub_token not in (tmp_path / "work-server.log").read_text()

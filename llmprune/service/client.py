@@ -78,12 +78,17 @@ class Client:
         except httpx.HTTPError as exc:
             raise LlmpruneError(f"lost the event stream of job {job_id}: {exc}") from None
 
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """The finished checkpoint's files: name, bytes, sha256."""
+        files: list[dict[str, Any]] = self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()["files"]
+        return files
+
     def fetch(self, job_id: str, dest: Path) -> list[dict[str, Any]]:
         """Download the job's checkpoint folder to ``dest`` (which must not exist), every file
         checked against the SHA-256 the server listed; ``dest`` appears only when all are."""
         if dest.exists():
             raise LlmpruneError(f"{dest} already exists; give a new folder")
-        files: list[dict[str, Any]] = self.request("GET", f"/v1/jobs/{job_id}/artifacts").json()["files"]
+        files = self.artifacts(job_id)
         partial = dest.parent / f".{dest.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         try:
