@@ -60,8 +60,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set calibration.samples=64 (repeatable)")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=None,
-                   help="magnitude | wanda | sparsegpt (default); structured patterns: obs (default) | "
-                   "magnitude | wanda-sp | flap | taylor")
+                   help="magnitude | wanda | sparsegpt (default) | admm (mask chosen inside ADMM least-squares "
+                   "iterations); structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor")
     g.add_argument("--sparsity", type=float, default=None,
                    help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern); for heads, "
                    "channels and layers the fraction of them to remove")
@@ -84,8 +84,20 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "(fused mixture-of-experts weights); both sparsities are reported")
     g.add_argument("--group", choices=["row", "layer"], default=None,
                    help="comparison group of unstructured masks (default: the method's reference choice)")
-    g.add_argument("--update", choices=["none", "obs"], default=None,
-                   help="'obs': refit kept weights with SparseGPT's OBS update after any mask")
+    g.add_argument("--update", choices=["none", "obs", "admm"], default=None,
+                   help="refit the kept weights after any mask: 'obs' (SparseGPT's one-pass update) or 'admm' "
+                   "(the exact least-squares refit on the mask: ADMM, then conjugate gradients)")
+    g.add_argument("--refine", choices=["none", "dsnot"], default=None,
+                   help="'dsnot': refine the mask by DSnoT's training-free prune-and-grow before the update")
+    g.add_argument("--recover", choices=["none", "blockwise"], default=None,
+                   help="'blockwise': after each decoder layer is pruned, train its kept weights to reproduce the "
+                   "dense layer's outputs (attention, then MLP; zeros kept; kept only if a held-out batch improves)")
+    g.add_argument("--schedule", default=None, metavar="S1,S2,...",
+                   help="iterative pruning: each layer pruned to these rising sparsities in turn, the last the target "
+                   "(with --recover blockwise: recovery after each step), e.g. 0.3,0.5,0.7")
+    g.add_argument("--allocation", choices=["uniform", "owl"], default=None,
+                   help="layer sparsities: uniform, or owl (by each layer's outlier ratio on the dense model, "
+                   "the mean exactly --sparsity; unstructured only)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag H")
     g.add_argument("--shrink", type=float, default=0.1,
@@ -266,10 +278,12 @@ FLAG_KEYS = {
     "stream": "stream", "resume": "resume", "offload_dir": "offload_dir", "device_map": "device_map",
     "eval_tasks": "tasks.names", "tasks_include": "tasks.include", "tasks_limit": "tasks.limit",
     "num_fewshot": "tasks.num_fewshot", "tasks_batch_size": "tasks.batch_size", "push_to_hub": "push_to_hub",
-    "private": "private", "allow_partial": "prune.allow_partial",
+    "private": "private", "allow_partial": "prune.allow_partial", "refine": "prune.refine",
+    "allocation": "prune.allocation", "recover": "prune.recover", "schedule": "prune.schedule",
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
-ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial"}
+ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial", "refine", "allocation", "recover",
+                     "schedule"}
 ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens"}
 
 
@@ -302,6 +316,12 @@ def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             raise LlmpruneError(f"--{dest.replace('_', '-')} applies to --pattern structured")
         if dest == "eval" and str(value).lower() == "none":
             value = None
+        if dest == "schedule" and value is not None:
+            try:
+                value = [float(x) for x in str(value).split(",") if x.strip()]
+            except ValueError:
+                raise LlmpruneError(f"--schedule takes sparsities separated by commas, e.g. 0.3,0.5,0.7; "
+                                    f"got {value!r}") from None
         if dest == "eval_tasks":
             value = [t.strip() for t in value.split(",") if t.strip()] if value else []
         head, _, rest = key.partition(".")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +12,12 @@ from llmprune.errors import LlmpruneError
 from llmprune.methods import Options, get_method
 
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
+
+
+def default_pieces(pattern: Pattern, sparsity: float) -> dict[str, str]:
+    """The pieces a configuration gets when it does not name them: the best training-free
+    recipe measured for the pattern and sparsity (README, "The default recipe")."""
+    return {"refine": "none", "allocation": "uniform"}
 
 
 @dataclass(frozen=True)
@@ -23,8 +30,27 @@ class PruneConfig:
       (2:4 = 0.5, 1:4 = 0.75), 0.5 for unstructured.
     * ``group``: comparison group of unstructured masks, ``"row"`` or ``"layer"``
       (default: the method's reference choice: magnitude and SparseGPT per layer, Wanda per row).
+    * ``method`` ``admm``: the mask is chosen inside ADMM least-squares iterations, its sparsity
+      raised gradually (Boža 2024), then refit on its support.
     * ``update``: ``"obs"`` re-fits kept weights with SparseGPT's OBS update after any mask;
-      default ``"obs"`` for SparseGPT, ``"none"`` otherwise.
+      ``"admm"`` solves the least-squares refit on the mask exactly (``admm_iterations`` of ADMM,
+      then ``cg_iterations`` of conjugate gradients); default: the method's own (``"obs"`` for
+      SparseGPT, ``"admm"`` for ADMM), ``"none"`` otherwise.
+    * ``refine``: ``"dsnot"`` refines the chosen mask by DSnoT's prune-and-grow (at most
+      ``dsnot_cycles`` swaps per row), keeping each row's count and N:M groups; the update then
+      refits on the refined mask.
+    * ``allocation``: ``"uniform"`` (every decoder layer at the target) or ``"owl"``: each
+      layer's sparsity from its outlier ratio (the share of Wanda scores above ``owl_m`` × their
+      mean, on the dense model), spread over ±``owl_lambda`` around the target with the mean
+      over all pruned weights exactly the target (Yin et al. 2024). Unstructured only: every
+      layer of an N:M checkpoint keeps N of every M.
+    * ``recover``: ``"blockwise"`` trains each pruned decoder layer's kept weights (Adam,
+      ``recover_epochs`` over the calibration batches at ``recover_lr``) to reproduce the dense
+      layer's outputs, attention then MLP, zeros kept; kept only if the held-out calibration
+      batch's error drops (:mod:`llmprune.engine.recover`).
+    * ``schedule``: iterative pruning (Han et al. 2015's prune-then-retrain, one layer at a time):
+      each layer is pruned to these rising sparsities in turn (the last is the target), with
+      recovery after each step when ``recover`` is on.
     * ``blocksize``, ``damp``: SparseGPT's lazy-update block width and dampening, as a fraction of
       mean(diag H).
     * ``shrink`` (default 0.1): the OBS solve uses (1 − shrink)·H + shrink·diag(H), shrinking the
@@ -47,13 +73,24 @@ class PruneConfig:
     pattern: str = "unstructured"
     sparsity: float | None = None
     group: Literal["row", "layer"] | None = None
-    update: Literal["none", "obs"] | None = None
+    update: Literal["none", "obs", "admm"] | None = None
     blocksize: int = 128
     damp: float = 0.01
     sequential: bool = True
     nm_select: Literal["joint", "score"] = "joint"
     shrink: float = 0.1
     allow_partial: bool = False
+    refine: Literal["none", "dsnot"] | None = None
+    allocation: Literal["uniform", "owl"] | None = None
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    admm_iterations: int = 20
+    cg_iterations: int = 10
+    dsnot_cycles: int = 50
+    recover: Literal["none", "blockwise"] | None = None
+    recover_epochs: int = 2
+    recover_lr: float = 1e-4
+    schedule: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -71,10 +108,43 @@ class PruneConfig:
             )
         if self.group not in (None, "row", "layer"):
             raise LlmpruneError(f"group must be 'row' or 'layer', got {self.group!r}")
-        if self.update not in (None, "none", "obs"):
-            raise LlmpruneError(f"update must be 'none' or 'obs', got {self.update!r}")
+        if self.update not in (None, "none", "obs", "admm"):
+            raise LlmpruneError(f"update must be 'none', 'obs' or 'admm', got {self.update!r}")
         if method.always_updates and self.update == "none":
-            raise LlmpruneError(f"{method.name} always applies the OBS update; drop update='none'")
+            raise LlmpruneError(f"{method.name} always updates the kept weights ({method.own_update}); "
+                                "drop update='none'")
+        if self.refine not in (None, "none", "dsnot"):
+            raise LlmpruneError(f"refine must be 'none' or 'dsnot', got {self.refine!r}")
+        if self.allocation not in (None, "uniform", "owl"):
+            raise LlmpruneError(f"allocation must be 'uniform' or 'owl', got {self.allocation!r}")
+        if self.allocation == "owl" and pattern.kind == "nm":
+            raise LlmpruneError(f"allocation 'owl' varies the sparsity by layer, which pattern {pattern} fixes at "
+                                f"{pattern.n} of every {pattern.m} in every layer; use an unstructured sparsity")
+        if not (isinstance(self.owl_m, (int, float)) and math.isfinite(self.owl_m) and self.owl_m > 0):
+            raise LlmpruneError(f"owl_m must be a positive multiple of the mean score, got {self.owl_m}")
+        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
+            raise LlmpruneError(f"owl_lambda must be in [0, 1) (the spread of layer sparsities), got {self.owl_lambda}")
+        if self.schedule is not None:
+            steps = self.schedule
+            if not (isinstance(steps, (tuple, list)) and steps and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in steps)):
+                raise LlmpruneError(f"schedule must be sparsities in (0, 1), e.g. 0.3,0.5,0.7; got {steps!r}")
+            if any(b <= a for a, b in itertools.pairwise(steps)):
+                raise LlmpruneError(f"schedule must rise step by step, got {list(steps)}")
+            if pattern.kind == "nm":
+                raise LlmpruneError(f"schedule prunes in steps of sparsity; pattern {pattern} has one step only")
+            if self.sparsity is not None and abs(steps[-1] - self.sparsity) > 1e-9:
+                raise LlmpruneError(f"schedule ends at {steps[-1]:g}, but sparsity is {self.sparsity:g}; "
+                                    "end it at the target")
+            object.__setattr__(self, "schedule", tuple(float(x) for x in steps))
+        if self.recover not in (None, "none", "blockwise"):
+            raise LlmpruneError(f"recover must be 'none' or 'blockwise', got {self.recover!r}")
+        if not (isinstance(self.recover_lr, (int, float)) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
+            raise LlmpruneError(f"recover_lr must be a positive learning rate, got {self.recover_lr}")
+        for key in ("admm_iterations", "cg_iterations", "dsnot_cycles", "recover_epochs"):
+            value = getattr(self, key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise LlmpruneError(f"{key} must be a whole number >= 0, got {value!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):
@@ -85,16 +155,24 @@ class PruneConfig:
             raise LlmpruneError(f"nm_select must be 'joint' or 'score', got {self.nm_select!r}")
 
     @property
+    def resolved_allocation(self) -> Literal["uniform", "owl"]:
+        if self.allocation is not None:
+            return self.allocation
+        return default_pieces(Pattern.parse(self.pattern), self.target_sparsity)["allocation"]  # type: ignore[return-value]
+
+    @property
     def target_sparsity(self) -> float:
         implied = Pattern.parse(self.pattern).implied_sparsity
         if implied is not None:
             return implied
+        if self.sparsity is None and self.schedule:
+            return float(self.schedule[-1])
         return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
 
     def options(self) -> Options:
         """The per-matrix options handed to the method."""
         method = get_method(self.method)
-        update = self.update or ("obs" if method.always_updates else "none")
+        update = self.update or method.own_update or "none"
         return Options(
             pattern=Pattern.parse(self.pattern),
             sparsity=self.target_sparsity,
@@ -104,6 +182,10 @@ class PruneConfig:
             damp=self.damp,
             nm_select=self.nm_select,
             shrink=float(self.shrink),
+            refine=self.refine or default_pieces(Pattern.parse(self.pattern), self.target_sparsity)["refine"],  # type: ignore[arg-type]
+            admm_iterations=self.admm_iterations,
+            cg_iterations=self.cg_iterations,
+            dsnot_cycles=self.dsnot_cycles,
         )
 
 

@@ -12,12 +12,13 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from llmprune.core.allocation import outlier_ratio, owl_sparsities
 from llmprune.core.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
 from llmprune.engine.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.engine.config import PruneConfig
@@ -33,10 +34,11 @@ from llmprune.engine.model import (
     unprunable_weights,
     weight_matrices,
 )
+from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile
 from llmprune.io.memory import available_bytes
-from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method
+from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method, pieces
 from llmprune.progress import Event, Progress, check_cancel
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ class PruneReport:
     one_pass: bool = False  # true-sequential in a single forward per layer (batches in lockstep)
     weight_counts: list[tuple[int, int]] = field(default_factory=list)  # per layer: (zeros, elements)
     unpruned: list[str] = field(default_factory=list)  # weight matrices no method could prune
+    allocation: dict[str, Any] | None = None  # per-layer sparsities when not uniform (OWL), and why
+    recovery: list[dict[str, Any]] = field(default_factory=list)  # per layer: held-out error before/after
 
     @property
     def sparsity(self) -> float:
@@ -195,7 +199,7 @@ class StatSet:
     def values(self, method: Method, options: Options) -> dict[str, torch.Tensor]:
         """Final statistics plus the method's derived ones, computed once for all sharers."""
         if self._prepared is None:
-            self._prepared = method.prepare(self.raw(), options)
+            self._prepared = pieces.prepare(method, self.raw(), options)
         return self._prepared
 
 
@@ -268,7 +272,7 @@ def _prune_linear(
     storage: torch.dtype | None = None,
 ) -> LinearReport:
     W = get_weight(linear).detach()
-    result = method.prune(W, stats.values(method, options), options)
+    result = pieces.prune(method, W, stats.values(method, options), options)
     # Computing in a wider dtype than the checkpoint's: round to what will be saved, so the next
     # linears and layers see the weights the checkpoint will hold.
     new = result.weight if storage is None else result.weight.to(storage)
@@ -359,10 +363,104 @@ def prune_layer(
     def prune(name: str, stats: StatSet) -> None:
         reports[name] = _prune_linear(name, linears[name], stats, method, options, storage)
 
-    outputs = visit_layer(layer, hidden, calls, linears, method.needs(options), prune, sequential, device,
+    outputs = visit_layer(layer, hidden, calls, linears, pieces.needs(method, options), prune, sequential, device,
                           lockstep, out)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
+
+
+PREPASS_SAMPLES = 8  # calibration samples the dense pre-pass reads: enough for stable input norms
+
+
+@torch.no_grad()
+def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls: Sequence[Sequence[LayerCall]],
+                   host: LayerHost, devices: Sequence[torch.device], config: PruneConfig, target: float,
+                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """OWL's layer sparsities from a pass over the *dense* layers on the first
+    :data:`PREPASS_SAMPLES` calibration samples: each layer's outlier ratio of Wanda scores
+    (:mod:`llmprune.core.allocation`). Progress: stage "allocate", in layers."""
+    take, samples = [], 0
+    for batch in inputs:
+        if samples >= PREPASS_SAMPLES:
+            break
+        take.append(batch)
+        samples += batch.shape[0]
+    hidden: Sequence[torch.Tensor] = take
+    ratios, sizes = [], []
+    norms: dict[str, torch.Tensor] = {}
+
+    def collect(name: str, stats: StatSet) -> None:
+        norms[name] = stats.raw()[COLUMN_NORMS]
+
+    if progress is not None:
+        progress(Event("allocate", 0, len(layers), "layers"))
+    for index, layer in enumerate(layers):
+        check_cancel(cancel, f"during allocate, after {index} of {len(layers)} layers")
+        host.fetch(index, layer)
+        param = next(layer.parameters())
+        home, storage = param.device, param.dtype
+        compute = compute_dtype(devices[index], storage)
+        layer.to(devices[index], dtype=compute)
+        linears = find_linears(layer)
+        norms.clear()
+        hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
+                                  False, devices[index]))
+        scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+        sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
+        del scores
+        layer.to(home, dtype=storage)
+        host.release(index, layer)
+        if progress is not None:
+            progress(Event("allocate", index + 1, len(layers), "layers"))
+    sparsity = owl_sparsities(ratios, sizes, target, config.owl_lambda)
+    log.info("OWL layer sparsity: %s", ", ".join(f"{s:.3f}" for s in sparsity))
+    return {"kind": "owl", "m": config.owl_m, "lambda": config.owl_lambda, "samples": samples,
+            "outlier_ratio": ratios, "sparsity": sparsity}
+
+
+def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], method: Method,
+                    options: Options, config: PruneConfig, device: torch.device, lockstep: bool, sink: Sink,
+                    index: int, report: PruneReport, storage: torch.dtype | None
+                    ) -> tuple[Sink, list[LinearReport]]:
+    """Prune one decoder layer: in one step, or through ``config.schedule`` (each step's
+    sparsity scaled to this layer's target), each step followed by block-wise recovery when
+    asked. Recovery entries go to ``report.recovery``."""
+    recovering = config.recover == "blockwise"
+    final = options.sparsity
+    steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
+    targets = dense_targets(layer, hidden, calls, device) if recovering else None
+    settings = RecoverSettings(config.recover_epochs, config.recover_lr)
+    reports: list[LinearReport] = []
+    for number, sparsity in enumerate(steps):
+        last = number == len(steps) - 1
+        direct = last and not recovering  # this pass's outputs are the layer's final ones
+        step = replace(options, sparsity=sparsity, keep_zeros=number > 0)
+        outputs, reports = prune_layer(layer, hidden, calls, method, step,
+                                       config.sequential, device, lockstep, sink if direct else Discard(), storage)
+        if targets is not None:
+            item = recover_layer(layer, hidden, calls, *targets, device, settings)
+            report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
+            if storage is not None:  # what the checkpoint will hold, as after pruning
+                round_to(layer, storage)
+    if not direct:
+        outputs = run_batches(layer, hidden, calls, device, sink)
+    return outputs, reports
+
+
+class Discard(list[torch.Tensor]):
+    """A sink that keeps nothing: the outputs of a layer that is changed again afterwards."""
+
+    def append(self, item: torch.Tensor) -> None:
+        pass
+
+
+@torch.no_grad()
+def round_to(layer: nn.Module, storage: torch.dtype) -> None:
+    """Round the layer's linear weights to ``storage`` and back, in place."""
+    for linear in find_linears(layer).values():
+        weight = get_weight(linear)
+        weight.copy_(weight.to(storage).to(weight.dtype))
 
 
 def _warn_unreached(linears: dict[str, nn.Module], pruned: set[str]) -> None:
@@ -425,6 +523,7 @@ class Resumed:
     linears: list[LinearReport] = field(default_factory=list)
     layer_seconds: list[float] = field(default_factory=list)
     weight_counts: list[tuple[int, int]] = field(default_factory=list)
+    recovery: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LayerHost:
@@ -444,6 +543,9 @@ class LayerHost:
 
     def fetch(self, index: int, layer: nn.Module) -> None:
         """Make layer ``index``'s weights present (on the CPU or any device)."""
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        """Layer ``index`` was only read (the dense pre-pass): its weights may go again."""
 
     def sink(self, index: int) -> Sink:
         """Where layer ``index``'s outputs go."""
@@ -523,12 +625,16 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         raise LlmpruneError(f"captured inputs hold {len(captured[0])} batches, calibration has {len(batches)}")
     inputs, calls = captured or capture_layer_calls(model, layers, batches)
     host.captured(model)
+    allocation = None
+    if config.resolved_allocation == "owl":
+        allocation = owl_allocation(layers, inputs, calls, host, devices, config, options.sparsity, progress, cancel)
     resumed = host.resume(inputs)
     del inputs
     hidden: Sequence[torch.Tensor] = resumed.hidden
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
                          device=str(run_device), batch_size=size, one_pass=lockstep,
-                         weight_counts=list(resumed.weight_counts), unpruned=unpruned)
+                         weight_counts=list(resumed.weight_counts), unpruned=unpruned, allocation=allocation,
+                         recovery=list(resumed.recovery))
     first = resumed.start
     # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
     del resumed
@@ -544,10 +650,10 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         home, storage = param.device, param.dtype
         compute = compute_dtype(devices[index], storage)
         layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
-        outputs, linear_reports = prune_layer(
-            layer, hidden, calls[index], method, options, config.sequential, devices[index], lockstep,
-            host.sink(index), storage if compute != storage else None,
-        )
+        layer_options = options if allocation is None else replace(options, sparsity=allocation["sparsity"][index])
+        outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
+                                                  devices[index], lockstep, host.sink(index), index, report,
+                                                  storage if compute != storage else None)
         layer.to(home, dtype=storage) if compute != storage else layer.to(home)
         report.weight_counts.append(count_zeros(layer))
         for item in linear_reports:

@@ -220,7 +220,8 @@ class StreamHost(LayerHost):
         linears = [LinearReport(**{**item, "shape": tuple(item["shape"])}) for e in done for item in e["linears"]]
         log.info("resuming after decoder layer %d of %d", last["index"] + 1, len(self.layers))
         return Resumed(last["index"] + 1, inputs, linears, [e["seconds"] for e in done],
-                       [(int(e["weights"][0]), int(e["weights"][1])) for e in done])
+                       [(int(e["weights"][0]), int(e["weights"][1])) for e in done],
+                       [r for e in done for r in e.get("recovery") or []])
 
     def _prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
@@ -235,6 +236,9 @@ class StreamHost(LayerHost):
                                 "(its names do not match this transformers version's model)")
         for name, value in self.source.read(sorted(expected)).items():
             _set(self.model, name, value)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to("meta")
 
     def sink(self, index: int) -> Sink:
         if self.offload_dir is None:
@@ -259,6 +263,7 @@ class StreamHost(LayerHost):
             "linears": [asdict(r) for r in report.linears if r.name.startswith(prefix)],
             "seconds": report.layer_seconds[-1], "activations": stored.describe(),
             "weights": list(report.weight_counts[-1]),
+            "recovery": [r for r in report.recovery if r["layer"] == index],
         })
         if self.previous is not None:
             self.previous.path.unlink(missing_ok=True)

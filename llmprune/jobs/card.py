@@ -25,7 +25,8 @@ def model_card(record: dict[str, Any]) -> str:
         f"| method | {method} (update: {record['resolved_options']['update']}, "
         f"sequential: {record['config']['sequential']}"
         + (f", damp: {record['resolved_options']['damp']:g}, shrink: {record['resolved_options'].get('shrink', 0):g}"
-           if record["resolved_options"]["update"] == "obs" else "") + ") |",
+           if record["resolved_options"]["update"] in ("obs", "admm") else "") + ") |",
+        f"| pieces | {pieces_line(record)} |",
         f"| pattern | {pattern}" + (" (N kept in every M)" if ":" in pattern else "") + " |",
         f"| sparsity of the decoder layers' weights | target {record['sparsity_target']:.1%}, "
         f"achieved {record['sparsity_achieved']:.2%} |",
@@ -162,3 +163,24 @@ def structured_card(record: dict[str, Any]) -> str:
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]
     return "\n".join(lines)
+
+
+def pieces_line(record: dict[str, Any]) -> str:
+    """Which of the composable pieces ran, in words."""
+    options, config = record["resolved_options"], record["config"]
+    parts = [f"mask refinement: {options.get('refine') or 'none'}"]
+    allocation = record.get("allocation")
+    if allocation:
+        sparsity = allocation["sparsity"]
+        parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; "
+                     f"{min(sparsity):.3f} to {max(sparsity):.3f})")
+    else:
+        parts.append("layer sparsity: uniform")
+    recovery = record.get("recovery") or []
+    if recovery:
+        kept = sum(1 for r in recovery if r["kept"])
+        parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}, "
+                     f"kept in {kept} of {len(recovery)} layer steps")
+    if config.get("schedule"):
+        parts.append("schedule: " + ", ".join(f"{s:g}" for s in config["schedule"]))
+    return "; ".join(parts)

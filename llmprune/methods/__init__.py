@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from llmprune.core.patterns import Group
 from llmprune.errors import LlmpruneError
-from llmprune.methods import magnitude, sparsegpt, wanda
+from llmprune.methods import admm, magnitude, sparsegpt, wanda
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN, Options, Result, Stats
 
 
@@ -22,15 +23,19 @@ class Method:
     prepare: Callable[[Stats, Options], Stats]
     prune: Callable[[torch.Tensor, Stats, Options], Result]
     default_group: Group  # comparison group of unstructured masks in the reference implementation
-    always_updates: bool = False  # the OBS update is part of the method
+    own_update: Literal["obs", "admm"] | None = None  # the weight update that is part of the method
+
+    @property
+    def always_updates(self) -> bool:
+        return self.own_update is not None
 
 
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", magnitude.needs, magnitude.prepare_stats, magnitude.prune, "layer"),
     "wanda": Method("wanda", wanda.needs, wanda.prepare_stats, wanda.prune, "row"),
-    "sparsegpt": Method(
-        "sparsegpt", sparsegpt.needs, sparsegpt.prepare_stats, sparsegpt.prune, "layer", always_updates=True
-    ),
+    "sparsegpt": Method("sparsegpt", sparsegpt.needs, sparsegpt.prepare_stats, sparsegpt.prune, "layer", "obs"),
+    # Boža 2024's gradual ADMM: the mask chosen inside the least-squares iterations.
+    "admm": Method("admm", admm.needs, admm.prepare, admm.prune, "layer", "admm"),
 }
 
 

@@ -15,17 +15,24 @@ class Options:
     """Per-matrix options shared by all methods (validated by :class:`llmprune.engine.config.PruneConfig`).
 
     ``update="obs"`` re-fits the kept weights with the OBS update (SparseGPT's solver) after the
-    mask is chosen; ``"none"`` only zeroes the pruned weights.
+    mask is chosen; ``"admm"`` solves the least-squares refit on the mask (ADMM, then conjugate
+    gradients: :mod:`llmprune.methods.admm`); ``"none"`` only zeroes the pruned weights.
+    ``refine="dsnot"`` changes the mask first (:mod:`llmprune.methods.dsnot`).
     """
 
     pattern: Pattern = field(default_factory=Pattern)
     sparsity: float = 0.5
     group: Group = "row"
-    update: Literal["none", "obs"] = "none"
+    update: Literal["none", "obs", "admm"] = "none"
     blocksize: int = 128
     damp: float = 0.01
     nm_select: Literal["joint", "score"] = "joint"  # SparseGPT's N:M mask choice per group
     shrink: float = 0.1  # OBS Hessian shrunk toward its diagonal: (1 - shrink)·H + shrink·diag(H)
+    refine: Literal["none", "dsnot"] = "none"
+    admm_iterations: int = 20
+    cg_iterations: int = 10
+    dsnot_cycles: int = 50
+    keep_zeros: bool = False  # the matrix's exact zeros stay pruned (a later step of a schedule)
 
 
 @dataclass
@@ -44,4 +51,5 @@ COLUMN_NORMS = "column_norms"
 FACTOR = "inverse_hessian_factor"
 DEAD = "dead_inputs"
 DAMP_USED = "damp_used"
+DAMPED = "damped_hessian"  # the ADMM refit's shrunk, damped H
 Stats = dict[str, torch.Tensor]

@@ -80,6 +80,9 @@ def _solve(W: torch.Tensor, stats: Stats, options: Options, keep: torch.Tensor |
     U = stats[FACTOR]  # (in, in), upper
     W = W.float().clone()  # (out, in)
     rows, cols = W.shape
+    # A later step of a schedule: the zeros of the earlier steps stay pruned. Updates from earlier
+    # blocks move them off zero before their own block is chosen, so they are pinned by score.
+    pinned = W == 0 if options.keep_zeros else None
     # Inputs that are always zero carry no information: their weights cannot matter on the
     # calibration data, so they are zeroed (and, scoring 0, pruned first).
     W[:, stats[DEAD]] = 0.0
@@ -100,7 +103,10 @@ def _solve(W: torch.Tensor, stats: Stats, options: Options, keep: torch.Tensor |
         Ub = U[start:end, start:end]  # (b, b)
         errors = torch.zeros_like(block)
         if choose and not nm:
-            keep[:, start:end] = _block_keep(block.square() / Ub.diagonal().square(), start, end, rows, options)
+            scores = block.square() / Ub.diagonal().square()
+            if pinned is not None:
+                scores[pinned[:, start:end]] = -1.0  # below every real score: pruned first
+            keep[:, start:end] = _block_keep(scores, start, end, rows, options)
         for c0 in range(0, end - start, step):
             c1 = min(c0 + step, end - start)
             Uc = Ub[c0:c1, c0:c1]

@@ -1,0 +1,179 @@
+"""Mask-preserving block-wise recovery: after a decoder layer is pruned, its kept weights are
+trained so the pruned layer reproduces the dense layer's outputs on the same inputs.
+
+The inputs are the ones the pruning saw (already passed through the pruned earlier layers), so
+the layer also learns to undo some of the error it receives, as in EBFT (Guo et al. 2024) and
+Wanda++'s regional optimisation (Yang et al. 2025). Two stages, each with Adam over the
+calibration batches:
+
+1. the attention block's linears, to match the dense attention block's output (the forward
+   stops right after it: the MLP is not run);
+2. the remaining linears (the MLP), to match the dense layer's output, with the recovered
+   attention in place.
+
+Pruned weights stay exactly zero: every gradient is masked and every weight re-masked after
+each step, so N:M groups stay valid too. The layer is trained in float32 whatever its storage
+dtype, and its weights are rounded back afterwards. The last calibration batch is held out: the
+recovery is kept only if it lowers the layer's relative output error ‖y − y_dense‖²/‖y_dense‖²
+on it; otherwise the pruned weights are restored. With a single batch there is nothing to hold
+out and the check runs on that batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.engine.capture import LayerCall, StopForward
+from llmprune.engine.model import find_linears, get_weight
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    epochs: int = 2
+    lr: float = 1e-4
+
+
+def attention_block(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """The layer's attention submodule (by the names transformers uses), if it has one."""
+    for name, child in layer.named_children():
+        if name in ATTENTION_NAMES:
+            return name, child
+    return None
+
+
+class _Catch:
+    """A forward hook that keeps a module's output and, with ``stop``, ends the forward there."""
+
+    def __init__(self, stop: bool) -> None:
+        self.stop, self.output = stop, None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.output = output[0] if isinstance(output, (tuple, list)) else output
+        if self.stop:
+            raise StopForward
+
+
+@contextmanager
+def _hooked(module: nn.Module, catch: _Catch) -> Iterator[_Catch]:
+    handle = module.register_forward_hook(catch)
+    try:
+        yield catch
+    finally:
+        handle.remove()
+
+
+def _forward(layer: nn.Module, attention: nn.Module | None, call: LayerCall, state: torch.Tensor,
+             device: torch.device, upto_attention: bool) -> torch.Tensor:
+    if not upto_attention:
+        return call.run(layer, state, device).float()
+    assert attention is not None
+    with _hooked(attention, _Catch(stop=True)) as catch:
+        try:
+            call.run(layer, state, device)
+        except StopForward:
+            pass
+    assert catch.output is not None
+    return catch.output.float()
+
+
+@torch.no_grad()
+def dense_targets(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
+                  device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+    """The dense layer's attention outputs (None without an attention block) and outputs, per
+    batch, on the CPU in float32."""
+    found = attention_block(layer)
+    attention_out: list[torch.Tensor] | None = [] if found else None
+    outputs = []
+    for state, call in zip(hidden, calls, strict=True):
+        catch = _Catch(stop=False)
+        if found:
+            with _hooked(found[1], catch):
+                out = call.run(layer, state.to(device), device)
+            assert attention_out is not None and catch.output is not None
+            attention_out.append(catch.output.detach().float().to("cpu"))
+        else:
+            out = call.run(layer, state.to(device), device)
+        outputs.append(out.detach().float().to("cpu"))
+    return attention_out, outputs
+
+
+def _relative_error(layer: nn.Module, state: torch.Tensor, call: LayerCall, target: torch.Tensor,
+                    device: torch.device) -> float:
+    with torch.no_grad():
+        out = call.run(layer, state.to(device), device).float()
+        reference = target.to(device)
+        return float((out - reference).square().sum() / reference.square().sum().clamp_min(1e-30))
+
+
+def _train(layer: nn.Module, linears: dict[str, nn.Module], attention: nn.Module | None,
+           hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: Sequence[torch.Tensor],
+           batches: range, device: torch.device, settings: RecoverSettings, upto_attention: bool) -> None:
+    weights = [get_weight(linear) for linear in linears.values()]
+    if not weights or not batches:
+        return
+    masks = [w.detach() != 0 for w in weights]
+    for weight in weights:
+        weight.requires_grad_(True)
+    optimiser = torch.optim.Adam(weights, lr=settings.lr)
+    try:
+        with torch.enable_grad():
+            for _ in range(settings.epochs):
+                for index in batches:  # read one at a time: offloaded activations stay on disk
+                    optimiser.zero_grad(set_to_none=True)
+                    out = _forward(layer, attention, calls[index], hidden[index], device, upto_attention)
+                    reference = targets[index].to(device)
+                    loss = (out - reference).square().mean() / reference.square().mean().clamp_min(1e-30)
+                    loss.backward()
+                    for weight, mask in zip(weights, masks, strict=True):
+                        if weight.grad is not None:
+                            weight.grad.mul_(mask)
+                    optimiser.step()
+                    with torch.no_grad():
+                        for weight, mask in zip(weights, masks, strict=True):
+                            weight.mul_(mask)
+    finally:
+        for weight in weights:
+            weight.requires_grad_(False)
+            weight.grad = None
+
+
+def recover_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
+                  attention_targets: list[torch.Tensor] | None, output_targets: list[torch.Tensor],
+                  device: torch.device, settings: RecoverSettings) -> dict[str, Any]:
+    """Train the pruned ``layer``'s kept weights toward the dense targets (see the module);
+    returns the held-out errors before and after and whether the recovery was kept."""
+    tick = time.perf_counter()
+    storage = next(layer.parameters()).dtype
+    if storage != torch.float32:
+        layer.float()
+    linears = find_linears(layer)
+    found = attention_block(layer)
+    attention_names = {n for n in linears if found and n.startswith(found[0] + ".")}
+    held = len(hidden) - 1  # the held-out batch (with one batch: also the training batch)
+    train = range(held) if held > 0 else range(1)
+    before = _relative_error(layer, hidden[held], calls[held], output_targets[held], device)
+    saved = {name: get_weight(linear).detach().clone() for name, linear in linears.items()}
+    if found and attention_targets is not None and attention_names:
+        _train(layer, {n: linears[n] for n in attention_names}, found[1], hidden, calls, attention_targets, train,
+               device, settings, upto_attention=True)
+    rest = {n: m for n, m in linears.items() if n not in attention_names}
+    _train(layer, rest, None, hidden, calls, output_targets, train, device, settings, upto_attention=False)
+    after = _relative_error(layer, hidden[held], calls[held], output_targets[held], device)
+    kept = after < before
+    if not kept:
+        with torch.no_grad():
+            for name, linear in linears.items():
+                get_weight(linear).copy_(saved[name])
+    if storage != torch.float32:
+        layer.to(storage)
+    return {"error_before": before, "error_after": after if kept else before, "error_trained": after,
+            "kept": kept, "seconds": time.perf_counter() - tick}

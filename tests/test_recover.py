@@ -1,0 +1,154 @@
+"""Block-wise recovery and OWL allocation inside the one-layer-at-a-time loop: zeros and N:M
+groups kept, the held-out error never raised, the same tensors streamed, resumed and in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+from test_pipeline import cancel_at
+from test_stream import save, shard_bytes, tensors
+
+from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.engine.driver import prune
+from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
+from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
+from llmprune.errors import Cancelled
+from llmprune.jobs.pipeline import EvalConfig, Job, run
+
+
+def ids(samples=16, seqlen=32, seed=0):
+    return torch.randint(0, 200, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def first_layer_inputs(model, batches):
+    _, layers = find_decoder_layers(model)
+    hidden, calls = capture_layer_calls(model, layers, list(batches.split(4)))
+    return layers[0], hidden, calls[0]
+
+
+def prune_at_random(layer, sparsity=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in find_linears(layer).values():
+            weight = get_weight(linear)
+            weight.mul_(torch.rand(weight.shape, generator=g) >= sparsity)
+
+
+def correlated(model, rank=8):
+    """Embeddings of rank 8: the layer inputs are correlated, as a real model's are (with
+    isotropic inputs the masked weights are already the least-squares answer: nothing to win)."""
+    g = torch.Generator().manual_seed(1)
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding.copy_(torch.randn(embedding.shape[0], rank, generator=g)
+                        @ torch.randn(rank, embedding.shape[1], generator=g) * 0.1)
+    return model
+
+
+def test_recovery_of_a_randomly_pruned_layer_wins_back_a_share_of_its_error_and_keeps_the_zeros():
+    model = correlated(tiny.llama(200, layers=2))
+    layer, hidden, calls = first_layer_inputs(model, ids())
+    targets = dense_targets(layer, hidden, calls, torch.device("cpu"))
+    prune_at_random(layer)
+    zeros = {n: get_weight(m) == 0 for n, m in find_linears(layer).items()}
+    result = recover_layer(layer, hidden, calls, *targets, torch.device("cpu"), RecoverSettings(epochs=30, lr=1e-3))
+    assert result["kept"] and result["error_after"] < 0.8 * result["error_before"], result
+    for name, linear in find_linears(layer).items():
+        assert torch.equal(get_weight(linear) == 0, zeros[name]), name  # no zero grew back, none added
+
+
+def test_a_recovery_that_does_not_help_is_undone():
+    model = tiny.llama(200, layers=2)
+    layer, hidden, calls = first_layer_inputs(model, ids())
+    targets = dense_targets(layer, hidden, calls, torch.device("cpu"))
+    prune_at_random(layer)
+    before = {n: get_weight(m).clone() for n, m in find_linears(layer).items()}
+    result = recover_layer(layer, hidden, calls, *targets, torch.device("cpu"), RecoverSettings(epochs=2, lr=10.0))
+    assert not result["kept"] and result["error_trained"] >= result["error_before"]
+    assert result["error_after"] == result["error_before"]
+    assert all(torch.equal(get_weight(m), before[n]) for n, m in find_linears(layer).items())
+
+
+@pytest.mark.parametrize(("pattern", "method"), [("2:4", "wanda"), ("unstructured", "sparsegpt")])
+def test_recovery_in_the_loop_keeps_the_pattern_and_never_raises_the_held_out_error(pattern, method):
+    model = tiny.llama(200, layers=3)
+    report = prune(model, PruneConfig(method, pattern, recover="blockwise", recover_lr=1e-3), ids(), batch_size=4)
+    assert report.sparsity == 0.5 and len(report.recovery) == 3
+    assert all(r["error_after"] <= r["error_before"] for r in report.recovery)
+    assert any(r["kept"] for r in report.recovery)
+    if pattern == "2:4":
+        _, layers = find_decoder_layers(model)
+        for layer in layers:
+            for name, linear in find_linears(layer).items():
+                kept = get_weight(linear) != 0
+                assert bool((kept.reshape(kept.shape[0], -1, 4).sum(-1) <= 2).all()), name
+
+
+def test_owl_in_the_loop_gives_each_layer_its_share_and_the_mean_the_target():
+    model = tiny.llama(200, layers=4)
+    report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl", owl_lambda=0.1), ids(), batch_size=4)
+    allocation = report.allocation
+    assert allocation is not None and allocation["kind"] == "owl" and allocation["samples"] == 8
+    assert sum(allocation["sparsity"]) / 4 == pytest.approx(0.5, abs=1e-12)  # equal-sized layers
+    assert max(allocation["sparsity"]) - min(allocation["sparsity"]) == pytest.approx(0.2)
+    for (zeros, total), target in zip(report.weight_counts, allocation["sparsity"], strict=True):
+        assert zeros / total == pytest.approx(target, abs=1 / 64)  # per-row rounding of 64 columns
+
+
+def pieces_job(model, text, out, **kwargs):
+    prune_config = PruneConfig("sparsegpt", sparsity=0.5, allocation="owl", owl_lambda=0.05, refine="dsnot",
+                               recover="blockwise", recover_lr=1e-3)
+    return Job(model=str(model), prune=prune_config, calibration=CalibrationConfig(str(text), 6, 32),
+               evaluation=EvalConfig(None), out=str(out), device="cpu", batch_size=2, **kwargs)
+
+
+def test_streamed_resumed_and_in_memory_runs_write_the_same_tensors_with_every_piece_on(tokenizer, text_file,
+                                                                                      tmp_path):
+    source = save(tiny.llama(len(tokenizer), layers=4), tokenizer, tmp_path / "src")
+    memory = run(pieces_job(source, text_file, tmp_path / "mem", stream="off"))
+    streamed = run(pieces_job(source, text_file, tmp_path / "str", stream="on"))
+    expected, actual = tensors(tmp_path / "mem"), tensors(tmp_path / "str")
+    assert set(expected) == set(actual) and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert streamed["allocation"] == memory["allocation"] and memory["allocation"]["kind"] == "owl"
+    assert memory["resolved_options"]["refine"] == "dsnot" and len(memory["recovery"]) == 4
+    progress, cancel = cancel_at("prune", 2)
+    with pytest.raises(Cancelled):
+        run(pieces_job(source, text_file, tmp_path / "cut", stream="on"), progress=progress, cancel=cancel)
+    journal = json.loads((tmp_path / ".cut.partial" / ".llmprune-journal" / "journal.json").read_text())
+    assert len(journal["layers"]) == 2
+    resumed = run(pieces_job(source, text_file, tmp_path / "cut", stream="on", resume=True))
+    assert resumed["streaming"]["resumed_at_layer"] == 2
+    assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "str")
+    def errors(record):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in record["recovery"]]
+
+    assert errors(resumed) == errors(streamed)  # the journaled layers' too
+
+
+def test_every_piece_from_the_command_line_lands_in_the_record_and_the_card(llama_dir, text_file, tmp_path,
+                                                                           capsys):
+    from llmprune.cli.commands import main
+
+    out, record_path = tmp_path / "out", tmp_path / "record.json"
+    argv = ["--model", str(llama_dir), "--method", "wanda", "--update", "admm", "--refine", "dsnot",
+            "--allocation", "owl", "--recover", "blockwise", "--schedule", "0.25,0.5", "--sparsity", "0.5",
+            "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--threads", "1", "--quiet",
+            "--calib", str(text_file), "--eval", "none", "--out", str(out), "--json", str(record_path)]
+    assert main(argv) == 0
+    record = json.loads(record_path.read_text())
+    options = record["resolved_options"]
+    assert (options["update"], options["refine"], options["allocation"]) == ("admm", "dsnot", "owl")
+    assert record["config"]["recover"] == "blockwise" and record["config"]["schedule"] == [0.25, 0.5]
+    first_layer = record["allocation"]["sparsity"][0]  # the schedule scaled to the layer's own target
+    steps = [r["step_sparsity"] for r in record["recovery"] if r["layer"] == 0]
+    assert steps == pytest.approx([first_layer / 2, first_layer])
+    card = (out / "README.md").read_text()
+    assert "mask refinement: dsnot" in card and "layer sparsity: OWL" in card and "schedule: 0.25, 0.5" in card
+    assert "block-wise recovery: 2 epochs" in card
+    capsys.readouterr()
+    assert main([*argv[:-4], "--pattern", "2:4", "--allocation", "uniform"]) == 2
+    assert "pattern 2:4 has one step only" in capsys.readouterr().err
