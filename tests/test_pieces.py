@@ -88,7 +88,7 @@ def test_the_admm_method_chooses_its_mask_to_the_exact_count(pattern, sparsity, 
     options = Options(pattern=Pattern.parse(pattern), sparsity=sparsity, group=group)
     result = admm.prune(W, {HESSIAN: H}, options)
     zeros = (result.weight == 0) & ~result.keep
-    assert bool(zeros.eq(~result.keep).all())  # exactly the mask's zeros
+    assert bool(zeros.eq(~result.keep).all())  # every pruned weight is an exact zero
     if pattern == "unstructured":
         count = int((~result.keep).sum()) if group == "layer" else (~result.keep).sum(1)
         assert torch.equal(torch.as_tensor(count), torch.as_tensor(int(W.numel() * sparsity)) if group == "layer"
@@ -240,3 +240,11 @@ def test_schedule_settings_are_checked():
             PruneConfig(schedule=bad, sparsity=0.5 if words.startswith("ends") else None)
     with pytest.raises(LlmpruneError, match="one step only"):
         PruneConfig(pattern="2:4", schedule=(0.25, 0.5))
+
+
+def test_the_admm_method_keeps_earlier_zeros_pruned_in_a_later_step():
+    W, _, H = problem(rows=16, cols=32)
+    options = Options(group="layer")
+    first = admm.prune(W, {HESSIAN: H}, replace(options, sparsity=0.3))
+    later = admm.prune(first.weight, {HESSIAN: H}, replace(options, sparsity=0.6, keep_zeros=True))
+    assert bool((~later.keep)[~first.keep].all()) and int((~later.keep).sum()) == int(16 * 32 * 0.6)

@@ -14,17 +14,23 @@ from llmprune.methods import Options, get_method
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 
 
-def default_pieces(pattern: Pattern, sparsity: float) -> dict[str, str]:
-    """The pieces a configuration gets when it does not name them: the best training-free
-    recipe measured for the pattern and sparsity (README, "The default recipe")."""
-    return {"refine": "none", "allocation": "uniform"}
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, str]:
+    """What a configuration that names no method gets: the best training-free recipe measured
+    for the pattern and sparsity (README, "The default recipe"). Keys it sets itself win."""
+    return {"method": "sparsegpt", "refine": "none", "allocation": "uniform"}
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
 
-    * ``method``: ``magnitude``, ``wanda`` or ``sparsegpt``.
+    * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``; None (default): the default
+      recipe for the pattern and sparsity (:func:`default_recipe`), which also fills in
+      ``update``, ``refine`` and ``allocation`` where they are not given.
     * ``pattern``: ``"unstructured"`` or ``"N:M"`` (N kept in every M consecutive weights).
     * ``sparsity``: fraction of zeros in [0, 1). ``None`` (default): the pattern's own for N:M
       (2:4 = 0.5, 1:4 = 0.75), 0.5 for unstructured.
@@ -69,7 +75,7 @@ class PruneConfig:
       it such a model is refused before any work. The report then gives both sparsities.
     """
 
-    method: str = "sparsegpt"
+    method: str | None = None
     pattern: str = "unstructured"
     sparsity: float | None = None
     group: Literal["row", "layer"] | None = None
@@ -93,8 +99,19 @@ class PruneConfig:
     schedule: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        method = get_method(self.method)
         pattern = Pattern.parse(self.pattern)
+        if self.method is None:  # the default recipe, for what the caller left unsaid
+            target = pattern.implied_sparsity
+            if target is None:
+                target = self.sparsity if isinstance(self.sparsity, (int, float)) else DEFAULT_SPARSITY
+            for key, value in default_recipe(pattern, float(target)).items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, value)
+        if self.refine is None:
+            object.__setattr__(self, "refine", "none")
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", "uniform")
+        method = get_method(self.method_name)
         implied = pattern.implied_sparsity
         if self.sparsity is None:
             pass
@@ -120,9 +137,9 @@ class PruneConfig:
         if self.allocation == "owl" and pattern.kind == "nm":
             raise LlmpruneError(f"allocation 'owl' varies the sparsity by layer, which pattern {pattern} fixes at "
                                 f"{pattern.n} of every {pattern.m} in every layer; use an unstructured sparsity")
-        if not (isinstance(self.owl_m, (int, float)) and math.isfinite(self.owl_m) and self.owl_m > 0):
+        if not (_number(self.owl_m) and math.isfinite(self.owl_m) and self.owl_m > 0):
             raise LlmpruneError(f"owl_m must be a positive multiple of the mean score, got {self.owl_m}")
-        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
+        if not (_number(self.owl_lambda) and 0 <= self.owl_lambda < 1):
             raise LlmpruneError(f"owl_lambda must be in [0, 1) (the spread of layer sparsities), got {self.owl_lambda}")
         if self.schedule is not None:
             steps = self.schedule
@@ -139,7 +156,7 @@ class PruneConfig:
             object.__setattr__(self, "schedule", tuple(float(x) for x in steps))
         if self.recover not in (None, "none", "blockwise"):
             raise LlmpruneError(f"recover must be 'none' or 'blockwise', got {self.recover!r}")
-        if not (isinstance(self.recover_lr, (int, float)) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
+        if not (_number(self.recover_lr) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
             raise LlmpruneError(f"recover_lr must be a positive learning rate, got {self.recover_lr}")
         for key in ("admm_iterations", "cg_iterations", "dsnot_cycles", "recover_epochs"):
             value = getattr(self, key)
@@ -155,10 +172,10 @@ class PruneConfig:
             raise LlmpruneError(f"nm_select must be 'joint' or 'score', got {self.nm_select!r}")
 
     @property
-    def resolved_allocation(self) -> Literal["uniform", "owl"]:
-        if self.allocation is not None:
-            return self.allocation
-        return default_pieces(Pattern.parse(self.pattern), self.target_sparsity)["allocation"]  # type: ignore[return-value]
+    def method_name(self) -> str:
+        """The method (after the default recipe filled it in)."""
+        assert self.method is not None
+        return self.method
 
     @property
     def target_sparsity(self) -> float:
@@ -171,7 +188,7 @@ class PruneConfig:
 
     def options(self) -> Options:
         """The per-matrix options handed to the method."""
-        method = get_method(self.method)
+        method = get_method(self.method_name)
         update = self.update or method.own_update or "none"
         return Options(
             pattern=Pattern.parse(self.pattern),
@@ -182,7 +199,7 @@ class PruneConfig:
             damp=self.damp,
             nm_select=self.nm_select,
             shrink=float(self.shrink),
-            refine=self.refine or default_pieces(Pattern.parse(self.pattern), self.target_sparsity)["refine"],  # type: ignore[arg-type]
+            refine=self.refine or "none",
             admm_iterations=self.admm_iterations,
             cg_iterations=self.cg_iterations,
             dsnot_cycles=self.dsnot_cycles,

@@ -66,7 +66,7 @@ class LinearReport:
     name: str
     shape: tuple[int, int]
     sparsity: float  # fraction of exact zeros in the written weight
-    error: float  # ‖(W − Ŵ)X‖² / ‖WX‖² on sampled calibration inputs
+    error: float  # ‖(W − Ŵ)X‖² / ‖WX‖² on sampled calibration inputs (before any recovery)
     damp: float | None = None  # dampening actually used by the OBS solve
 
 
@@ -269,14 +269,16 @@ class _Watcher:
 
 def _prune_linear(
     name: str, linear: nn.Module, stats: StatSet, method: Method, options: Options,
-    storage: torch.dtype | None = None,
+    storage: torch.dtype | None = None, dense: torch.Tensor | None = None,
 ) -> LinearReport:
     W = get_weight(linear).detach()
     result = pieces.prune(method, W, stats.values(method, options), options)
     # Computing in a wider dtype than the checkpoint's: round to what will be saved, so the next
     # linears and layers see the weights the checkpoint will hold.
     new = result.weight if storage is None else result.weight.to(storage)
-    error = relative_error(W, new.to(W.dtype), stats.sample.value())
+    # The error is against the dense weights, also in a later step of a schedule.
+    reference = W if dense is None else dense.to(W.device)
+    error = relative_error(reference, new.to(W.dtype), stats.sample.value())
     set_weight(linear, new)
     written = get_weight(linear)
     zeros = (written.numel() - torch.count_nonzero(written).item()) / written.numel()
@@ -354,14 +356,18 @@ def prune_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
     method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
     out: Sink | None = None, storage: torch.dtype | None = None,
+    dense: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
-    ``storage``: the checkpoint's dtype when the layer is computed in a wider one."""
+    ``storage``: the checkpoint's dtype when the layer is computed in a wider one. ``dense``:
+    the linears' dense weights, when the layer is already partly pruned (a schedule's later
+    step): the reports' errors are measured against them."""
     linears = find_linears(layer)
     reports: dict[str, LinearReport] = {}
 
     def prune(name: str, stats: StatSet) -> None:
-        reports[name] = _prune_linear(name, linears[name], stats, method, options, storage)
+        reports[name] = _prune_linear(name, linears[name], stats, method, options, storage,
+                                      None if dense is None else dense[name])
 
     outputs = visit_layer(layer, hidden, calls, linears, pieces.needs(method, options), prune, sequential, device,
                           lockstep, out)
@@ -432,17 +438,18 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
     targets = dense_targets(layer, hidden, calls, device) if recovering else None
     settings = RecoverSettings(config.recover_epochs, config.recover_lr)
     reports: list[LinearReport] = []
+    dense = ({n: get_weight(m).detach().to("cpu", copy=True) for n, m in find_linears(layer).items()}
+             if len(steps) > 1 else None)
     for number, sparsity in enumerate(steps):
         last = number == len(steps) - 1
         direct = last and not recovering  # this pass's outputs are the layer's final ones
         step = replace(options, sparsity=sparsity, keep_zeros=number > 0)
         outputs, reports = prune_layer(layer, hidden, calls, method, step,
-                                       config.sequential, device, lockstep, sink if direct else Discard(), storage)
-        if targets is not None:
-            item = recover_layer(layer, hidden, calls, *targets, device, settings)
+                                       config.sequential, device, lockstep, sink if direct else Discard(), storage,
+                                       dense)
+        if targets is not None:  # judged on the weights the checkpoint will hold
+            item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
-            if storage is not None:  # what the checkpoint will hold, as after pruning
-                round_to(layer, storage)
     if not direct:
         outputs = run_batches(layer, hidden, calls, device, sink)
     return outputs, reports
@@ -453,14 +460,6 @@ class Discard(list[torch.Tensor]):
 
     def append(self, item: torch.Tensor) -> None:
         pass
-
-
-@torch.no_grad()
-def round_to(layer: nn.Module, storage: torch.dtype) -> None:
-    """Round the layer's linear weights to ``storage`` and back, in place."""
-    for linear in find_linears(layer).values():
-        weight = get_weight(linear)
-        weight.copy_(weight.to(storage).to(weight.dtype))
 
 
 def _warn_unreached(linears: dict[str, nn.Module], pruned: set[str]) -> None:
@@ -586,7 +585,7 @@ def prune(
     """
     start = time.perf_counter()
     calibration = as_token_ids(calibration)
-    method = get_method(config.method)
+    method = get_method(config.method_name)
     options = config.options()
     host = host or LayerHost()
     layers_path, layers = find_decoder_layers(model)
@@ -626,7 +625,7 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     inputs, calls = captured or capture_layer_calls(model, layers, batches)
     host.captured(model)
     allocation = None
-    if config.resolved_allocation == "owl":
+    if config.allocation == "owl":
         allocation = owl_allocation(layers, inputs, calls, host, devices, config, options.sparsity, progress, cancel)
     resumed = host.resume(inputs)
     del inputs

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.capture import LayerCall, StopForward
-from llmprune.engine.model import find_linears, get_weight
+from llmprune.engine.model import find_linears
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 
@@ -114,13 +114,25 @@ def _relative_error(layer: nn.Module, state: torch.Tensor, call: LayerCall, targ
         return float((out - reference).square().sum() / reference.square().sum().clamp_min(1e-30))
 
 
+def _parameter(linear: nn.Module) -> torch.Tensor:
+    """A linear's weight parameter as it is stored (Conv1D: (in, out))."""
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _train(layer: nn.Module, linears: dict[str, nn.Module], attention: nn.Module | None,
            hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: Sequence[torch.Tensor],
            batches: range, device: torch.device, settings: RecoverSettings, upto_attention: bool) -> None:
-    weights = [get_weight(linear) for linear in linears.values()]
+    # The parameters themselves, in their own layout (a Conv1D's is (in, out): a transposed
+    # view would never receive a gradient); everything else in the layer is frozen meanwhile.
+    weights = [_parameter(linear) for linear in linears.values()]
     if not weights or not batches:
         return
     masks = [w.detach() != 0 for w in weights]
+    flags = {param: param.requires_grad for param in layer.parameters()}
+    for param in flags:
+        param.requires_grad_(False)
     for weight in weights:
         weight.requires_grad_(True)
     optimiser = torch.optim.Adam(weights, lr=settings.lr)
@@ -141,16 +153,19 @@ def _train(layer: nn.Module, linears: dict[str, nn.Module], attention: nn.Module
                         for weight, mask in zip(weights, masks, strict=True):
                             weight.mul_(mask)
     finally:
-        for weight in weights:
-            weight.requires_grad_(False)
-            weight.grad = None
+        for param, flag in flags.items():
+            param.grad = None
+            param.requires_grad_(flag)
 
 
 def recover_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
                   attention_targets: list[torch.Tensor] | None, output_targets: list[torch.Tensor],
-                  device: torch.device, settings: RecoverSettings) -> dict[str, Any]:
+                  device: torch.device, settings: RecoverSettings,
+                  checkpoint: torch.dtype | None = None) -> dict[str, Any]:
     """Train the pruned ``layer``'s kept weights toward the dense targets (see the module);
-    returns the held-out errors before and after and whether the recovery was kept."""
+    returns the held-out errors before and after and whether the recovery was kept.
+    ``checkpoint``: the dtype the weights will be saved in, when narrower than the layer's: the
+    trained weights are rounded to it before they are judged."""
     tick = time.perf_counter()
     storage = next(layer.parameters()).dtype
     if storage != torch.float32:
@@ -161,18 +176,23 @@ def recover_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seque
     held = len(hidden) - 1  # the held-out batch (with one batch: also the training batch)
     train = range(held) if held > 0 else range(1)
     before = _relative_error(layer, hidden[held], calls[held], output_targets[held], device)
-    saved = {name: get_weight(linear).detach().clone() for name, linear in linears.items()}
+    saved = {name: _parameter(linear).detach().clone() for name, linear in linears.items()}
     if found and attention_targets is not None and attention_names:
         _train(layer, {n: linears[n] for n in attention_names}, found[1], hidden, calls, attention_targets, train,
                device, settings, upto_attention=True)
     rest = {n: m for n, m in linears.items() if n not in attention_names}
     _train(layer, rest, None, hidden, calls, output_targets, train, device, settings, upto_attention=False)
+    if checkpoint is not None:
+        with torch.no_grad():
+            for linear in linears.values():
+                weight = _parameter(linear)
+                weight.copy_(weight.to(checkpoint).to(weight.dtype))
     after = _relative_error(layer, hidden[held], calls[held], output_targets[held], device)
     kept = after < before
     if not kept:
         with torch.no_grad():
             for name, linear in linears.items():
-                get_weight(linear).copy_(saved[name])
+                _parameter(linear).copy_(saved[name])
     if storage != torch.float32:
         layer.to(storage)
     return {"error_before": before, "error_after": after if kept else before, "error_trained": after,

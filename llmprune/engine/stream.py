@@ -17,6 +17,7 @@ and writes the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -238,7 +239,10 @@ class StreamHost(LayerHost):
             _set(self.model, name, value)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        layer.to("meta")
+        # Only what fetch reads back goes: a buffer the layer computes itself must survive.
+        for name in _own_tensors(layer, self._prefix(index)):
+            if not self._is_buffer(name):
+                _set(self.model, name, None, "meta")
 
     def sink(self, index: int) -> Sink:
         if self.offload_dir is None:
@@ -290,7 +294,9 @@ def fingerprint(source: str, config: Any, calibration: torch.Tensor, batch_size:
                 dtype: torch.dtype, device: str) -> dict[str, Any]:
     """What must match for a resumed run to write what an uninterrupted one would."""
     return {
-        "model": source, "config": asdict(config), "dtype": str(dtype), "batch_size": batch_size,
+        # JSON-normal (tuples as lists), as the journal reads it back
+        "model": source, "config": json.loads(json.dumps(asdict(config))), "dtype": str(dtype),
+        "batch_size": batch_size,
         "calibration_sha256": hashlib.sha256(calibration.to(torch.int64).numpy().tobytes()).hexdigest(),
         "calibration_shape": list(calibration.shape), "device": device,
         "llmprune": __version__, "torch": torch.__version__.split("+")[0],

@@ -150,7 +150,7 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "unpruned_weights": report.unpruned,
         "config": dataclasses.asdict(job.prune),
         "resolved_options": {"group": options.group, "update": options.update, "refine": options.refine,
-                             "allocation": job.prune.resolved_allocation,
+                             "allocation": job.prune.allocation,
                              "blocksize": options.blocksize, "damp": options.damp,
                              "nm_select": options.nm_select, "shrink": options.shrink},
         "allocation": report.allocation,

@@ -68,6 +68,7 @@ def admm(W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None, options: 
     G = W0 @ H
     scale = float(H.diagonal().mean())
     norms = H.diagonal().sqrt()[None, :]
+    pinned = W0 == 0 if options.keep_zeros else None  # a later schedule step: earlier zeros stay
     gradual = keep is None
     support = torch.ones_like(W0, dtype=torch.bool) if keep is None else keep
     Z, V = (W0 if start is None else start.float()) * support, torch.zeros_like(W0)
@@ -75,19 +76,26 @@ def admm(W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None, options: 
     ramp = max(1, int(iterations * GRADUAL_SHARE))
     for k in range(iterations):
         if k % RHO_STEP == 0:
-            rho = RHO_START * scale * RHO_GROWTH ** (k // RHO_STEP)
+            previous, rho = rho, RHO_START * scale * RHO_GROWTH ** (k // RHO_STEP)
+            if previous:  # v is the dual over ρ: it scales when ρ does
+                V.mul_(previous / rho)
             inverse = _inverse(H, rho)
         assert inverse is not None
         W = torch.sub(Z, V).mul_(rho).add_(G) @ inverse  # (w₀H + ρ(z − v))(H + ρI)⁻¹
         U = W.add_(V)  # w + v (W is not needed again)
         if gradual:
-            support = _gradual_keep(U.abs().mul_(norms), options, min(1.0, (k + 1) / ramp))
+            support = _gradual_keep(_pin(U.abs().mul_(norms), pinned), options, min(1.0, (k + 1) / ramp))
         Z = U * support
         V = U.sub_(Z)  # v + w − z
     if gradual and iterations == 0:
-        support = select_keep(W0.abs() * norms, options.pattern, options.sparsity, options.group)
+        support = select_keep(_pin(W0.abs() * norms, pinned), options.pattern, options.sparsity, options.group)
         Z = W0 * support
     return Z, support
+
+
+def _pin(scores: torch.Tensor, pinned: torch.Tensor | None) -> torch.Tensor:
+    """Scores with the pinned entries below every real one (pruned first)."""
+    return scores if pinned is None else scores.masked_fill_(pinned, -1.0)
 
 
 def _gradual_keep(scores: torch.Tensor, options: Options, progress: float) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _refine_rows(keep: torch.Tensor, d: torch.Tensor, grow_key: torch.Tensor, wa
         active = ok
         if not bool(active.any()):
             break
-    taken = torch.arange(steps)[None, :] < accepted[:, None]
+    taken = torch.arange(steps, device=keep.device)[None, :] < accepted[:, None]
     keep.scatter_(1, grow_index, torch.where(taken, True, keep.gather(1, grow_index)))
     keep.scatter_(1, prune_index, torch.where(taken, False, keep.gather(1, prune_index)))
     return keep
@@ -101,9 +101,9 @@ def _refine_nm(keep: torch.Tensor, d: torch.Tensor, grow_key: torch.Tensor, wand
         return keep
     grow_value, grow_index = grow_score.topk(steps, dim=1)
     fixed = torch.zeros_like(keep)  # grown weights are never pruned again
-    active = torch.ones(rows, dtype=torch.bool)
-    offsets = torch.arange(m)[None, :]
-    row = torch.arange(rows)
+    active = torch.ones(rows, dtype=torch.bool, device=keep.device)
+    offsets = torch.arange(m, device=keep.device)[None, :]
+    row = torch.arange(rows, device=keep.device)
     for t in range(steps):
         g = grow_index[:, t]
         starts = g - g % m
