@@ -37,6 +37,7 @@ RHO_START = 0.1  # ρ as a fraction of mean(diag H)
 RHO_GROWTH = 1.3
 RHO_STEP = 3  # iterations per ρ
 GRADUAL_SHARE = 0.8  # of the ADMM iterations, the first this share raise the sparsity
+ITERATIONS = 20  # ADMM iterations from a plain mask (admm_iterations None)
 
 
 def needs(options: Options) -> set[str]:
@@ -143,7 +144,13 @@ def refit(W: torch.Tensor, stats: Stats, keep: torch.Tensor | None, options: Opt
     H = stats[DAMPED]
     W0 = W.float().clone()
     W0[:, stats[DEAD]] = 0.0  # inputs never seen: their weights cannot matter on the data
-    Z, support = admm(W0, H, keep, options, options.admm_iterations, start if keep is not None else None)
+    warm = start if keep is not None else None
+    # From another update's answer on the same mask (SparseGPT's), conjugate gradients alone
+    # reach the least-squares answer sooner; ADMM's iterations are for a plain mask.
+    iterations = options.admm_iterations
+    if iterations is None:
+        iterations = 0 if warm is not None else ITERATIONS
+    Z, support = admm(W0, H, keep, options, iterations, warm)
     final = conjugate_gradient(Z, W0, H, support, options.cg_iterations)
     return Result(final, support, float(stats[DAMP_USED]))
 

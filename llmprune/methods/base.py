@@ -29,7 +29,7 @@ class Options:
     nm_select: Literal["joint", "score"] = "joint"  # SparseGPT's N:M mask choice per group
     shrink: float = 0.1  # OBS Hessian shrunk toward its diagonal: (1 - shrink)·H + shrink·diag(H)
     refine: Literal["none", "dsnot"] = "none"
-    admm_iterations: int = 20
+    admm_iterations: int | None = None  # None: 20 from a plain mask, 0 from another update's answer
     cg_iterations: int = 10
     dsnot_cycles: int = 50
     keep_zeros: bool = False  # the matrix's exact zeros stay pruned (a later step of a schedule)
