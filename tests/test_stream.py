@@ -297,9 +297,10 @@ def test_damaged_journal_is_reported_never_reused(damage, killed_run, four_layer
     elif damage == "activations":
         acts = staging / JOURNAL / entry["activations"]["file"]
         acts.write_bytes(acts.read_bytes()[:-8])
-    argv = ["--model", str(four_layers), "--calib", str(text_file), "--nsamples", "6", "--seqlen", "32",
-            "--batch-size", "2", "--sparsity", "0.5", "--eval", "none", "--device", "cpu", "--out", str(out),
-            "--stream", "on", "--resume", "--quiet"]
+    # The killed run's own settings (SparseGPT alone), so each damage is what stops the resume.
+    argv = ["--model", str(four_layers), "--method", "sparsegpt", "--calib", str(text_file), "--nsamples", "6",
+            "--seqlen", "32", "--batch-size", "2", "--sparsity", "0.5", "--eval", "none", "--device", "cpu",
+            "--out", str(out), "--stream", "on", "--resume", "--quiet"]
     if damage == "settings":
         argv[argv.index("0.5")] = "0.6"
     assert main(argv) == 2
