@@ -4,8 +4,8 @@ Each row is one `llmprune` command (printed with the row, so it can be rerun alo
 own process through the real CLI; its record gives the perplexity and the pruning time. Setup:
 32 x 512 calibration tokens (seed 0) from pydoc and from the Wikipedia calibration split,
 perplexity on the first 20 x 512 windows of the Wikipedia evaluation split, and on a validation
-text of your own when given (`--validation FILE`: settings are chosen on it, never on the
-evaluation split).
+text when given (`--validation wikipedia-validation`, the built-in disjoint slice, or a file:
+settings are chosen on it, never on the evaluation split).
 
     .venv/bin/python scripts/reproduce.py --threads 2 --json out/reproduce.json --plot out/reproduce.png
     .venv/bin/python scripts/reproduce.py --only default,admm --settings 50%,2:4 --calib pydoc
@@ -35,6 +35,8 @@ RECIPES: dict[str, list[str]] = {
     "magnitude": ["--method", "magnitude"],
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
+    "sparsegpt+refit": ["--method", "sparsegpt", "--update", "admm", "--set", "prune.admm_iterations=0"],
+    "wanda+refit": ["--method", "wanda", "--update", "admm", "--set", "prune.admm_iterations=0", "--shrink", "0.7"],
     "admm": ["--method", "admm"],
     "wanda+admm": ["--method", "wanda", "--update", "admm"],
     "sparsegpt+dsnot": ["--method", "sparsegpt", "--refine", "dsnot"],
@@ -134,7 +136,8 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma list of settings")
     parser.add_argument("--calib", default="pydoc,wikipedia", help="comma list of calibration texts")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--validation", default=None, help="also evaluate each row on this text file")
+    parser.add_argument("--validation", default=None,
+                        help="also evaluate each row on this text (e.g. wikipedia-validation)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()

@@ -26,3 +26,18 @@ def test_fresh_cache_fetches_text_and_model_once(tmp_path, monkeypatch):
 def test_unknown_wikipedia_split_is_refused():
     with pytest.raises(assets.LlmpruneError, match="split"):
         assets.wikipedia_text("test")
+
+
+def test_the_three_wikipedia_slices_share_no_article():
+    """Validation (the text settings are chosen on) must be as unseen by calibration as the
+    evaluation split is, and itself unseen by evaluation."""
+    from llmprune.io.data import load_text
+
+    slices = {split: set(assets.wikipedia_text(split).split("\n\n")) for split in assets.WIKI_BUCKETS}
+    assert all(len(s) > 500 for s in slices.values())
+    assert not slices["validation"] & slices["evaluation"]
+    assert not slices["validation"] & slices["calibration"]
+    assert not slices["evaluation"] & slices["calibration"]
+    # The named source is that slice, for calibration and evaluation alike.
+    text = load_text("wikipedia-validation", "evaluation")
+    assert text == load_text("wikipedia-validation", "calibration") == assets.wikipedia_text("validation")

@@ -100,8 +100,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "the mean exactly --sparsity; unstructured only)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag H")
-    g.add_argument("--shrink", type=float, default=0.1,
-                   help="OBS Hessian shrinkage toward its diagonal, in [0, 1] (default 0.1; 0 = plain SparseGPT)")
+    g.add_argument("--shrink", type=float, default=None,
+                   help="Hessian shrinkage toward its diagonal for the OBS and least-squares updates, in [0, 1] "
+                   "(default 0.1 with --method, the default recipe's own without; 0 = plain SparseGPT)")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="true-sequential (default): prune q/k/v, then o, gate/up, down, each from inputs "
                    "through the already pruned ones (one forward pass per layer when the calibration fits "

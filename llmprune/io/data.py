@@ -4,6 +4,8 @@ Sources (``--calib`` / ``--eval``):
 
 * ``wikipedia``: built-in offline Wikipedia lead sections (calibration and evaluation splits are
   disjoint, see :func:`llmprune.io.assets.wikipedia_text`);
+* ``wikipedia-validation``: a third disjoint slice of the same articles, one text for both uses:
+  the text to choose settings on, so the evaluation split stays unseen;
 * ``pydoc``: Python's own documentation topics (stdlib ``pydoc_data``), offline and off-domain;
 * ``wikitext2``, ``c4``, ``ptb``: the standard sets through ``datasets`` (needs the Hub);
 * a local ``.txt`` file, or ``.jsonl`` with one ``{"text": ...}`` object (or string) a line.
@@ -22,7 +24,7 @@ from llmprune.errors import LlmpruneError
 
 SPLITS = ("calibration", "evaluation")
 HUB_SETS = ("wikitext2", "c4", "ptb")
-BUILTIN = ("wikipedia", "pydoc")
+BUILTIN = ("wikipedia", "wikipedia-validation", "pydoc")
 SPLIT_SOURCES = ("wikipedia", *HUB_SETS)  # sources whose calibration and evaluation texts are disjoint
 
 
@@ -34,6 +36,10 @@ def load_text(source: str, split: str) -> str:
         from llmprune.io.assets import wikipedia_text
 
         return wikipedia_text(split)
+    if source == "wikipedia-validation":
+        from llmprune.io.assets import wikipedia_text
+
+        return wikipedia_text("validation")
     if source == "pydoc":
         from pydoc_data import topics
 
