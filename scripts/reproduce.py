@@ -35,7 +35,7 @@ RECIPES: dict[str, list[str]] = {
     "magnitude": ["--method", "magnitude"],
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
-    "sparsegpt+refit": ["--method", "sparsegpt", "--update", "admm", "--set", "prune.admm_iterations=0"],
+    "sparsegpt+refit": ["--method", "sparsegpt", "--update", "admm"],
     "wanda+refit": ["--method", "wanda", "--update", "admm", "--set", "prune.admm_iterations=0", "--shrink", "0.7"],
     "admm": ["--method", "admm"],
     "wanda+admm": ["--method", "wanda", "--update", "admm"],

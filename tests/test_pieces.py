@@ -242,6 +242,14 @@ def test_schedule_settings_are_checked():
         PruneConfig(pattern="2:4", schedule=(0.25, 0.5))
 
 
+def test_the_default_recipe_follows_a_schedules_end():
+    """Without --sparsity the schedule's last step is the target: the recipe is 70%'s."""
+    scheduled, direct = PruneConfig(schedule=(0.35, 0.7)), PruneConfig(sparsity=0.7)
+    assert scheduled.target_sparsity == 0.7
+    assert (scheduled.shrink, scheduled.allocation) == (direct.shrink, direct.allocation) == (0.1, "owl")
+    assert PruneConfig(schedule=(0.25, 0.5)).shrink == 0.25
+
+
 def test_the_admm_method_keeps_earlier_zeros_pruned_in_a_later_step():
     W, _, H = problem(rows=16, cols=32)
     options = Options(group="layer")

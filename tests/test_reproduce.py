@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 
 from llmprune.cli.commands import _prune_parser, job_data
-from llmprune.core.patterns import Pattern
-from llmprune.engine.config import default_recipe
 from llmprune.jobs.recipe import job_from_dict
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.py"
@@ -23,23 +21,34 @@ def job_of(recipe, setting):
     return job_from_dict(job_data(_prune_parser().parse_args(argv), argv))
 
 
-@pytest.mark.parametrize("setting", list(reproduce.SETTINGS))
-@pytest.mark.parametrize("recipe", list(reproduce.RECIPES))
+ROWS = [(recipe, setting) for recipe in reproduce.RECIPES for setting in reproduce.SETTINGS
+        if not (recipe in reproduce.UNSTRUCTURED_ONLY and ":" in setting)]  # the rows the table runs
+
+
+@pytest.mark.parametrize("recipe,setting", ROWS)
 def test_every_row_is_a_valid_command(recipe, setting):
-    if recipe in reproduce.UNSTRUCTURED_ONLY and ":" in setting:
-        return
     config = job_of(recipe, setting).prune
     assert config.target_sparsity == pytest.approx(float(reproduce.SETTINGS[setting][1]) if ":" not in setting else 0.5)
-    name = recipe.split("+")[0]
-    if name == "default":
-        pattern = Pattern.parse(setting if ":" in setting else "unstructured")
-        for key, value in default_recipe(pattern, config.target_sparsity).items():
-            assert getattr(config, key) == value, (key, recipe, setting)
-    else:
-        assert config.method == name
-    if recipe.endswith("+refit"):
-        assert config.update == "admm" and config.admm_iterations == 0
-    assert (config.recover == "blockwise") == ("recover" in recipe or "schedule" in recipe)
+    name, *pieces = recipe.split("+")
+    # The README's rule, written out: SparseGPT + refit, shrink 0.25 at 50% sparsity, 0.1 above,
+    # OWL from 70% unstructured.
+    expect = {"method": "sparsegpt", "update": "admm", "refine": "none",
+              "shrink": 0.25 if setting in ("50%", "2:4", "4:8") else 0.1,
+              "allocation": "owl" if setting == "70%" else "uniform"} if name == "default" else {"method": name}
+    if "refit" in pieces:
+        expect["update"] = "admm"
+    if name == "wanda" and "refit" in pieces:
+        expect.update(admm_iterations=0, shrink=0.7)  # the pydoc-only best at 50% and 60%
+    if "dsnot" in pieces:
+        expect["refine"] = "dsnot"
+    if "owl" in pieces:
+        expect["allocation"] = "owl"
+    if name == "wanda" and "admm" in pieces:
+        expect["update"] = "admm"
+    for key, value in expect.items():
+        assert getattr(config, key) == value, (key, recipe, setting)
+    assert (config.recover == "blockwise") == ("recover" in pieces or "schedule" in pieces)
+    assert bool(config.schedule) == ("schedule" in pieces)
 
 
 def test_sparsegpt_refit_row_at_60_percent_is_the_default():
