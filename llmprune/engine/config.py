@@ -13,7 +13,7 @@ from llmprune.methods import Options, get_method
 
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 SHRINK = 0.1  # a named method's Hessian shrinkage (the default recipe sets its own)
-LOW_SHRINK = 0.25  # the default recipe's shrinkage at 50% sparsity
+LOW_SHRINK = 0.25  # the default recipe's shrinkage at 50% sparsity and below
 HIGH_SPARSITY = 0.7  # the default recipe adds OWL from here (measured at 70% only)
 
 
@@ -28,8 +28,7 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
     SparseGPT, then the exact least-squares refit of its kept weights (``update`` admm: from
     SparseGPT's answer, conjugate gradients alone), on the Hessian shrunk toward its diagonal by
     0.25 at 50% sparsity and below (unstructured, 2:4, 4:8; below 50% not measured) and by 0.1
-    above it; from 70%
-    unstructured, OWL's layer sparsities too. Chosen on a validation text (Wikipedia bucket 4)
+    above it; from 70% unstructured, OWL's layer sparsities too. Chosen on a validation text (Wikipedia bucket 4)
     by the geometric mean of its perplexity after calibration on pydoc (off-domain) and on the
     Wikipedia calibration split (in-domain), 32 x 512 tokens each: more shrinkage helps the
     first and hurts the second, and at 50% the balance lies near 0.25.
@@ -193,6 +192,7 @@ class PruneConfig:
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):
             raise LlmpruneError(f"damp must be a positive fraction of mean(diag H), got {self.damp}")
+        # isinstance spelled out (not _number) so the type checker knows shrink is a number here.
         if not (isinstance(self.shrink, (int, float)) and not isinstance(self.shrink, bool)
                 and 0 <= self.shrink <= 1):
             raise LlmpruneError(f"shrink must be in [0, 1] (0: the plain Hessian), got {self.shrink}")
