@@ -5,7 +5,7 @@ evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0).
 Wanda and SparseGPT 2:4 are checked against the reference implementations' numbers, measured
 with the stdlib pydoc text as calibration, and the orderings reuse those runs; SparseGPT 50% is
 checked with the Wikipedia calibration split (llmprune's default, disjoint from the evaluation
-split); the default recipe must beat the best reference at 2:4 and 70%. Seven real-model prunes
+split); the default recipe must beat the best reference at 2:4 and 70%. Six real-model prunes
 in all. Slow (minutes):
 deselect with -m "not slow" in a quick loop; CI runs it.
 """
@@ -32,7 +32,6 @@ RUNS = [  # name, method, pattern, sparsity, calibration
     ("sparsegpt-50", "sparsegpt", "unstructured", 0.5, "wikipedia"),
     ("wanda-50-pydoc", "wanda", "unstructured", 0.5, "pydoc"),
     ("sparsegpt-2:4-pydoc", "sparsegpt", "2:4", None, "pydoc"),
-    ("wanda-2:4-pydoc", "wanda", "2:4", None, "pydoc"),
     # No method named: the default recipe (README, "The default recipe").
     ("default-2:4-pydoc", None, "2:4", None, "pydoc"),
     ("default-70-pydoc", None, "unstructured", 0.7, "pydoc"),
@@ -70,12 +69,12 @@ def test_dense_matches_reference(results):
 def test_orderings(results):
     ppl = {k: v[0] for k, v in results.items()}
     # Measured (dense 14.07): magnitude 342.05; Wikipedia calibration: SparseGPT 27.54; pydoc
-    # calibration: Wanda 40.23, 2:4 SparseGPT 132.98 and Wanda 156.51. Each bound fails on a
-    # method that lost a real share of its quality.
+    # calibration: Wanda 40.23. Each bound fails on a method that lost a real share of its
+    # quality. (SparseGPT 2:4 is held to the reference below; Wanda 2:4, measured 156.51, is no
+    # longer run: one real-model prune less in CI.)
     assert ppl["sparsegpt-50"] < 2.1 * ppl["dense"]
     assert ppl["wanda-50-pydoc"] < 3.2 * ppl["dense"]
     assert ppl["wanda-50-pydoc"] * 5 < ppl["magnitude-50"]
-    assert ppl["sparsegpt-2:4-pydoc"] < 0.85 * ppl["wanda-2:4-pydoc"]
 
 
 def test_magnitude_and_wanda_match_reference(results):
