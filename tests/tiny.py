@@ -195,3 +195,85 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+# --- mixture-of-experts families ---------------------------------------------------------------
+# Each with 8 experts of width MOE_INTERMEDIATE, top-2 routing, fused 3-D expert weights
+# (transformers 5). Their router and expert layouts, read off the transformers sources:
+# Mixtral/Qwen3-MoE/OLMoE plain; Qwen2-MoE with a shared expert and its 1-row gate; DeepSeek-V3
+# with a dense first layer, a shared expert and a router bias buffer; gpt-oss transposed,
+# interleaved gate/up, biases everywhere.
+EXPERTS = 8
+TOP_K = 2
+MOE_INTERMEDIATE = 32
+
+
+def _moe_common() -> dict:
+    return {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS, "max_position_embeddings": MAX_POSITIONS,
+            "initializer_range": INIT_RANGE, "num_experts_per_tok": TOP_K}
+
+
+def mixtral(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS, sliding_window=None,
+                           **_moe_common(), **_common(vocab_size))
+    return _finish(MixtralForCausalLM(config), seed)
+
+
+def qwen2_moe(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(intermediate_size=INTERMEDIATE, moe_intermediate_size=MOE_INTERMEDIATE,
+                            shared_expert_intermediate_size=INTERMEDIATE, num_experts=EXPERTS,
+                            **_moe_common(), **_common(vocab_size))
+    return _finish(Qwen2MoeForCausalLM(config), seed)
+
+
+def qwen3_moe(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(intermediate_size=INTERMEDIATE, moe_intermediate_size=MOE_INTERMEDIATE,
+                            num_experts=EXPERTS, head_dim=HIDDEN // HEADS, **_moe_common(), **_common(vocab_size))
+    return _finish(Qwen3MoeForCausalLM(config), seed)
+
+
+def olmoe(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = OlmoeConfig(intermediate_size=MOE_INTERMEDIATE, num_experts=EXPERTS, **_moe_common(),
+                         **_common(vocab_size))
+    return _finish(OlmoeForCausalLM(config), seed)
+
+
+def deepseek_v3(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV3Config(
+        intermediate_size=INTERMEDIATE, moe_intermediate_size=MOE_INTERMEDIATE, n_routed_experts=EXPERTS,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **_moe_common(), **_common(vocab_size))
+    config.num_hidden_layers = 3  # a dense first layer, then two MoE layers
+    return _finish(DeepseekV3ForCausalLM(config), seed)
+
+
+def gpt_oss(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS, head_dim=HIDDEN // HEADS,
+                          sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
+                          **_moe_common(), **_common(vocab_size))
+    return _finish(GptOssForCausalLM(config), seed)
+
+
+MOE_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
+    "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss,
+}

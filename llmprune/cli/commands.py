@@ -19,7 +19,8 @@ from llmprune.errors import LlmpruneError
 from llmprune.progress import Event
 
 PATTERN_HELP = ("'unstructured', N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros), or a structure "
-                "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers")
+                "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers, "
+                "experts (whole experts of every MoE layer; --method reap, frequency or random)")
 SUBCOMMANDS = """subcommands:
   llmprune eval MODEL    perplexity and lm-eval tasks of a saved (or any) model
   llmprune push DIR      upload a pruned checkpoint to the Hugging Face Hub
@@ -61,7 +62,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=None,
                    help="magnitude | wanda | sparsegpt (default) | admm (mask chosen inside ADMM least-squares "
-                   "iterations); structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor")
+                   "iterations); structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor; "
+                   "--pattern experts: reap (default) | frequency | random")
     g.add_argument("--sparsity", type=float, default=None,
                    help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern); for heads, "
                    "channels and layers the fraction of them to remove")
@@ -73,6 +75,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
                    help="with --drop-layers: refit the down_proj before each dropped run to carry what it "
                    "added (default; --no-bridge turns it off)")
+    g.add_argument("--then-sparsity", type=float, default=None, metavar="S",
+                   help="--pattern experts: then prune what is left to this unstructured sparsity (default recipe)")
     g.add_argument("--kv", choices=["query", "groups"], default="query",
                    help="heads under grouped-query attention: the same number of query heads from every KV "
                    "group (default), or whole KV groups")
@@ -82,6 +86,14 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-partial", action="store_true",
                    help="prune the linear layers even when the decoder layers hold weights no method can prune "
                    "(fused mixture-of-experts weights); both sparsities are reported")
+    g.add_argument("--expert-statistics", choices=["routed", "weighted", "all"], default="routed",
+                   help="mixture-of-experts layers: each expert's statistics from the tokens routed to it, the "
+                   "same weighted by routing weight, or all tokens (as --calibrate-all-experts)")
+    g.add_argument("--calibrate-all-experts", action="store_const", const="all", dest="expert_statistics",
+                   help="every expert's statistics from every calibration token, as if each were routed to it "
+                   "(the layer's output still uses only the routed ones)")
+    g.add_argument("--min-expert-tokens", type=int, default=32, metavar="N",
+                   help="an expert with fewer calibration tokens is pruned by magnitude (recorded)")
     g.add_argument("--group", choices=["row", "layer"], default=None,
                    help="comparison group of unstructured masks (default: the method's reference choice)")
     g.add_argument("--update", choices=["none", "obs", "admm"], default=None,
@@ -281,11 +293,13 @@ FLAG_KEYS = {
     "num_fewshot": "tasks.num_fewshot", "tasks_batch_size": "tasks.batch_size", "push_to_hub": "push_to_hub",
     "private": "private", "allow_partial": "prune.allow_partial", "refine": "prune.refine",
     "allocation": "prune.allocation", "recover": "prune.recover", "schedule": "prune.schedule",
+    "expert_statistics": "prune.expert_statistics", "min_expert_tokens": "prune.min_expert_tokens",
+    "then_sparsity": "prune.then_sparsity",
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
 ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial", "refine", "allocation", "recover",
-                     "schedule"}
-ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens"}
+                     "schedule", "expert_statistics", "min_expert_tokens"}
+ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens", "then_sparsity"}
 
 
 def _explicit(argv: Sequence[str]) -> dict[str, Any]:

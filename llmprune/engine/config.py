@@ -91,6 +91,14 @@ class PruneConfig:
     * ``allow_partial`` (default False): prune the linear layers even when the decoder layers
       also hold weight matrices no method can prune (fused mixture-of-experts weights); without
       it such a model is refused before any work. The report then gives both sparsities.
+    * ``expert_statistics`` (mixture-of-experts layers): ``"routed"`` (default: each expert's
+      statistics from the calibration tokens routed to it), ``"weighted"`` (the same, each token
+      weighted by its routing weight, as MoE-Pruner) or ``"all"`` (every token, as if routed to
+      every expert; the layer's output still uses only the routed ones: llm-compressor's
+      calibrate-all-experts).
+    * ``min_expert_tokens`` (default 32): an expert whose statistics come from fewer tokens than
+      this (a starving expert) is pruned by magnitude at the same pattern and sparsity; the
+      record lists each expert's tokens and every such fallback.
     """
 
     method: str | None = None
@@ -115,6 +123,8 @@ class PruneConfig:
     recover_epochs: int = 2
     recover_lr: float = 1e-4
     schedule: tuple[float, ...] | None = None
+    expert_statistics: Literal["routed", "weighted", "all"] = "routed"
+    min_expert_tokens: int = 32
 
     def __post_init__(self) -> None:
         pattern = Pattern.parse(self.pattern)
@@ -188,6 +198,12 @@ class PruneConfig:
                 continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise LlmpruneError(f"{key} must be a whole number >= 0, got {value!r}")
+        if self.expert_statistics not in ("routed", "weighted", "all"):
+            raise LlmpruneError(f"expert_statistics must be 'routed', 'weighted' or 'all', got "
+                                f"{self.expert_statistics!r}")
+        if not (isinstance(self.min_expert_tokens, int) and not isinstance(self.min_expert_tokens, bool)
+                and self.min_expert_tokens >= 0):
+            raise LlmpruneError(f"min_expert_tokens must be a whole number >= 0, got {self.min_expert_tokens!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):

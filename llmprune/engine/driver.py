@@ -22,6 +22,7 @@ from llmprune.core.allocation import outlier_ratio, owl_sparsities
 from llmprune.core.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
 from llmprune.engine.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.engine.config import PruneConfig
+from llmprune.engine.experts import UNFUSED, expert_containers, layout_of, routing_of, slice_shapes, unfused
 from llmprune.engine.lockstep import Diverged, Lockstep
 from llmprune.engine.model import (
     check_finite,
@@ -68,6 +69,8 @@ class LinearReport:
     sparsity: float  # fraction of exact zeros in the written weight
     error: float  # ‖(W − Ŵ)X‖² / ‖WX‖² on sampled calibration inputs (before any recovery)
     damp: float | None = None  # dampening actually used by the OBS solve
+    tokens: int | None = None  # an expert's: calibration tokens routed to it
+    fallback: str | None = None  # why its method was not the run's (a starving expert: "magnitude")
 
 
 @dataclass
@@ -91,6 +94,25 @@ class PruneReport:
         the checkpoint really holds, whatever the method could reach."""
         zeros, total = (sum(c[i] for c in self.weight_counts) for i in (0, 1))
         return zeros / total if total else 0.0
+
+    def experts(self) -> dict[str, Any] | None:
+        """Per expert container (mixture-of-experts layers): the calibration tokens routed to
+        each expert and the experts pruned by magnitude for want of them; None without experts."""
+        found: dict[str, dict[str, Any]] = {}
+        for item in self.linears:
+            if item.tokens is None:
+                continue
+            container, expert, _ = item.name.rsplit(".", 2)
+            entry = found.setdefault(container, {"tokens": {}, "magnitude_fallback": set()})
+            entry["tokens"][int(expert)] = item.tokens
+            if item.fallback == "magnitude":
+                entry["magnitude_fallback"].add(int(expert))
+        if not found:
+            return None
+        return {"statistics": self.config.expert_statistics, "min_tokens": self.config.min_expert_tokens,
+                "containers": {name: {"tokens": [e["tokens"][i] for i in sorted(e["tokens"])],
+                                      "magnitude_fallback": sorted(e["magnitude_fallback"])}
+                               for name, e in found.items()}}
 
     @property
     def linear_sparsity(self) -> float:
@@ -186,12 +208,22 @@ class StatSet:
         if MEAN_VAR in kinds:
             self.acc[MEAN_VAR] = MeanVar(dim, device)
         self.sample = InputSample(max(1, ERROR_SAMPLE_ROWS // batches))
+        self.tokens = 0  # rows routed here (an expert's); every row for other linears
+        self.rows = 0  # rows the statistics are made of
         self._prepared: dict[str, torch.Tensor] | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        routing = routing_of(x)  # read before detach(), which drops it
+        x = x.detach()
+        rows = x.numel() // max(1, x.shape[-1])
+        self.rows += rows
+        self.tokens += routing.routed if routing is not None else rows
+        self.sample.add(x)
+        if routing is not None and routing.weights is not None:
+            # Router-weighted statistics: each row counts with its routing weight (H = Σ w x xᵀ).
+            x = x.reshape(-1, x.shape[-1]) * routing.weights.to(x.dtype).sqrt()[:, None]
         for acc in self.acc.values():
             acc.add(x)
-        self.sample.add(x)
 
     def raw(self) -> dict[str, torch.Tensor]:
         return {kind: acc.value() for kind, acc in self.acc.items()}
@@ -239,7 +271,7 @@ class _Watcher:
             if leader == name:
                 if name not in self.stats:
                     self.stats[name] = StatSet(x.shape[-1], self.kinds, self.device, self.batches)
-                self.stats[name].add(x.detach())
+                self.stats[name].add(x)
             # A weak reference: identity checks stay exact (a dead tensor matches nothing)
             # without keeping every input of the layer alive.
             self._batch.append((weakref.ref(x), leader))
@@ -324,7 +356,7 @@ def visit_layer(
                 shared.clear()
                 stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
                 for x in inputs:
-                    stats.add(x.detach())
+                    stats.add(x)
                 shared.append((weakref.ref(inputs[0]), stats))
             if name in pending:  # a linear may run twice in a layer
                 del pending[name]
@@ -356,23 +388,39 @@ def prune_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
     method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
     out: Sink | None = None, storage: torch.dtype | None = None,
-    dense: dict[str, torch.Tensor] | None = None,
+    dense: dict[str, torch.Tensor] | None = None, min_expert_tokens: int = 0,
 ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
     ``storage``: the checkpoint's dtype when the layer is computed in a wider one. ``dense``:
     the linears' dense weights, when the layer is already partly pruned (a schedule's later
-    step): the reports' errors are measured against them."""
+    step): the reports' errors are measured against them. An expert's linear (the layer's
+    experts unfused, :func:`~llmprune.engine.experts.unfused`) whose statistics hold fewer than
+    ``min_expert_tokens`` tokens is pruned by magnitude, without an update (a starving expert)."""
     linears = find_linears(layer)
+    experts = expert_linears(layer)
     reports: dict[str, LinearReport] = {}
+    fallback = get_method("magnitude")
+    plain = replace(options, update="none", refine="none")
 
     def prune(name: str, stats: StatSet) -> None:
-        reports[name] = _prune_linear(name, linears[name], stats, method, options, storage,
+        starving = name in experts and stats.rows < max(1, min_expert_tokens)  # none: no statistics at all
+        reports[name] = _prune_linear(name, linears[name], stats, fallback if starving else method,
+                                      plain if starving else options, storage,
                                       None if dense is None else dense[name])
+        if name in experts:
+            reports[name].tokens = stats.tokens
+            reports[name].fallback = "magnitude" if starving else None
 
     outputs = visit_layer(layer, hidden, calls, linears, pieces.needs(method, options), prune, sequential, device,
                           lockstep, out)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
+
+
+def expert_linears(layer: nn.Module) -> set[str]:
+    """Names of the linears that are slices of unfused experts."""
+    inside = [name for name, module in layer.named_modules() if hasattr(module, UNFUSED)]
+    return {name for name in find_linears(layer) if any(name.startswith(c + ".") for c in inside)}
 
 
 PREPASS_SAMPLES = 8  # calibration samples the dense pre-pass reads: enough for stable input norms
@@ -407,14 +455,15 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
         home, storage = param.device, param.dtype
         compute = compute_dtype(devices[index], storage)
         layer.to(devices[index], dtype=compute)
-        linears = find_linears(layer)
-        norms.clear()
-        hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
-                                  False, devices[index]))
-        scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
-        ratios.append(outlier_ratio(scores, config.owl_m))
-        sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
-        del scores
+        with unfused(layer, config.expert_statistics):
+            linears = find_linears(layer)
+            norms.clear()
+            hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
+                                      False, devices[index]))
+            scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
+            ratios.append(outlier_ratio(scores, config.owl_m))
+            sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
+            del scores, linears
         layer.to(home, dtype=storage)
         host.release(index, layer)
         if progress is not None:
@@ -446,7 +495,7 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         step = replace(options, sparsity=sparsity, keep_zeros=number > 0)
         outputs, reports = prune_layer(layer, hidden, calls, method, step,
                                        config.sequential, device, lockstep, sink if direct else Discard(), storage,
-                                       dense)
+                                       dense, config.min_expert_tokens)
         if targets is not None:  # judged on the weights the checkpoint will hold
             item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
@@ -473,8 +522,12 @@ def validate_widths(layers_path: str, layers: nn.ModuleList, options: Options) -
         return
     m = options.pattern.m
     for index, layer in enumerate(layers):
-        for name, linear in find_linears(layer).items():
-            width = get_weight(linear).shape[1]
+        widths = {name: get_weight(linear).shape[1] for name, linear in find_linears(layer).items()}
+        for container, module in expert_containers(layer).items():
+            layout = layout_of(module)
+            assert layout is not None
+            widths |= {f"{container}.<expert>.{kind}": shape[1] for kind, shape in slice_shapes(layout).items()}
+        for name, width in widths.items():
             if width % m:
                 raise LlmpruneError(
                     f"pattern {options.pattern}: input width {width} of {layers_path}.{index}.{name} "
@@ -499,7 +552,8 @@ def check_prunable(model: nn.Module, allow_partial: bool) -> list[str]:
         raise LlmpruneError(
             f"the decoder layers hold {len(unpruned)} weight matrices that are not linear layers, "
             f"{sizes[0] / sizes[1]:.1%} of their weights (e.g. {name}, shape {'x'.join(map(str, param.shape))}, "
-            "such as fused mixture-of-experts weights, which are not supported yet): pruning would leave them dense; "
+            "neither linear layers nor fused experts called with routing decisions, e.g. experts that see every "
+            "token): pruning would leave them dense; "
             "allow_partial (--allow-partial) prunes the linear layers anyway and reports both sparsities"
         )
     return unpruned
@@ -650,9 +704,10 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         compute = compute_dtype(devices[index], storage)
         layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
         layer_options = options if allocation is None else replace(options, sparsity=allocation["sparsity"][index])
-        outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
-                                                  devices[index], lockstep, host.sink(index), index, report,
-                                                  storage if compute != storage else None)
+        with unfused(layer, config.expert_statistics):  # fused experts as linears of their own, meanwhile
+            outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
+                                                      devices[index], lockstep, host.sink(index), index, report,
+                                                      storage if compute != storage else None)
         layer.to(home, dtype=storage) if compute != storage else layer.to(home)
         report.weight_counts.append(count_zeros(layer))
         for item in linear_reports:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.engine.experts import expert_containers, expert_count
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel, check_cancel
 
@@ -49,11 +50,14 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _expert_siblings(block: nn.Module) -> dict[str, set[int]]:
     """For each module that holds a fused expert container (a child with a 3-D parameter, one
-    slice per expert), the expert counts: {parent name: {E}}."""
+    slice per expert, or a container unfused for pruning), the expert counts: {parent name: {E}}."""
     found: dict[str, set[int]] = {}
     for name, module in block.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D, not experts
             continue
+        count = expert_count(module)
+        if count is not None:
+            found.setdefault(name.rpartition(".")[0], set()).add(count)
         for param in module.parameters(recurse=False):
             if param.ndim >= 3:
                 found.setdefault(name.rpartition(".")[0], set()).add(int(param.shape[0]))
@@ -87,16 +91,19 @@ def find_linears(block: nn.Module) -> dict[str, nn.Module]:
 
 
 def weight_matrices(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight matrix inside ``block`` (parameters of two or more dimensions), by name:
-    what "the sparsity of the decoder layers" is counted over."""
-    return {name: p for name, p in block.named_parameters() if p.ndim >= 2}
+    """Every weight matrix inside ``block`` (parameters of two or more dimensions, the stacked
+    per-expert biases of fused experts excepted), by name: what "the sparsity of the decoder
+    layers" is counted over."""
+    return {name: p for name, p in block.named_parameters() if p.ndim >= 2 and not name.endswith("bias")}
 
 
 def unprunable_weights(block: nn.Module) -> dict[str, torch.Tensor]:
-    """Weight matrices of ``block`` that are neither a linear's weight nor a router's: fused
-    3-D expert weights, for instance, which the per-linear methods cannot prune."""
+    """Weight matrices of ``block`` that are neither a linear's weight, nor a router's, nor a
+    fused expert weight llmprune can unfuse (:mod:`llmprune.engine.experts`): what no method
+    can prune."""
     covered = {id(lin.weight) for lin in find_linears(block).values()}
     covered |= {id(p) for r in routers(block).values() for p in r.parameters(recurse=False)}
+    covered |= {id(p) for c in expert_containers(block).values() for p in c.parameters(recurse=False)}
     return {name: p for name, p in weight_matrices(block).items() if id(p) not in covered}
 
 

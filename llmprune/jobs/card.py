@@ -35,6 +35,17 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"| not pruned | {len(record['unpruned_weights'])} weight matrices that are not linear layers "
                      f"(e.g. {record['unpruned_weights'][0]}); the pruned linears are "
                      f"{record['sparsity_of_pruned_linears']:.2%} sparse |")
+    experts = record.get("experts")
+    if experts:
+        containers = experts["containers"]
+        counts = [len(c["tokens"]) for c in containers.values()]
+        starving = sum(len(c["magnitude_fallback"]) for c in containers.values())
+        how = {"routed": "the tokens routed to each",
+               "weighted": "the tokens routed to each, weighted by routing weight",
+               "all": "every calibration token (calibrate-all-experts)"}[experts["statistics"]]
+        lines.append(f"| experts | {len(containers)} MoE layers, {min(counts)}–{max(counts)} experts each, "
+                     f"every expert pruned from its own statistics ({how}); {starving} with fewer than "
+                     f"{experts['min_tokens']} tokens pruned by magnitude instead (routers never pruned) |")
     cal = record["calibration"]
     lines.append(f"| calibration | {cal['source']}: {cal['samples']} × {cal['seqlen']} tokens, seed {cal['seed']} |")
     ev = record.get("evaluation")
@@ -124,9 +135,11 @@ def structured_card(record: dict[str, Any]) -> str:
               f"Pruned with llmprune {record['llmprune_version']}. "
               "The model is physically smaller: stock `transformers` loads it with the rewritten config "
               "(no remote code).", "", "| | before | after |", "|---|---|---|",
-              f"| attention heads per layer | {st['attention_heads'][0]} | {st['attention_heads'][1]} "
-              f"({st['kv_heads_after']} KV) |",
-              f"| MLP width | {st['intermediate_size'][0]} | {st['intermediate_size'][1]} |",
+              *([f"| experts per MoE layer | {st['experts_per_moe_layer'][0]} | {st['experts_per_moe_layer'][1]} "
+                 "(router rows removed with them) |"] if record["pattern"] == "experts" else
+                [f"| attention heads per layer | {st['attention_heads'][0]} | {st['attention_heads'][1]} "
+                 f"({st['kv_heads_after']} KV) |",
+                 f"| MLP width | {st['intermediate_size'][0]} | {st['intermediate_size'][1]} |"]),
               f"| decoder layers | {st['decoder_layers'][0]} | {st['decoder_layers'][1]} |",
               f"| parameters | {params['before']:,} | {params['after']:,} |",
               f"| decoder-layer parameters | {params['decoder_layers_before']:,} | "
@@ -134,6 +147,10 @@ def structured_card(record: dict[str, Any]) -> str:
               f"| weights | {_mb(record['weights_bytes']['before'])} | {_mb(record['weights_bytes']['after'])} |"]
     if record.get("checkpoint_bytes"):
         lines.append(f"| safetensors on disk | | {_mb(record['checkpoint_bytes'])} |")
+    then = record.get("then_sparsity")
+    if then:
+        lines.append(f"| then pruned unstructured ({then['method']}) | | target {then['sparsity_target']:.1%}, "
+                     f"achieved {then['sparsity_achieved']:.2%} of the decoder-layer weights |")
     ev = record.get("evaluation")
     if ev:
         lines.append(f"| perplexity ({text_name(ev)}, {ev['windows']} × {ev['seqlen']}) | "

@@ -38,6 +38,7 @@ from llmprune.jobs.spec import TasksConfig as TasksConfig
 from llmprune.jobs.stores import ModelStore, open_store
 from llmprune.jobs.stores import streaming_source as streaming_source
 from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
+from llmprune.structured.experts import remove_experts
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
 
 
@@ -173,9 +174,9 @@ def prune(state: State) -> None:
     job, store = state.job, state.store
     assert state.calibration is not None
     if isinstance(job.prune, StructuredConfig):
-        smaller, report = prune_structured(store.model, job.prune, state.calibration, device=state.device,
-                                           batch_size=job.batch_size, progress=state.progress,
-                                           cancel=state.cancel)
+        structured = remove_experts if job.prune.pattern == "experts" else prune_structured
+        smaller, report = structured(store.model, job.prune, state.calibration, device=state.device,
+                                     batch_size=job.batch_size, progress=state.progress, cancel=state.cancel)
         store.replace(smaller)  # the zeroed dense model is dropped here
         state.report = report
     else:

@@ -122,6 +122,7 @@ def build_structured_record(job: Job, model: Any, report: StructuredReport, cali
             "intermediate_size": [report.intermediate_before, report.intermediate_after],
             "decoder_layers": [report.layers_before, report.layers_after],
             "bias_compensation": report.bias_compensation,
+            "experts_per_moe_layer": [report.experts_before, report.experts_after],
         },
         "parameters": {"before": report.params_before, "after": report.params_after,
                        "decoder_layers_before": report.layer_params_before,
@@ -129,6 +130,7 @@ def build_structured_record(job: Job, model: Any, report: StructuredReport, cali
                        "decoder_layer_fraction_removed": report.layer_params_removed},
         "weights_bytes": {"before": bytes_dense, "after": weights_bytes(model)},
         "decode_speed": speed,
+        "then_sparsity": report.then,
         "layers": report.errors,
     }
 
@@ -148,6 +150,7 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "sparsity_achieved": report.sparsity,
         "sparsity_of_pruned_linears": report.linear_sparsity,
         "unpruned_weights": report.unpruned,
+        "experts": report.experts(),
         "config": dataclasses.asdict(job.prune),
         "resolved_options": {"group": options.group, "update": options.update, "refine": options.refine,
                              "allocation": job.prune.allocation,

@@ -40,6 +40,7 @@ from llmprune.io.memory import available_bytes
 from llmprune.io.shards import Checkpoint
 from llmprune.jobs.spec import Job
 from llmprune.progress import Cancel, Progress
+from llmprune.structured.experts import plan_removal
 from llmprune.structured.run import StructuredConfig
 
 Card = Callable[[dict[str, Any]], str]
@@ -105,6 +106,8 @@ class MemoryStore(ModelStore):
         self.model, self.tokenizer = load(self.job.model, self.job.dtype)
         if isinstance(self.job.prune, PruneConfig):
             check_prunable(self.model, self.job.prune.allow_partial)
+        elif self.job.prune.pattern == "experts":  # refused before the dense evaluation, not after it
+            plan_removal(self.model, self.job.prune.amount)
         self.devices = layer_devices_of(self.model, self.job.device_map)
 
     def perplexity(self, windows: torch.Tensor, device: torch.device, batch_size: int, stage: str,
@@ -163,6 +166,11 @@ def check_tensor_names(model: Any, source: Checkpoint) -> None:
         raise LlmpruneError(f"weight {wrong[0]} has shape {list(shapes[wrong[0]])} in {source.folder}, but the config "
                             f"makes it {list(state[wrong[0]].shape)}; the checkpoint is damaged or made for another "
                             "model class")
+    fused = [n for n in missing if n.endswith(("experts.gate_up_proj", "experts.up_proj", "experts.down_proj"))]
+    if fused and any(re.search(r"\.experts\.\d+\.", n) for n in unexpected):
+        raise LlmpruneError(f"the checkpoint at {source.folder} stores its experts one matrix per expert (the layout "
+                            f"transformers converts when it loads; this model holds them fused, e.g. {fused[0]}): "
+                            "streaming reads tensors under the model's own names; use --stream off")
     for names, what in ((missing, "missing from"), (unexpected, "unexpected in")):
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""

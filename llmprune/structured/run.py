@@ -44,12 +44,12 @@ from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
 from llmprune.structured.anatomy import LayerAnatomy, Widths, inspect_layer, widths_of
 from llmprune.structured.bridge import bridge
 from llmprune.structured.obs import Removal, greedy_remove, greedy_remove_columns
-from llmprune.structured.scores import SCORES, STATS_OF, Unit, unit_scores
+from llmprune.structured.scores import EXPERT_SCORES, SCORES, STATS_OF, Unit, unit_scores
 from llmprune.structured.shrink import Plan, shrink
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = ("heads", "channels", "structured", "layers")
+STRUCTURES = ("heads", "channels", "structured", "layers", "experts")
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,21 @@ class StructuredConfig:
     split: tuple[int, int] | None = None  # structured: (head units, channels) per layer, skips allocation
     drop_layers: int = 0
     bridge: bool = True
+    then_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if self.pattern not in STRUCTURES:
             raise LlmpruneError(f"unknown structure {self.pattern!r}; use one of {', '.join(STRUCTURES)}")
-        if self.score not in SCORES:
+        if self.then_sparsity is not None and (self.pattern != "experts" or not (
+                isinstance(self.then_sparsity, (int, float)) and 0 < self.then_sparsity < 1)):
+            raise LlmpruneError("then_sparsity (--then-sparsity) takes a fraction in (0, 1) and applies to pattern "
+                                f"experts; got {self.then_sparsity!r} with pattern {self.pattern}")
+        if self.pattern == "experts":
+            if self.score == "obs":  # the structured default: experts' own is REAP
+                object.__setattr__(self, "score", "reap")
+            if self.score not in EXPERT_SCORES:
+                raise LlmpruneError(f"expert removal scores experts by {', '.join(EXPERT_SCORES)}; got {self.score!r}")
+        elif self.score not in SCORES:
             raise LlmpruneError(f"unknown structured score {self.score!r}; use one of {', '.join(SCORES)}")
         if self.kv not in ("query", "groups"):
             raise LlmpruneError(f"kv must be 'query' or 'groups', got {self.kv!r}")
@@ -133,6 +143,9 @@ class StructuredReport:
     params_after: int = 0
     layer_params_before: int = 0
     layer_params_after: int = 0
+    experts_before: int | None = None  # per MoE layer (pattern experts)
+    experts_after: int | None = None
+    then: dict[str, Any] | None = None  # then_sparsity: the unstructured pass's target and achieved sparsity
     errors: list[dict[str, Any]] = field(default_factory=list)  # per layer: OBS error, removed units
     bias_compensation: bool = False
     seconds: float = 0.0
@@ -385,6 +398,8 @@ def prune_structured(
     :class:`~llmprune.progress.Event` s of each phase ("taylor" batches, "influence" and
     "allocate" layers where the pattern needs them, then "prune" layers); ``cancel`` is polled
     at every step of each."""
+    if config.pattern == "experts":
+        raise LlmpruneError("pattern experts is llmprune.structured.experts.remove_experts (same arguments)")
     start = time.perf_counter()
     if calibration.ndim != 2:
         raise LlmpruneError("calibration must be a (nsamples, seqlen) tensor of token ids")

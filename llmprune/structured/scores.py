@@ -23,6 +23,7 @@ from llmprune.core.stats import MEAN_VAR
 from llmprune.methods.base import COLUMN_NORMS
 
 SCORES = ("obs", "magnitude", "wanda-sp", "flap", "taylor")
+EXPERT_SCORES = ("reap", "frequency", "random")  # pattern experts (llmprune.structured.experts)
 STATS_OF = {"obs": {"hessian"}, "magnitude": set(), "wanda-sp": {COLUMN_NORMS}, "flap": {MEAN_VAR}, "taylor": set()}
 
 
