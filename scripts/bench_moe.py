@@ -1,10 +1,11 @@
 """Mixture-of-experts quality and size on a real-weights MoE built from SmolLM2-135M.
 
-The test bed (:mod:`llmprune.io.moe_testbed`): each layer's 1536 MLP channels split into E
-experts (balanced k-means on their gate/up rows), saved as a stock Mixtral; the router fitted by
-least squares (on Wikipedia calibration text, seed 1) to predict each expert's output norm, top_k
-of E experts per token. Then, on the same calibration budget (Wikipedia calibration split, seed
-0) and the held-out Wikipedia evaluation split:
+The test bed (:mod:`llmprune.io.moe_testbed`): each layer's 1536 MLP channels split into a
+shared expert (the 768 that contribute most) and E routed experts (balanced k-means on the
+others' co-activation), saved as a stock Qwen2-MoE; the router fitted by least squares (on
+Wikipedia calibration text, seed 1) to predict each expert's output norm, top_k of E per token.
+Then, on the same calibration budget (Wikipedia calibration split, seed 0) and the held-out
+Wikipedia evaluation split:
 
 * SparseGPT 50% and 2:4 with per-expert statistics from the routed tokens, against the same
   with every expert's statistics from all tokens (calibrate-all-experts), router-weighted, and
@@ -92,7 +93,9 @@ def main() -> None:
     moe = build_moe(dense, args.experts, args.top_k, router_text)
     build_s = time.perf_counter() - tick
     row("dense SmolLM2-135M", dense, 0.0)
-    row(f"MoE {args.experts}x{1536 // args.experts} top-{args.top_k}", moe, build_s)
+    c = moe.config
+    shape = f"{c.shared_expert_intermediate_size}+{c.num_experts}x{c.moe_intermediate_size}"
+    row(f"MoE {shape} top-{c.num_experts_per_tok}", moe, build_s)
     for name, method, pattern, sparsity, statistics in SPARSE:
         if wanted and name not in wanted:
             continue

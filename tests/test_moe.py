@@ -197,6 +197,10 @@ def test_a_starving_expert_is_pruned_by_magnitude_and_recorded():
         starving = block.experts.get_submodule("2.up_proj").weight.detach().clone()
         _, reports = prune_layer(block, hidden, [LayerCall((), {}, False)], get_method("sparsegpt"),
                                  Options(sparsity=0.5, update="obs"), True, CPU, min_expert_tokens=5)
+        # Magnitude reads no statistics: nothing starves, nothing is called a fallback.
+        _, plain = prune_layer(block, hidden, [LayerCall((), {}, False)], magnitude, Options(sparsity=0.5), True,
+                               CPU, min_expert_tokens=5)
+    assert {r.fallback for r in plain} == {None} and [r.tokens for r in plain][::3] == [8, 4, 0]
     by_name = {r.name: r for r in reports}
     # Expert 0: 8 tokens (its statistics); expert 1: 4 < 5; expert 2: none. Both fall back.
     assert [by_name[f"experts.{e}.gate_proj"].tokens for e in range(3)] == [8, 4, 0]
@@ -213,20 +217,23 @@ def test_router_weighted_and_all_token_statistics(models):
     base = models["qwen3_moe"]
     ids = tiny.random_ids(3, SEQLEN, seed=8)
     probe = tiny.random_ids(2, SEQLEN, seed=9)
-    results = {}
+    results, masked = {}, {}
     for mode in ("routed", "weighted", "all"):
         model = copy.deepcopy(base)
         report = prune(model, PruneConfig(method="wanda", sparsity=0.0, expert_statistics=mode), ids, device="cpu")
         assert torch.allclose(logits(model, probe), logits(base, probe), atol=1e-5)
         results[mode] = report
-        model = copy.deepcopy(base)
-        results[mode + "-50"] = prune(model, PruneConfig(method="wanda", sparsity=0.5, expert_statistics=mode,
-                                                         min_expert_tokens=0), ids, device="cpu")
+        masked[mode] = copy.deepcopy(base)
+        prune(masked[mode], PruneConfig(method="wanda", sparsity=0.5, expert_statistics=mode, min_expert_tokens=0),
+              ids, device="cpu")
     tokens = {m: results[m].experts()["containers"]["model.layers.0.mlp.experts"]["tokens"]  # type: ignore[index]
-              for m in ("routed", "all")}
-    assert tokens["routed"] == tokens["all"] and sum(tokens["routed"]) == 3 * SEQLEN * tiny.TOP_K
-    errors = {m: [r.error for r in results[m + "-50"].linears if ".experts." in r.name] for m in ("routed", "all")}
-    assert errors["routed"] != errors["all"]  # all-token statistics choose other masks
+              for m in ("routed", "weighted", "all")}
+    assert tokens["routed"] == tokens["weighted"] == tokens["all"]
+    assert sum(tokens["routed"]) == 3 * SEQLEN * tiny.TOP_K
+    # Each mode's statistics choose other masks for the experts (the attention's are the same).
+    masks = {m: {n: W == 0 for n, W in expert_slices(masked[m]).items()} for m in ("routed", "weighted", "all")}
+    for other in ("weighted", "all"):
+        assert any(not torch.equal(masks["routed"][n], masks[other][n]) for n in masks["routed"]), other
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss"])  # stored fused; the others one matrix per expert (refused)
@@ -258,6 +265,10 @@ def test_expert_removal_gives_a_smaller_stock_loadable_model(models, arch, tmp_p
     from llmprune.structured.run import StructuredConfig
 
     model = copy.deepcopy(models[arch])
+    if arch == "deepseek_v3":  # its router's score-correction bias (a buffer) must be sliced with it
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(5)))
+        models = {arch: copy.deepcopy(model)}
     before = sum(p.numel() for p in model.parameters())
     small, report = remove_experts(model, StructuredConfig("experts", sparsity=0.25),
                                      tiny.random_ids(4, SEQLEN, seed=1), device="cpu")
@@ -274,13 +285,22 @@ def test_expert_removal_gives_a_smaller_stock_loadable_model(models, arch, tmp_p
             assert all(p.shape[0] == 6 for p in module.parameters(recurse=False)), name
     probe = tiny.random_ids(2, SEQLEN, seed=2)
     assert torch.equal(logits(loaded, probe), logits(small, probe))
-    # The removed experts' slices are gone, the kept ones unchanged.
+    # The removed experts' slices are gone, the kept ones unchanged, the router's rows with them.
     dense = expert_slices(models[arch])
     container = next(n for n, m in models[arch].named_modules() if layout_of(m) is not None)
     gone = report.errors[0]["removed_experts"]
     kept = [e for e in range(8) if e not in gone]
     for new, old in enumerate(kept):
         assert torch.equal(expert_slices(small)[f"{container}.{new}.down"], dense[f"{container}.{old}.down"])
+    parent = container.rpartition(".")[0]  # model.layers.<i>.mlp: the router is a sibling of the experts
+    checked = 0
+    for child, router in models[arch].get_submodule(parent).named_children():
+        if child == "experts" or not any(t.ndim and t.shape[0] == 8 for t in router.state_dict().values()):
+            continue
+        for key, tensor in router.state_dict().items():
+            assert torch.equal(small.get_submodule(f"{parent}.{child}").state_dict()[key], tensor[kept]), key
+            checked += 1
+    assert checked >= 1
 
 
 def test_expert_scores_know_their_answers():
@@ -358,3 +378,41 @@ def test_the_smollm2_test_bed_is_the_dense_model_with_all_experts_and_routes_wit
     sparse.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(loaded, probe), logits(sparse, probe))
+
+
+def test_group_routing_loses_the_same_number_of_experts_from_every_group(tmp_path):
+    """DeepSeek-V3's router picks top groups of contiguous experts first (n_group): removal takes
+    the same count from each group, so the experts kept stay in their groups."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from llmprune.errors import LlmpruneError
+    from llmprune.structured.experts import plan_removal, remove_experts
+    from llmprune.structured.run import StructuredConfig
+
+    config = tiny.deepseek_v3().config
+    config.n_group, config.topk_group = 2, 1
+    model = tiny._finish(DeepseekV3ForCausalLM(config), 0)
+    _, report = remove_experts(copy.deepcopy(model), StructuredConfig("experts", sparsity=0.25, score="frequency"),
+                               tiny.random_ids(4, SEQLEN, seed=1), device="cpu")
+    for entry in report.errors:
+        gone = entry["removed_experts"]
+        assert len([e for e in gone if e < 4]) == len([e for e in gone if e >= 4]) == 1
+    with pytest.raises(LlmpruneError, match="multiple of 2"):
+        plan_removal(model, 0.125)  # one expert: not one per group
+    with pytest.raises(LlmpruneError, match="too few"):
+        plan_removal(model, 0.75)  # 1 expert left per group: a group's score is its top two
+
+
+def test_a_bfloat16_model_keeps_its_float32_router_through_pruning(tmp_path):
+    """DeepSeek-V3 keeps its router in float32 beside bfloat16 weights; a CPU run computes the
+    layer in float32 and must return each tensor to its own dtype, the router unrounded."""
+    tiny.deepseek_v3().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and model.model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
+    before = {n: t.clone() for n, t in gate.state_dict().items()}
+    prune(model, PruneConfig(method="sparsegpt", pattern="2:4"), tiny.random_ids(4, SEQLEN, seed=5), device="cpu")
+    for name, tensor in gate.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name]), name
+    experts = model.model.layers[1].mlp.experts
+    assert experts.down_proj.dtype == torch.bfloat16 and (experts.down_proj == 0).float().mean().item() == 0.5

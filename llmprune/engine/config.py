@@ -201,6 +201,9 @@ class PruneConfig:
         if self.expert_statistics not in ("routed", "weighted", "all"):
             raise LlmpruneError(f"expert_statistics must be 'routed', 'weighted' or 'all', got "
                                 f"{self.expert_statistics!r}")
+        if self.expert_statistics == "weighted" and self.refine == "dsnot":
+            raise LlmpruneError("router-weighted expert statistics scale second moments only; DSnoT reads input "
+                                "means and variances too: use expert_statistics 'routed' with refine 'dsnot'")
         if not (isinstance(self.min_expert_tokens, int) and not isinstance(self.min_expert_tokens, bool)
                 and self.min_expert_tokens >= 0):
             raise LlmpruneError(f"min_expert_tokens must be a whole number >= 0, got {self.min_expert_tokens!r}")

@@ -30,7 +30,9 @@ from llmprune.engine.model import (
     eager_attention_width,
     find_decoder_layers,
     find_linears,
+    floating_dtypes,
     get_weight,
+    restore_dtypes,
     set_weight,
     unprunable_weights,
     weight_matrices,
@@ -218,10 +220,13 @@ class StatSet:
         rows = x.numel() // max(1, x.shape[-1])
         self.rows += rows
         self.tokens += routing.routed if routing is not None else rows
-        self.sample.add(x)
+        # The error is measured where the weights act: an expert's routed rows only.
+        routed = routing.rows if routing is not None else None
+        self.sample.add(x if routed is None else x.reshape(-1, x.shape[-1])[routed])
         if routing is not None and routing.weights is not None:
             # Router-weighted statistics: each row counts with its routing weight (H = Σ w x xᵀ).
-            x = x.reshape(-1, x.shape[-1]) * routing.weights.to(x.dtype).sqrt()[:, None]
+            weights = routing.weights.to(x.dtype).clamp_min(0).sqrt()
+            x = x.reshape(-1, x.shape[-1]) * weights[:, None]
         for acc in self.acc.values():
             acc.add(x)
 
@@ -401,9 +406,11 @@ def prune_layer(
     reports: dict[str, LinearReport] = {}
     fallback = get_method("magnitude")
     plain = replace(options, update="none", refine="none")
+    needs = pieces.needs(method, options)  # magnitude reads none: no expert of it starves
 
     def prune(name: str, stats: StatSet) -> None:
-        starving = name in experts and stats.rows < max(1, min_expert_tokens)  # none: no statistics at all
+        # Fewer than one token: no statistics at all, whatever the threshold.
+        starving = bool(needs) and name in experts and stats.rows < max(1, min_expert_tokens)
         reports[name] = _prune_linear(name, linears[name], stats, fallback if starving else method,
                                       plain if starving else options, storage,
                                       None if dense is None else dense[name])
@@ -411,8 +418,7 @@ def prune_layer(
             reports[name].tokens = stats.tokens
             reports[name].fallback = "magnitude" if starving else None
 
-    outputs = visit_layer(layer, hidden, calls, linears, pieces.needs(method, options), prune, sequential, device,
-                          lockstep, out)
+    outputs = visit_layer(layer, hidden, calls, linears, needs, prune, sequential, device, lockstep, out)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 
@@ -452,7 +458,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
         check_cancel(cancel, f"during allocate, after {index} of {len(layers)} layers")
         host.fetch(index, layer)
         param = next(layer.parameters())
-        home, storage = param.device, param.dtype
+        home, storage, dtypes = param.device, param.dtype, floating_dtypes(layer)
         compute = compute_dtype(devices[index], storage)
         layer.to(devices[index], dtype=compute)
         with unfused(layer, config.expert_statistics):
@@ -464,7 +470,8 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
             ratios.append(outlier_ratio(scores, config.owl_m))
             sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
             del scores, linears
-        layer.to(home, dtype=storage)
+        layer.to(home)
+        restore_dtypes(layer, dtypes)
         host.release(index, layer)
         if progress is not None:
             progress(Event("allocate", index + 1, len(layers), "layers"))
@@ -514,6 +521,17 @@ class Discard(list[torch.Tensor]):
 def _warn_unreached(linears: dict[str, nn.Module], pruned: set[str]) -> None:
     for name in sorted(set(linears) - pruned):
         log.warning("linear %s never ran on the calibration data; left dense", name)
+
+
+def widest_width(layer: nn.Module) -> int:
+    """The widest input or output of the layer's linears and expert slices: what sizes the
+    activations of a calibration batch."""
+    widths = [max(get_weight(lin).shape) for lin in find_linears(layer).values()]
+    for module in expert_containers(layer).values():
+        layout = layout_of(module)
+        assert layout is not None
+        widths += [max(shape) for shape in slice_shapes(layout).values()]
+    return max(widths)
 
 
 def validate_widths(layers_path: str, layers: nn.ModuleList, options: Options) -> None:
@@ -666,7 +684,7 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                   cancel: Callable[[], bool] | None,
                   captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None, unpruned: list[str],
                   start: float) -> PruneReport:
-    widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
+    widest = max(widest_width(layer) for layer in layers)  # DeepSeek's first layers are dense
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     budget = host.lockstep_budget()
     if budget is None:  # the tightest of the devices the layers run on
@@ -700,15 +718,17 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         host.fetch(index, layer)
         check_finite(layer, prefix=f"{layers_path}.{index}")
         param = next(layer.parameters())
-        home, storage = param.device, param.dtype
+        home, storage, dtypes = param.device, param.dtype, floating_dtypes(layer)
         compute = compute_dtype(devices[index], storage)
+        # Widening is lossless; on the way back each tensor returns to its own dtype.
         layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
         layer_options = options if allocation is None else replace(options, sparsity=allocation["sparsity"][index])
         with unfused(layer, config.expert_statistics):  # fused experts as linears of their own, meanwhile
             outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
                                                       devices[index], lockstep, host.sink(index), index, report,
                                                       storage if compute != storage else None)
-        layer.to(home, dtype=storage) if compute != storage else layer.to(home)
+        layer.to(home)
+        restore_dtypes(layer, dtypes)
         report.weight_counts.append(count_zeros(layer))
         for item in linear_reports:
             item.name = f"{layers_path}.{index}.{item.name}"

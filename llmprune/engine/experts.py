@@ -49,6 +49,7 @@ class Routing:
 
     routed: int  # rows that were routed to the expert (all rows, unless statistics see every token)
     weights: torch.Tensor | None = None  # per row, for router-weighted statistics
+    rows: torch.Tensor | None = None  # when statistics see every token: which rows were routed here
 
 
 def routing_of(x: torch.Tensor) -> Routing | None:
@@ -84,6 +85,10 @@ def layout_of(module: nn.Module) -> Layout | None:
     up = params.get("gate_up_proj" if has_gate else "up_proj")
     if down is None or up is None or down.ndim != 3 or up.ndim != 3 or up.shape[0] != down.shape[0]:
         return None
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    if set(params) - {up_name, "down_proj", up_name + "_bias", "down_proj_bias"} or (
+            (up_name + "_bias" in params) != ("down_proj_bias" in params)):
+        return None  # other weights, or one bias without the other: not a layout this module rebuilds
     try:
         takes = [p for p in inspect.signature(module.forward).parameters.values()
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -213,7 +218,7 @@ class _Unfused:
             weights = top_k_weights[token, slot]
             x = hidden_states if everyone else hidden_states[token]
             row_weights = weights if self.statistics == "weighted" else None
-            routing = Routing(int(token.numel()), row_weights)
+            routing = Routing(int(token.numel()), row_weights, token if everyone else None)
             x = _mark(x.view_as(x), routing)  # a fresh tensor object per expert: statistics are not shared
             act = getattr(module, "act_fn", None)
             if layout.has_gate:
@@ -264,12 +269,12 @@ class _Unfused:
         if layout.has_bias:
             stacked[layout.up_name + "_bias"] = torch.stack(up_biases)
             stacked["down_proj_bias"] = torch.stack(down_biases)
-        for e in range(layout.experts):
-            delattr(module, str(e))
         del experts, ups, downs, up_biases, down_biases
-        for name in self.names:
+        for name in self.names:  # the fused weights first: the experts' copies go only once they are back
             tensor = stacked.pop(name).detach().contiguous()
             module.register_parameter(name, nn.Parameter(tensor, requires_grad=self.requires_grad[name]))
+        for e in range(layout.experts):
+            delattr(module, str(e))
         del module.forward
         delattr(module, UNFUSED)
 
@@ -284,8 +289,10 @@ def unfused(block: nn.Module, statistics: ExpertStatistics = "routed",
     if statistics not in EXPERT_STATISTICS:
         raise LlmpruneError(f"unknown expert statistics {statistics!r}; use one of {', '.join(EXPERT_STATISTICS)}")
     found = {name: layout for name, module in block.named_modules() if (layout := layout_of(module)) is not None}
-    handles = [_Unfused(name, block.get_submodule(name), layout, statistics, observe) for name, layout in found.items()]
+    handles: list[_Unfused] = []
     try:
+        for name, layout in found.items():
+            handles.append(_Unfused(name, block.get_submodule(name), layout, statistics, observe))
         yield found
     finally:
         for handle in handles:

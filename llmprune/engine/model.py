@@ -116,6 +116,23 @@ def count_zeros(block: nn.Module) -> tuple[int, int]:
     return zeros, total
 
 
+def floating_dtypes(module: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of every floating parameter and buffer of ``module``, by name."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: t.dtype for name, t in tensors if t is not None and t.is_floating_point()}
+
+
+@torch.no_grad()
+def restore_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each tensor back to its dtype in ``dtypes`` (from :func:`floating_dtypes`): a layer
+    computed in float32 returns to its own precisions, so tensors a model keeps in float32
+    beside bfloat16 weights (DeepSeek's router, gpt-oss norms) are never rounded."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        want = dtypes.get(name)
+        if tensor is not None and want is not None and tensor.dtype != want:
+            tensor.data = tensor.data.to(want)
+
+
 def get_weight(linear: nn.Module) -> torch.Tensor:
     """The weight as (out, in), a view of the module's parameter."""
     weight = linear.weight

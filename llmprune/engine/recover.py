@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from llmprune.engine.capture import LayerCall, StopForward
-from llmprune.engine.model import find_linears
+from llmprune.engine.model import find_linears, floating_dtypes, restore_dtypes
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 
@@ -167,7 +167,7 @@ def recover_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seque
     ``checkpoint``: the dtype the weights will be saved in, when narrower than the layer's: the
     trained weights are rounded to it before they are judged."""
     tick = time.perf_counter()
-    storage = next(layer.parameters()).dtype
+    storage, dtypes = next(layer.parameters()).dtype, floating_dtypes(layer)
     if storage != torch.float32:
         layer.float()
     linears = find_linears(layer)
@@ -194,6 +194,6 @@ def recover_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seque
             for name, linear in linears.items():
                 _parameter(linear).copy_(saved[name])
     if storage != torch.float32:
-        layer.to(storage)
+        restore_dtypes(layer, dtypes)  # each tensor to its own dtype (a float32 router stays float32)
     return {"error_before": before, "error_after": after if kept else before, "error_trained": after,
             "kept": kept, "seconds": time.perf_counter() - tick}

@@ -18,6 +18,7 @@ then chooses among the experts left, with its top-k unchanged.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,9 +28,9 @@ from torch import nn
 
 from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.config import PruneConfig
-from llmprune.engine.driver import auto_batch_size, prune, resolve_device, run_batches
+from llmprune.engine.driver import auto_batch_size, prune, resolve_device, run_batches, widest_width
 from llmprune.engine.experts import expert_containers, layout_of, unfused
-from llmprune.engine.model import check_finite, find_decoder_layers, find_linears, get_weight, routers
+from llmprune.engine.model import check_finite, find_decoder_layers, routers
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel, Event, Progress, check_cancel
 from llmprune.structured.run import StructuredConfig, StructuredReport
@@ -63,19 +64,27 @@ def plan_removal(model: nn.Module, ratio: float) -> tuple[int, int]:
         raise LlmpruneError(f"{name}'s MoE layers hold different expert counts {sorted(counts)}; removing the same "
                             "number from each needs one count")
     experts = counts.pop()
-    remove = round(ratio * experts)
+    remove = math.floor(ratio * experts + 0.5)  # to the nearest count, halves up
     config = getattr(model, "config", None)
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if remove == 0:
+        raise LlmpruneError(f"sparsity {ratio:g} removes no expert of {experts}; at least {0.5 / experts:.3g} "
+                            "removes one")
     if remove >= experts:
         raise LlmpruneError(f"sparsity {ratio:g} removes all {experts} experts of every MoE layer")
     if experts - remove < top_k:
         raise LlmpruneError(f"sparsity {ratio:g} leaves {experts - remove} experts per layer, fewer than the "
-                            f"{top_k} each token is routed to (num_experts_per_tok); at most "
-                            f"{(experts - top_k) / experts:.3g}")
-    groups = int(getattr(config, "n_group", 1) or 1)
-    if groups > 1 and (experts - remove) % groups:
-        raise LlmpruneError(f"the router picks experts in {groups} groups (n_group); {experts - remove} experts "
-                            f"left do not divide into them")
+                            f"{top_k} each token is routed to (num_experts_per_tok); at most {experts - top_k} "
+                            f"of {experts} can go")
+    groups, chosen_groups = (int(getattr(config, key, 1) or 1) for key in ("n_group", "topk_group"))
+    if groups > 1:  # group-limited routing (DeepSeek-V3): every group must lose the same number
+        left = (experts - remove) // groups
+        if remove % groups:
+            raise LlmpruneError(f"the router picks experts in {groups} groups of {experts // groups} (n_group): "
+                                f"the count removed must be a multiple of {groups}, got {remove}")
+        if left < 2 or chosen_groups * left < top_k:
+            raise LlmpruneError(f"{left} experts left per router group is too few: each group's score is its "
+                                f"top two, and {chosen_groups} groups (topk_group) must hold {top_k} experts")
     if config is None or _config_count(config) is None:
         raise LlmpruneError(f"{name}'s config names no expert count ({', '.join(COUNT_KEYS)}) to rewrite")
     return experts, remove
@@ -121,6 +130,28 @@ def _slice(module: nn.Module, keep: torch.Tensor, experts: int) -> None:
             setattr(module, key, len(keep))
 
 
+def _lowest(scores: torch.Tensor, count: int, groups: int) -> list[int]:
+    """The ``count`` lowest-scoring experts (ties by index, so runs repeat), the same number
+    from each of ``groups`` contiguous router groups."""
+    size = len(scores) // groups
+    gone: list[int] = []
+    for group in range(groups):
+        members = range(group * size, (group + 1) * size)
+        gone += sorted(members, key=lambda e: (float(scores[e]), e))[: count // groups]
+    return sorted(gone)
+
+
+def _check_sliced(block: nn.Module, experts: int, where: str) -> None:
+    """After slicing: no tensor of the MoE block may still hold one row per removed-from expert
+    count (it would crash the next forward or save an inconsistent checkpoint)."""
+    for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+        if tensor is None or not tensor.ndim or "shared_expert" in name:
+            continue
+        if tensor.shape[0] == experts or tuple(tensor.shape) == (1, experts):
+            raise LlmpruneError(f"{where}.{name} still has {experts} rows after expert removal: this MoE "
+                                "layout keeps per-expert tensors llmprune does not know to slice")
+
+
 @torch.no_grad()
 def remove_experts(model: nn.Module, config: StructuredConfig, calibration: torch.Tensor, *,
                    device: str | torch.device | None = None, batch_size: int | None = None,
@@ -140,7 +171,7 @@ def remove_experts(model: nn.Module, config: StructuredConfig, calibration: torc
                               layers_after=len(layers), params_before=sum(p.numel() for p in model.parameters()),
                               layer_params_before=layer_params, experts_before=experts,
                               experts_after=experts - remove)
-    widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
+    widest = max(widest_width(layer) for layer in layers)
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     inputs, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
     hidden: Sequence[torch.Tensor] = inputs
@@ -158,14 +189,18 @@ def remove_experts(model: nn.Module, config: StructuredConfig, calibration: torc
                 run_batches(layer, hidden, calls[index], run_device, [])
             for name, module in containers.items():
                 value, tokens = tally.scores(name, config.score, generator)
-                # Lowest score first; ties (e.g. experts no token reached) by index, so runs repeat.
-                order = sorted(range(experts), key=lambda e: (float(value[e]), e))
-                gone = sorted(order[:remove])
+                gone = _lowest(value, remove, int(getattr(model.config, "n_group", 1) or 1))
                 keep = torch.tensor([e for e in range(experts) if e not in gone], device=run_device)
                 parent = name.rpartition(".")[0]
-                beside = [r for n, r in routers(layer).items() if n.rpartition(".")[0] == parent]
-                for module_ in (module, *beside):  # a shared expert's 1-row gate has no expert rows
-                    _slice(module_, keep, experts)
+                beside = [r for n, r in routers(layer).items() if n.rpartition(".")[0] == parent
+                          and any(p.shape[0] == experts for p in r.parameters(recurse=False))]
+                if len(beside) != 1:  # a shared expert's 1-row gate has no expert rows and is not counted
+                    raise LlmpruneError(f"{layers_path}.{index}.{name}: found {len(beside)} routers with one row "
+                                        "per expert beside it; expert removal needs exactly one")
+                for target in (module, *beside):
+                    _slice(target, keep, experts)
+                _check_sliced(layer.get_submodule(parent) if parent else layer, experts,
+                              f"{layers_path}.{index}.{parent}")
                 report.errors.append({"layer": index, "container": f"{layers_path}.{index}.{name}",
                                       "removed_experts": gone, "scores": [float(v) for v in value],
                                       "tokens": [int(t) for t in tokens]})
@@ -177,6 +212,9 @@ def remove_experts(model: nn.Module, config: StructuredConfig, calibration: torc
         key_count = _config_count(model.config)
         assert key_count is not None
         setattr(model.config, key_count[0], experts - remove)
+        for owner in (model, getattr(model, "model", None)):  # e.g. the load-balancing loss's count
+            if owner is not None and getattr(owner, "num_experts", None) == experts:
+                setattr(owner, "num_experts", experts - remove)  # noqa: B010  (an nn.Module attribute mypy cannot see)
     if config.then_sparsity:
         sparse = prune(model, PruneConfig(sparsity=config.then_sparsity), calibration, device=run_device,
                        batch_size=batch_size, progress=progress, cancel=cancel)
