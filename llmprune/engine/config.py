@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from llmprune.core.patterns import Pattern
+from llmprune.engine.experts import EXPERT_STATISTICS, ExpertStatistics
 from llmprune.errors import LlmpruneError
 from llmprune.methods import Options, get_method
 
@@ -123,7 +124,7 @@ class PruneConfig:
     recover_epochs: int = 2
     recover_lr: float = 1e-4
     schedule: tuple[float, ...] | None = None
-    expert_statistics: Literal["routed", "weighted", "all"] = "routed"
+    expert_statistics: ExpertStatistics = "routed"
     min_expert_tokens: int = 32
 
     def __post_init__(self) -> None:
@@ -198,8 +199,8 @@ class PruneConfig:
                 continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise LlmpruneError(f"{key} must be a whole number >= 0, got {value!r}")
-        if self.expert_statistics not in ("routed", "weighted", "all"):
-            raise LlmpruneError(f"expert_statistics must be 'routed', 'weighted' or 'all', got "
+        if self.expert_statistics not in EXPERT_STATISTICS:
+            raise LlmpruneError(f"expert_statistics must be one of {', '.join(EXPERT_STATISTICS)}, got "
                                 f"{self.expert_statistics!r}")
         if self.expert_statistics == "weighted" and self.refine == "dsnot":
             raise LlmpruneError("router-weighted expert statistics scale second moments only; DSnoT reads input "

@@ -34,12 +34,10 @@ from llmprune.engine.model import check_finite, find_decoder_layers, routers
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel, Event, Progress, check_cancel
 from llmprune.structured.run import StructuredConfig, StructuredReport
-from llmprune.structured.scores import EXPERT_SCORES
 from llmprune.structured.shrink import Plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPERT_SCORES", "plan_removal", "remove_experts"]
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # the config's expert count
 
 
