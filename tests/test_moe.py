@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import tiny
@@ -236,24 +237,78 @@ def test_router_weighted_and_all_token_statistics(models):
         assert any(not torch.equal(masks["routed"][n], masks[other][n]) for n in masks["routed"]), other
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss"])  # stored fused; the others one matrix per expert (refused)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_streaming_an_moe_model_writes_what_the_in_memory_path_writes(arch, tokenizer, text_file, tmp_path):
     from test_stream import job, save, tensors
 
     from llmprune.jobs.pipeline import run
 
     source = save(tiny.MOE_ARCHITECTURES[arch](len(tokenizer)), tokenizer, tmp_path / "src")
+    stored = set(tensors(source))
+    # gpt-oss stores its experts fused; the other families one matrix per expert, which
+    # transformers fuses while loading and splits again while saving (and so does streaming).
+    per_expert = any(re.search(r"\.experts\.\d+\.", n) for n in stored)
+    assert per_expert == (arch != "gpt_oss")
     memory = run(job(source, text_file, tmp_path / "mem", stream="off"))
     streamed = run(job(source, text_file, tmp_path / "str", stream="on"))
+    assert streamed["streaming"] is not None and memory.get("streaming") is None
+    for key in ("ppl_dense", "ppl_pruned"):  # streamed: each layer read (and converted) from its shards
+        assert streamed["evaluation"][key] == pytest.approx(memory["evaluation"][key], rel=1e-5), key
     expected, actual = tensors(tmp_path / "mem"), tensors(tmp_path / "str")
-    assert set(expected) == set(actual) and any(".experts.gate_up_proj" in n for n in expected)
+    assert set(expected) == set(actual) == stored
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+    # Stock loading reads the streamed folder into the fused model, the experts pruned.
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "str").eval()
+    for name, weight in expert_slices(loaded).items():
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
     assert streamed["sparsity_achieved"] == memory["sparsity_achieved"] == pytest.approx(0.5, abs=0.006)
     assert streamed["experts"] == memory["experts"] and memory["experts"]["statistics"] == "routed"
     assert not memory["unpruned_weights"]
     card = (tmp_path / "mem" / "README.md").read_text()
     assert "| experts | 2 MoE layers, 8–8 experts each" in card
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_checkpoint_reads_under_the_model_names_as_stock_loading_reads_it(models, arch, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmprune.engine.stream import build_skeleton
+    from llmprune.io.converted import ModelCheckpoint, stored_layout
+    from llmprune.io.shards import Checkpoint
+
+    models[arch].save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    skeleton = build_skeleton(tmp_path, None)
+    view = ModelCheckpoint(skeleton, Checkpoint(tmp_path))
+    assert {n for n, _ in skeleton.named_parameters()} <= view.names <= set(skeleton.state_dict())
+    read = view.read(sorted(view.names))
+    assert {n: tuple(t.shape) for n, t in read.items()} == view.shapes
+    for name, tensor in read.items():
+        assert torch.equal(tensor, stock[name]), name
+    # One layer back into the stored layout: exactly the stored tensors of that layer.
+    saved = load_file(tmp_path / "model.safetensors")
+    layer = stored_layout(skeleton, {n: t for n, t in read.items() if n.startswith("model.layers.1.")})
+    assert set(layer) == {n for n in saved if n.startswith("model.layers.1.")}
+    for name, tensor in layer.items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_an_interrupted_streaming_moe_run_resumes_to_the_same_bytes(tokenizer, text_file, tmp_path):
+    from test_stream import JOURNAL, kill_after, resume_job, save, shard_bytes
+
+    from llmprune.jobs.pipeline import run
+
+    source = save(tiny.MOE_ARCHITECTURES["qwen3_moe"](len(tokenizer)), tokenizer, tmp_path / "src")
+    whole = run(resume_job(source, text_file, tmp_path / "whole"))
+    out = tmp_path / "killed"
+    kill_after(1, source, text_file, out, tmp_path)  # killed after the first MoE layer is journaled
+    resumed = run(resume_job(source, text_file, out, resume=True))
+    assert resumed["streaming"]["resumed_at_layer"] == 1
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+    # The resumed record still lists every MoE layer's routed tokens, as the whole run's does.
+    assert resumed["experts"] == whole["experts"] and len(resumed["experts"]["containers"]) == 2
+    assert not (out / JOURNAL).exists()
 
 
 # --- expert removal ------------------------------------------------------------------------------

@@ -438,9 +438,19 @@ def test_an_moe_model_prunes_its_experts_from_the_command_line(mixtral_dir, text
     assert "| experts | 2 MoE layers" in (out / "README.md").read_text()
 
 
-def test_streaming_refuses_a_checkpoint_that_stores_experts_one_by_one(mixtral_dir, text_file, tmp_path, capsys):
-    message = refused(prune_argv(mixtral_dir, text_file, tmp_path / "out", "--stream", "on"), tmp_path, capsys)
-    assert "one matrix per expert" in message and "--stream off" in message
+def test_streaming_an_moe_checkpoint_that_lacks_one_experts_matrix_is_refused(mixtral_dir, text_file, tmp_path,
+                                                                               capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(mixtral_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    gone = next(n for n in sorted(weights) if ".experts.3." in n and n.endswith(".w1.weight"))
+    save_file({n: t for n, t in weights.items() if n != gone}, damaged / "model.safetensors", metadata={"format": "pt"})
+    message = refused(prune_argv(damaged, text_file, tmp_path / "out", "--stream", "on"), tmp_path, capsys)
+    assert "gate_up_proj" in message and "damaged" in message
 
 
 def test_routers_are_not_pruned_and_experts_are_not_decoder_layers():

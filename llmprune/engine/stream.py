@@ -33,10 +33,11 @@ from llmprune.engine.driver import LayerHost, LinearReport, PruneReport, Resumed
 from llmprune.engine.model import find_decoder_layers, is_finite
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile, file_sha256
+from llmprune.io.converted import ModelCheckpoint, stored_layout
 from llmprune.io.export import make_staging
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
-from llmprune.io.shards import DTYPES, Checkpoint, Stored, copy_shard, locate, shard_name, write_index, write_shard
+from llmprune.io.shards import DTYPES, Stored, copy_shard, locate, shard_name, write_index, write_shard
 from llmprune.io.threads import MODEL_BUILD
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,11 @@ def check_disk(folder: Path, needed: int, what: str) -> None:
 
 
 class StreamHost(LayerHost):
-    """Reads each decoder layer from ``source`` and writes it, pruned, to ``staging``."""
+    """Reads each decoder layer from ``source`` and writes it, pruned, to ``staging``, stored as
+    ``save_pretrained`` stores it (:func:`~llmprune.io.converted.stored_layout`: a mixture of
+    experts one matrix per expert, as the checkpoints of most families hold them)."""
 
-    def __init__(self, model: nn.Module, source: Checkpoint, staging: Path, journal: Journal,
+    def __init__(self, model: nn.Module, source: ModelCheckpoint, staging: Path, journal: Journal,
                  offload_dir: Path | None) -> None:
         self.model, self.source, self.staging, self.journal = model, source, staging, journal
         self.layers_path, self.layers = find_decoder_layers(model)
@@ -142,7 +145,7 @@ class StreamHost(LayerHost):
         """Read the non-layer tensors. ``head=False``: those the calibration capture needs, all but
         an untied output head, which only the evaluation runs (:meth:`captured` copies it)."""
         skip = None if head else self._head()
-        wanted = [n for n in self.rest if (n in self.source.files or not self._is_buffer(n)) and n != skip]
+        wanted = [n for n in self.rest if (n in self.source.names or not self._is_buffer(n)) and n != skip]
         for name, value in self.source.read(wanted).items():
             _set(self.model, name, value)
         self.model.tie_weights()  # type: ignore[operator]  # setting a tensor replaces the Parameter, which unties it
@@ -175,16 +178,18 @@ class StreamHost(LayerHost):
         in the model's dtype are copied from it by byte range (a large model's embeddings and
         head would otherwise be resident while written), checked for NaN and Inf on the way."""
         model = _own_tensors(self.model)
-        stored = locate(self.source, [n for n in self.rest if n in self.source.files])
+        stored = locate(self.source.checkpoint, [n for n in self.rest if self.source.plain(n)])
         parts: dict[str, Stored | torch.Tensor] = {}
+        held: dict[str, torch.Tensor] = {}
         for name in self.rest:
             tensor, found = model[name], stored.get(name)
             if found is not None and DTYPES[found.dtype] == tensor.dtype and found.shape == list(tensor.shape):
                 parts[name] = found
             elif tensor.device.type == "meta":  # the head, in another dtype than the model's
-                parts[name] = self.source.read([name])[name].to(tensor.dtype)
+                held[name] = self.source.read([name])[name].to(tensor.dtype)
             else:
-                parts[name] = tensor
+                held[name] = tensor
+        parts.update(stored_layout(self.model, held) if held else {})
 
         def check(name: str, chunk: torch.Tensor) -> None:
             if chunk.is_floating_point() and not is_finite(chunk):
@@ -230,7 +235,7 @@ class StreamHost(LayerHost):
     def fetch(self, index: int, layer: nn.Module) -> None:
         prefix = self._prefix(index)
         expected = set(_own_tensors(layer, prefix))
-        present = {n for n in self.source.files if n.startswith(prefix)}
+        present = {n for n in self.source.names if n.startswith(prefix)}
         if expected - present:
             missing = sorted(expected - present)[0]
             raise LlmpruneError(f"tensor {missing} is not in the checkpoint at {self.source.folder} "
@@ -250,7 +255,7 @@ class StreamHost(LayerHost):
         return BatchFile(self.offload_dir / f"activations-{index:05d}.bin")
 
     def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport) -> Sequence[torch.Tensor]:
-        tensors = _own_tensors(layer, self._prefix(index))
+        tensors = stored_layout(self.model, _own_tensors(layer, self._prefix(index)))
         name = shard_name(index + 2, self.total)
         path = write_shard(self.staging, name, tensors)
         if isinstance(outputs, BatchFile):

@@ -14,7 +14,7 @@ from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.model import find_decoder_layers
 from llmprune.engine.placement import move_front
 from llmprune.engine.stream import StreamHost
-from llmprune.io.shards import Checkpoint
+from llmprune.io.converted import ModelCheckpoint
 from llmprune.progress import Cancel, Progress, Steps
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def layerwise_perplexity(model: nn.Module, source: Any, windows: torch.Tensor, d
     return math.exp(total / windows[:, 1:].numel())
 
 
-def streamed_perplexity(model: nn.Module, host: StreamHost, source: Checkpoint, windows: torch.Tensor,
+def streamed_perplexity(model: nn.Module, host: StreamHost, source: ModelCheckpoint, windows: torch.Tensor,
                         devices: list[torch.device], device: torch.device, batch_size: int = 1,
                         stage: str = "eval", progress: Progress | None = None, cancel: Cancel | None = None) -> float:
     """:func:`layerwise_perplexity` with each decoder layer read from ``source`` (the dense

@@ -32,6 +32,7 @@ from llmprune.engine.stream import (
 )
 from llmprune.errors import LlmpruneError
 from llmprune.eval.perplexity import MemoryLayers, layerwise_perplexity, perplexity, streamed_perplexity
+from llmprune.io.converted import ModelCheckpoint
 from llmprune.io.export import make_staging, signals_held, write_metadata
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
@@ -145,32 +146,28 @@ class MemoryStore(ModelStore):
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def check_tensor_names(model: Any, source: Checkpoint) -> None:
-    """Refuse a checkpoint whose tensor names are not exactly the model's (missing weights would
-    be left empty, unexpected ones dropped), before any work."""
+def check_tensor_names(model: Any, source: ModelCheckpoint) -> None:
+    """Refuse a checkpoint whose tensors (under the model's names, converted as transformers
+    converts them) are not exactly the model's (missing weights would be left empty, unexpected
+    ones dropped), before any work."""
     state = model.state_dict(keep_vars=True)
     parameters = {id(p) for p in model.parameters()}
     aliases: dict[int, list[str]] = {}
     for name, tensor in state.items():
         aliases.setdefault(id(tensor), []).append(name)
-    present = set(source.files)
+    present = source.names
     missing = sorted(names[0] for key, names in aliases.items() if key in parameters and not present & set(names))
     # What transformers itself ignores in a checkpoint: its model's patterns, and buffers the
     # model makes itself (rotary inv_freq, causal-mask biases) that older checkpoints saved.
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     buffers = {name for name, _ in model.named_buffers()}
     unexpected = sorted(n for n in present - set(state) if n not in buffers and not any(p.search(n) for p in ignored))
-    shapes = source.shapes()
+    shapes = source.shapes
     wrong = sorted(n for n in present & set(state) if tuple(state[n].shape) != shapes[n])
     if wrong:
         raise LlmpruneError(f"weight {wrong[0]} has shape {list(shapes[wrong[0]])} in {source.folder}, but the config "
                             f"makes it {list(state[wrong[0]].shape)}; the checkpoint is damaged or made for another "
                             "model class")
-    fused = [n for n in missing if n.endswith(("experts.gate_up_proj", "experts.up_proj", "experts.down_proj"))]
-    if fused and any(re.search(r"\.experts\.\d+\.", n) for n in unexpected):
-        raise LlmpruneError(f"the checkpoint at {source.folder} stores its experts one matrix per expert (the layout "
-                            f"transformers converts when it loads; this model holds them fused, e.g. {fused[0]}): "
-                            "streaming reads tensors under the model's own names; use --stream off")
     for names, what in ((missing, "missing from"), (unexpected, "unexpected in")):
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
@@ -196,9 +193,10 @@ class StreamStore(ModelStore):
 
         assert isinstance(self.job.prune, PruneConfig)
         check_local_folder(self.folder, self.job.model)
-        self.source = Checkpoint(self.folder)
+        checkpoint = Checkpoint(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.model = build_skeleton(self.folder, parse_dtype(self.job.dtype))
+        self.source = ModelCheckpoint(self.model, checkpoint)
         check_prunable(self.model, self.job.prune.allow_partial)
         check_tensor_names(self.model, self.source)
         self.devices = layer_devices_of(self.model, self.job.device_map)
@@ -231,7 +229,7 @@ class StreamStore(ModelStore):
     def perplexity(self, windows: torch.Tensor, device: torch.device, batch_size: int, stage: str,
                    progress: Progress | None, cancel: Cancel | None) -> float:
         assert self.staging is not None
-        source = Checkpoint(self.staging) if self.pruned else self.source
+        source = ModelCheckpoint(self.model, Checkpoint(self.staging)) if self.pruned else self.source
         devices = self.devices or [device] * len(self.host.layers)
         return streamed_perplexity(self.model, self.host, source, windows, devices, device, batch_size, stage,
                                    progress, cancel)
