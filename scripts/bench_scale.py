@@ -1,6 +1,7 @@
 """Benchmark: pruning models larger than memory (streaming, activation offload, resume).
 
     .venv/bin/python scripts/bench_scale.py smol   # SmolLM2-135M: streaming vs in-memory
+    .venv/bin/python scripts/bench_scale.py moe    # the SmolLM2 MoE test bed, stored one matrix per expert
     .venv/bin/python scripts/bench_scale.py small  # TinyLlama-1.1B-shaped random fp16 (2.34 GB), peak RSS / model
     .venv/bin/python scripts/bench_scale.py big    # Llama-2-13B-shaped random fp16 (~26 GB), Wanda
     .venv/bin/python scripts/bench_scale.py gpu    # 7B-shaped, SparseGPT on CUDA, device memory bound
@@ -44,24 +45,47 @@ def tensors(folder: Path) -> dict[str, Any]:
     return found
 
 
-def smol(args: argparse.Namespace, work: Path) -> None:
+def compare_streaming(model: str | Path, title: str, args: argparse.Namespace, work: Path) -> None:
+    """The same job in memory and streamed: peak RSS, times, and whether the tensors are equal."""
     import torch
 
     common = ["--method", args.method, "--sparsity", "0.5", "--nsamples", "32", "--seqlen", "512",
               "--eval", "none", "--calib", "wikipedia"]
     runs = {}
     for mode in ("off", "on"):
-        runs[mode] = prune("smollm2-135m", work / f"smol-{mode}", *common, "--stream", mode, threads=args.threads)
-    a, b = tensors(work / "smol-off"), tensors(work / "smol-on")
+        runs[mode] = prune(model, work / f"out-{mode}", *common, "--stream", mode, threads=args.threads)
+    a, b = tensors(work / "out-off"), tensors(work / "out-on")
     same = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     rss = {mode: record["memory"]["peak_rss_bytes"] for mode, (record, _) in runs.items()}
-    print(f"SmolLM2-135M, {args.method} 50%, 32 x 512 calibration tokens, {args.threads} threads")
+    print(f"{title}, {args.method} 50%, 32 x 512 calibration tokens, {args.threads} threads")
     print(f"{'mode':<12}{'peak RSS':>12}{'prune s':>10}{'wall s':>9}")
     for mode, (record, wall) in runs.items():
         name = "in-memory" if mode == "off" else "streaming"
         print(f"{name:<12}{rss[mode] / 1e9:>10.2f} GB{record['timings']['prune_s']:>10.1f}{wall:>9.1f}")
     print(f"streaming / in-memory peak RSS: {rss['on'] / rss['off']:.2f} (target <= 0.60); "
           f"identical tensors: {same}")
+
+
+def smol(args: argparse.Namespace, work: Path) -> None:
+    compare_streaming("smollm2-135m", "SmolLM2-135M", args, work)
+
+
+def moe(args: argparse.Namespace, work: Path) -> None:
+    """The real-weights MoE test bed, saved as stock save_pretrained saves it (one matrix per
+    expert), pruned in memory and streamed."""
+    import llmprune
+    from llmprune.io.moe_testbed import build_moe
+
+    dense, tokenizer = llmprune.load_model("smollm2-135m")
+    router_text = llmprune.calibration_data(tokenizer, "wikipedia", nsamples=32, seqlen=512, seed=1)
+    model = build_moe(dense, 8, 2, router_text)
+    folder = work / "moe"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model, dense
+    c = llmprune.load_model(str(folder))[0].config
+    compare_streaming(folder, f"SmolLM2 MoE test bed ({c.shared_expert_intermediate_size}+{c.num_experts}x"
+                      f"{c.moe_intermediate_size}, top-{c.num_experts_per_tok})", args, work)
 
 
 def write_random_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, heads: int,
@@ -175,7 +199,7 @@ def gpu(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["smol", "small", "big", "gpu"])
+    parser.add_argument("part", choices=["smol", "moe", "small", "big", "gpu"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="wanda", help="smol: the method compared")
     parser.add_argument("--layers", type=int, default=None, help="small: 22, big: 40, gpu: 32 (fewer for a quick look)")
@@ -186,7 +210,7 @@ def main() -> None:
         args.layers = {"small": 22, "gpu": 32}.get(args.part, 40)
     work = Path(tempfile.mkdtemp(prefix="llmprune-scale-", dir=args.workdir))
     try:
-        {"smol": smol, "small": small, "big": big, "gpu": gpu}[args.part](args, work)
+        {"smol": smol, "moe": moe, "small": small, "big": big, "gpu": gpu}[args.part](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -41,3 +41,12 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "pydoc.txt"
     path.write_text(tiny.pydoc_text(), encoding="utf-8")
     return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item, so a fixture's teardown knows whether the test
+    failed (the browser tests then save a screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)

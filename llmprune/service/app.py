@@ -27,6 +27,8 @@ from llmprune.service.db import FINISHED, STATUSES, Database
 from llmprune.service.layout import Layout
 from llmprune.service.rules import check_recipe
 from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
+from llmprune.service.views import job_summary
+from llmprune.service.web import COOKIE, CSRF_HEADER, Dashboard
 
 SSE_POLL_S = 0.25
 STATUS_TTL_S = 0.1  # how stale a polled status may be
@@ -118,9 +120,18 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+            return
+        session = request.cookies.get(COOKIE)
+        csrf = db.session_csrf(session) if session and not scheme else None
+        if csrf is None:
             raise HTTPException(401, "missing or wrong token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
+        # A signed-in page: its changes must carry the session's CSRF token (a header no other
+        # site can set), on top of the SameSite=Strict cookie.
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, "").encode(), csrf.encode()):
+            raise HTTPException(403, "missing or stale CSRF token (X-CSRF-Token) for a signed-in session")
 
     def found(job_id: str) -> dict[str, Any]:
         job = db.get(job_id)
@@ -226,6 +237,29 @@ def create_app(settings: Settings) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @app.get("/v1/events", dependencies=guarded, response_class=StreamingResponse, include_in_schema=False)
+    async def all_events(request: Request, follow: bool = Query(True)) -> StreamingResponse:
+        """Every job as a dashboard row (:func:`~llmprune.service.views.job_summary`), once, then
+        each again whenever it changes; ``follow=false``: the rows as they are, then the end."""
+        async def stream() -> AsyncIterator[str]:
+            sent: dict[str, str] = {}
+            while True:
+                jobs = await asyncio.to_thread(db.jobs)
+                for job in reversed(jobs):  # oldest first: a table that prepends keeps newest on top
+                    text = json.dumps(job_summary(job))
+                    if sent.get(job["id"]) != text:
+                        sent[job["id"]] = text
+                        yield f"event: job\ndata: {text}\n\n"
+                if not follow:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(SSE_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @app.get("/v1/jobs/{job_id}/artifacts", response_model=Artifacts, dependencies=guarded,
              responses=_errors(401, 404, 409))
     def artifacts(job_id: str) -> dict[str, Any]:
@@ -258,4 +292,5 @@ def create_app(settings: Settings) -> FastAPI:
                   f"llmprune_job_seconds_count {len(done)}", f"llmprune_job_seconds_sum {sum(done):.3f}"]
         return "\n".join(lines) + "\n"
 
+    Dashboard(app, db, layout, settings.token, settings.models, settings.data, settings.max_body)
     return app

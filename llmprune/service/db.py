@@ -6,7 +6,9 @@ share the file safely (SQLite's locking, a busy timeout for the moments one of t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import sqlite3
 import time
 import uuid
@@ -23,6 +25,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER, eta REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
+CREATE TABLE IF NOT EXISTS sessions (
+    digest TEXT PRIMARY KEY, csrf TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (job, seq)
@@ -163,6 +168,29 @@ class Database:
             db.execute("DELETE FROM events WHERE job = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
+    # -- dashboard sessions ---------------------------------------------------------------------
+    # Only a digest of each session id is stored: the database file does not sign anyone in.
+    def start_session(self, lifetime: float) -> tuple[str, str]:
+        """A new browser session: (its id, for the cookie; its CSRF token, for the page)."""
+        session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = time.time()
+        with self.connect() as db:
+            db.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+            db.execute("INSERT INTO sessions (digest, csrf, created, expires) VALUES (?, ?, ?, ?)",
+                       (_digest(session), csrf, now, now + lifetime))
+        return session, csrf
+
+    def session_csrf(self, session: str) -> str | None:
+        """The CSRF token of a live session, None for an unknown or expired one."""
+        with self.connect() as db:
+            row = db.execute("SELECT csrf FROM sessions WHERE digest = ? AND expires >= ?",
+                             (_digest(session), time.time())).fetchone()
+        return str(row["csrf"]) if row is not None else None
+
+    def end_session(self, session: str) -> None:
+        with self.connect() as db:
+            db.execute("DELETE FROM sessions WHERE digest = ?", (_digest(session),))
+
     # -- events -------------------------------------------------------------------------------
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         with self.connect() as db:
@@ -177,6 +205,10 @@ class Database:
             rows = db.execute("SELECT seq, time, kind, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
                               (job_id, after)).fetchall()
         return [{"seq": r["seq"], "time": r["time"], "kind": r["kind"], "data": json.loads(r["data"])} for r in rows]
+
+
+def _digest(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest()
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:
