@@ -79,6 +79,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
     p.add_argument("--models-dir", action="append", default=[], help="a folder whose models jobs may read (repeat)")
     p.add_argument("--data-dir", action="append", default=[], help="a folder whose texts and tasks jobs may read")
     p.add_argument("--workers", default="1", help="jobs at once: a count, or devices such as cuda:0,cuda:1")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: each job on an existing Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster (host:port of its head, or 'auto'); with --executor ray")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--token-file", default=None, help="a file holding the API token (default: $LLMPRUNE_TOKEN)")
     p.add_argument("--max-queued", type=int, default=100, help="waiting jobs beyond which submissions get 429")
@@ -106,9 +110,13 @@ def cmd_serve(argv: Sequence[str]) -> int:
                         data=[Path(d).expanduser().resolve() for d in args.data_dir],
                         slots=_slots(args.workers, args.threads), max_body=args.max_body,
                         max_queued=args.max_queued, cancel_grace=args.cancel_grace,
-                        stop_grace=args.stop_grace)
+                        stop_grace=args.stop_grace, executor=args.executor, ray_address=args.ray_address)
+    if args.ray_address is not None and args.executor != "ray":
+        raise LlmpruneError("--ray-address goes with --executor ray")
     app = create_app(settings)
     workers = ", ".join(f"{s.device} x{s.threads} threads" for s in settings.slots)
+    if args.executor == "ray":
+        workers = f"{len(settings.slots)} at once on the Ray cluster at {args.ray_address or 'auto'}"
     print(f"llmprune serve: http://{args.host}:{args.port} (workdir {settings.workdir}; workers: {workers}; "
           f"token {'required' if token else 'not set: loopback only'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -25,6 +25,7 @@ from llmprune import __version__
 from llmprune.errors import LlmpruneError
 from llmprune.service.db import FINISHED, STATUSES, Database
 from llmprune.service.layout import Layout
+from llmprune.service.ray_jobs import RayScheduler, connect
 from llmprune.service.rules import check_recipe
 from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
 from llmprune.service.views import job_summary
@@ -45,6 +46,8 @@ class Settings:
     max_queued: int = 100
     cancel_grace: float = CANCEL_GRACE_S
     stop_grace: float = STOP_GRACE_S
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
 
 class Progress(BaseModel):
@@ -100,11 +103,18 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    if settings.executor == "ray":  # a cluster that cannot be reached stops the server before anything
+        connect(settings.ray_address)
     layout = Layout(settings.workdir)
     layout.create()
     db = Database(layout.database)
-    scheduler = Scheduler(layout, db, settings.slots, say=lambda line: print(line, flush=True),
-                          cancel_grace=settings.cancel_grace, stop_grace=settings.stop_grace)
+    scheduler: Scheduler | RayScheduler
+    if settings.executor == "ray":
+        scheduler = RayScheduler(layout, db, settings.slots, settings.ray_address,
+                                 say=lambda line: print(line, flush=True), cancel_grace=settings.cancel_grace)
+    else:
+        scheduler = Scheduler(layout, db, settings.slots, say=lambda line: print(line, flush=True),
+                              cancel_grace=settings.cancel_grace, stop_grace=settings.stop_grace)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

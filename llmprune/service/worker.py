@@ -78,7 +78,7 @@ class Pace:
 class EventLog(logging.Handler):
     """llmprune's log lines as the job's events."""
 
-    def __init__(self, db: Database, job_id: str) -> None:
+    def __init__(self, db: Any, job_id: str) -> None:
         super().__init__(logging.INFO)
         self.db, self.job_id = db, job_id
 
@@ -99,7 +99,10 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def run_job(layout: Layout, job_id: str, device: str, threads: int, stop: StopRequest | None = None) -> int:
+def run_job(layout: Layout, job_id: str, device: str, threads: int, stop: StopRequest | None = None,
+            db: Any = None) -> int:
+    """Run one job, its state written to ``db``: the service's :class:`Database` (by default),
+    or anything with the same job methods (a Ray job relays them to the server)."""
     import torch
 
     from llmprune.jobs.pipeline import run
@@ -107,7 +110,7 @@ def run_job(layout: Layout, job_id: str, device: str, threads: int, stop: StopRe
     from llmprune.structured.run import StructuredConfig
 
     torch.set_num_threads(threads)
-    db = Database(layout.database)
+    db = db if db is not None else Database(layout.database)
     row = db.get(job_id)
     if row is None:
         return 2

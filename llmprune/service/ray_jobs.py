@@ -1,0 +1,274 @@
+"""Jobs on an existing Ray cluster (``llmprune serve --executor ray --ray-address ADDR``).
+
+Each job runs in a Ray actor of its own, placed by Ray where the resources it asks for are free
+(``num_cpus`` = the slot's threads; ``num_gpus=1`` for a CUDA slot). The actor is *detached* and
+named after the job, so it outlives the server: a restarted server finds it again by name and
+takes over. It runs the same :func:`~llmprune.service.worker.run_job` as a local worker, but
+every database call the job makes is kept in a :class:`Relay` inside the actor, and the server
+drains it into its own SQLite store a few times a second: that store stays the only source of
+truth, on the server's disk (SQLite over a network file system is not safe). Outputs go to the
+shared ``--workdir`` that every node mounts at the same path.
+
+Cancel is the pipeline's cooperative cancel (a flag the job polls), then, past the cancel grace,
+``ray.kill`` of the actor. An actor that dies (its process killed, its node lost) fails its job
+with Ray's reason. A finished job's actor is killed once its last calls are drained.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import LlmpruneError
+from llmprune.service.db import Database
+from llmprune.service.layout import Layout
+from llmprune.service.scheduler import CANCEL_GRACE_S, POLL_S, Slot
+
+NAMESPACE = "llmprune"
+DRAIN_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+# The job methods a relayed job may call on the server's database, and nothing else.
+RELAYED = {"add_event", "update", "finish", "requeue"}
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (before the server listens: a wrong one is one line)."""
+    try:
+        import ray
+    except ImportError:
+        raise LlmpruneError("--executor ray needs Ray: pip install 'llmprune[ray]'") from None
+    if ray.is_initialized():
+        return
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit():  # Ray itself retries an unreachable head for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {first}") from None
+
+
+def actor_name(job_id: str) -> str:
+    return f"llmprune-job-{job_id}"
+
+
+class Relay:
+    """What a job asks of the database, kept until the server drains it; the cancel flag is the
+    one thing the server sends."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
+        self.outbox: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.cancel = False
+
+    def _put(self, name: str, *args: Any, **kwargs: Any) -> None:
+        with self.lock:
+            self.outbox.append((name, args, kwargs))
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self.row
+
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._put("add_event", job_id, kind, data)
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        self._put("update", job_id, **fields)
+
+    def finish(self, job_id: str, status: str, error: str | None = None, result: Any = None) -> bool:
+        self._put("finish", job_id, status, error, result)
+        return True
+
+    def requeue(self, job_id: str) -> bool:
+        self._put("requeue", job_id)
+        return True
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.cancel
+
+    def take(self) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+        with self.lock:
+            taken, self.outbox = self.outbox, []
+        return taken
+
+
+class JobActor:
+    """One job on the cluster (wrapped by ``ray.remote`` when launched). The job starts from the
+    constructor, in a thread of the actor's own: a detached actor's creation belongs to the
+    cluster, whereas a method call would belong to the server that sent it and be lost with it
+    if that server stopped before the actor was ready."""
+
+    def __init__(self, workdir: str, job_id: str, row: dict[str, Any], device: str, threads: int) -> None:
+        self.layout, self.job_id = Layout(Path(workdir)), job_id
+        self.relay = Relay(row)
+        self.done = False
+        self.thread = threading.Thread(target=self.run, args=(device, threads), name=f"job-{job_id}", daemon=True)
+        self.thread.start()
+
+    def run(self, device: str, threads: int) -> None:
+        from llmprune.service.worker import run_job
+
+        try:
+            run_job(self.layout, self.job_id, device, threads, db=self.relay)
+        except BaseException as exc:  # run_job reports the job's own errors; this is anything else
+            self.relay.finish(self.job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.done = True
+
+    def drain(self) -> dict[str, Any]:
+        done = self.done  # read first: calls made before it was set are in this batch
+        return {"calls": self.relay.take(), "done": done}
+
+    def cancel(self) -> None:
+        self.relay.cancel = True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class Placed:
+    job: str
+    actor: Any
+    cancel_sent: float | None = None
+
+
+@dataclass
+class RayScheduler:
+    """The :class:`~llmprune.service.scheduler.Scheduler`'s interface over Ray: as many jobs at
+    once as there are slots, each slot's device and threads the resources its job asks for."""
+
+    layout: Layout
+    db: Database
+    slots: list[Slot]
+    address: str | None
+    say: Any = print
+    cancel_grace: float = CANCEL_GRACE_S
+    placed: dict[str, Placed] = field(default_factory=dict)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import ray
+
+        connect(self.address)
+        for job in self.db.jobs("running"):  # left running by an earlier server: adopt what lives
+            try:
+                actor = ray.get_actor(actor_name(job["id"]), namespace=NAMESPACE)
+            except ValueError:
+                self.fail(job["id"], "its Ray actor is gone (it died while the server was down)")
+                continue
+            self.placed[job["id"]] = Placed(job["id"], actor)
+            slot = next((s for s in self.slots if s.job is None), None)
+            if slot is not None:
+                slot.job = job["id"]
+            self.say(f"llmprune serve: job {job['id']} still runs on the Ray cluster; following it again")
+        self.thread = threading.Thread(target=self.loop, name="llmprune-ray-scheduler", daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        import logging
+
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except Exception:  # the scheduler must outlive any one job's trouble
+                logging.getLogger(__name__).exception("Ray scheduler step failed")
+            self.stop_event.wait(POLL_S)
+
+    def step(self) -> None:
+        for placed in list(self.placed.values()):
+            self.watch(placed)
+        busy = len(self.placed)
+        for slot in [s for s in self.slots if s.job is None][:max(0, len(self.slots) - busy)]:
+            if self.stop_event.is_set():
+                return
+            job = self.db.claim()
+            if job is None:
+                return
+            self.launch(slot, job["id"])
+
+    def launch(self, slot: Slot, job_id: str) -> None:
+        import ray
+
+        gpu = slot.device.startswith("cuda")
+        remote = ray.remote(JobActor).options(
+            name=actor_name(job_id), namespace=NAMESPACE, lifetime="detached", max_concurrency=2, max_restarts=0,
+            num_cpus=slot.threads, num_gpus=1 if gpu else 0)
+        row = self.db.get(job_id) or {}
+        actor: Any = remote.remote(str(self.layout.workdir), job_id, row, "cuda" if gpu else "cpu", slot.threads)
+        self.db.add_event(job_id, "log", {"level": "INFO", "message": f"placed on the Ray cluster: "
+                                          f"{slot.threads} CPUs{', 1 GPU' if gpu else ''} (attempt "
+                                          f"{row.get('attempts')})"})
+        slot.job = job_id
+        self.placed[job_id] = Placed(job_id, actor)
+
+    def watch(self, placed: Placed) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            batch = ray.get(placed.actor.drain.remote(), timeout=DRAIN_TIMEOUT_S)
+        except GetTimeoutError:
+            return  # busy or still being placed; next time
+        except RayActorError as exc:
+            self.fail(placed.job, f"its Ray actor died: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            self.forget(placed)
+            return
+        for name, args, kwargs in batch["calls"]:
+            if name in RELAYED:
+                getattr(self.db, name)(*args, **kwargs)
+        if batch["done"]:
+            row = self.db.get(placed.job)
+            if row is not None and row["status"] == "running":  # ended without a final word
+                self.fail(placed.job, "the job's Ray actor ended without finishing the job")
+            self.kill(placed)
+            return
+        if placed.cancel_sent is None and self.db.cancel_requested(placed.job):
+            placed.actor.cancel.remote()
+            placed.cancel_sent = time.monotonic()
+        elif placed.cancel_sent is not None and time.monotonic() - placed.cancel_sent >= self.cancel_grace:
+            reason = f"cancelled (the job did not stop within {self.cancel_grace:g} s; its Ray actor was killed)"
+            self.db.add_event(placed.job, "log", {"level": "INFO", "message": reason})
+            self.db.finish(placed.job, "cancelled", reason)
+            self.kill(placed)
+
+    def fail(self, job_id: str, reason: str) -> None:
+        self.db.add_event(job_id, "log", {"level": "ERROR", "message": reason})
+        self.db.finish(job_id, "failed", reason)
+
+    def kill(self, placed: Placed) -> None:
+        import ray
+
+        try:
+            ray.kill(placed.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.forget(placed)
+
+    def forget(self, placed: Placed) -> None:
+        self.placed.pop(placed.job, None)
+        for slot in self.slots:
+            if slot.job == placed.job:
+                slot.job = None
+
+    def stop(self) -> list[str]:
+        """Stop following the cluster. Jobs on it run on (detached); the next server adopts them."""
+        import ray
+
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        for job_id in self.placed:
+            self.say(f"llmprune serve: job {job_id} keeps running on the Ray cluster")
+        ray.shutdown()
+        return []
