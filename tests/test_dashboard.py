@@ -116,7 +116,8 @@ def test_a_wrong_token_is_refused(browser, dashboard):
     from selenium.webdriver.common.by import By
 
     sign_in(browser, dashboard, token="not-" + TOKEN)
-    assert browser.find_element(By.ID, "signin-error").text == "wrong token"
+    error = until(lambda: browser.find_elements(By.ID, "signin-error"), "the sign-in error")[0]
+    assert error.text == "wrong token"
     assert browser.get_cookies() == []
     browser.get(dashboard.url + "/submit")
     assert "/signin" in browser.current_url
@@ -126,7 +127,7 @@ def test_sign_in_submit_watch_download_and_cancel(browser, dashboard, text_file)
     from selenium.webdriver.common.by import By
 
     sign_in(browser, dashboard)
-    assert browser.current_url == dashboard.url + "/"
+    until(lambda: browser.current_url == dashboard.url + "/", "the jobs page after signing in")
     (cookie,) = browser.get_cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
     assert TOKEN not in browser.page_source and TOKEN not in browser.current_url
@@ -147,7 +148,8 @@ def test_sign_in_submit_watch_download_and_cancel(browser, dashboard, text_file)
     fill(browser, model="llama", method="sparsegpt", sparsity="1.5", calibration=text_file.name, samples="4",
          seqlen="32", evaluation=text_file.name, windows="2")
     browser.find_element(By.ID, "submit").click()
-    assert "sparsity must be in [0, 1)" in browser.find_element(By.ID, "error-sparsity").text
+    error = until(lambda: browser.find_elements(By.ID, "error-sparsity"), "the error next to the field")[0]
+    assert "sparsity must be in [0, 1)" in error.text
     assert browser.find_element(By.ID, "sparsity").get_attribute("value") == "1.5"  # what was typed stays
 
     # The tiny job, through the form.
@@ -189,7 +191,7 @@ def test_sign_in_submit_watch_download_and_cancel(browser, dashboard, text_file)
 
     # The job page: result, chart, card, files; llmprune.json downloads.
     browser.get(f"{dashboard.url}/jobs/{tiny_job}")
-    assert "→" in browser.find_element(By.ID, "ppl").text
+    assert "→" in until(lambda: browser.find_elements(By.ID, "ppl"), "the result")[0].text
     assert browser.find_elements(By.CSS_SELECTOR, "#layer-chart svg circle")
     assert "sparsegpt" in browser.find_element(By.ID, "card").text
     assert "INFO" in browser.find_element(By.ID, "log").text
@@ -203,12 +205,12 @@ def test_sign_in_submit_watch_download_and_cancel(browser, dashboard, text_file)
 
         # Compare: the finished job is a point of the sweep plot.
         browser.find_element(By.LINK_TEXT, "Compare").click()
-        assert browser.find_elements(By.CSS_SELECTOR, "#compare svg circle")
+        until(lambda: browser.find_elements(By.CSS_SELECTOR, "#compare svg circle"), "the sweep plot's point")
 
         # Sign out: the page's cookie no longer opens anything.
         cookie = browser.get_cookie("llmprune_session")["value"]
         browser.find_element(By.ID, "signout").click()
-        assert "/signin" in browser.current_url
+        until(lambda: "/signin" in browser.current_url, "the sign-in page after signing out")
         assert httpx.get(f"{dashboard.url}/v1/jobs", cookies={"llmprune_session": cookie}).status_code == 401
 
 
@@ -234,3 +236,52 @@ def test_a_signed_in_session_still_needs_its_csrf_token(dashboard):
         job_id = made.headers["location"].rsplit("/", 1)[1]
         assert f'<tr data-job-id="{job_id}" data-status="' in web.get("/").text
 
+
+
+def signed_in_client(server: Server) -> tuple[httpx.Client, str]:
+    """A cookie session as a browser holds one, and the CSRF token of its pages."""
+    web = httpx.Client(base_url=server.url, follow_redirects=False, timeout=30)
+    assert web.post("/signin", data={"token": TOKEN}).status_code == 303
+    page = web.get("/submit").text
+    return web, page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
+def test_refused_forms_are_pages_with_the_reason_and_create_nothing(dashboard):
+    web, csrf = signed_in_client(dashboard)
+    try:
+        before = len(web.get("/v1/jobs").json()["jobs"])
+        bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nmodel: *b\n"
+        cases = {"aliases (*name) are not accepted": {"recipe": bomb},
+                 "nests too deeply": {"recipe": "[" * 5000 + "]" * 5000},
+                 "is not a model folder": {"recipe": "model: \"a\\0b\"\nprune: {method: wanda}\n"}}
+        for expected, form in cases.items():
+            answer = web.post("/submit", data={**form, "csrf": csrf})
+            assert answer.status_code == 422, (expected, answer.text[:300])
+            assert 'id="error-recipe"' in answer.text and expected in answer.text, expected
+        gone = web.post("/submit", data={"recipe": "model: llama", "csrf": "stale"})
+        assert gone.status_code == 403 and "text/html" in gone.headers["content-type"]
+        assert "CSRF token is missing or stale" in gone.text
+        assert len(web.get("/v1/jobs").json()["jobs"]) == before
+    finally:
+        web.close()
+    # A session that ended: a page saying so, not JSON.
+    ended = httpx.post(f"{dashboard.url}/submit", data={"csrf": csrf, "recipe": "model: llama"})
+    assert ended.status_code == 401 and "sign in again" in ended.text
+
+
+def test_a_structured_job_has_a_page_too(dashboard, llama_dir, text_file):
+    """Structured records hold no sparsity; their page still renders (with parameters)."""
+    from test_service import wait
+
+    client = dashboard.client()
+    job = client.submit({"model": str(llama_dir), "prune": {"pattern": "heads", "sparsity": 0.25},
+                         "calibration": {"source": str(text_file), "samples": 4, "seqlen": 32},
+                         "evaluation": {"source": str(text_file), "seqlen": 32, "windows": 2}})
+    assert wait(client, job["id"])["status"] == "succeeded"
+    web, _ = signed_in_client(dashboard)
+    try:
+        page = web.get(f"/jobs/{job['id']}")
+        assert page.status_code == 200 and "structured" in page.text and "parameters" in page.text
+        assert web.get("/compare").status_code == 200
+    finally:
+        web.close()

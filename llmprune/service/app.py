@@ -29,7 +29,7 @@ from llmprune.service.ray_jobs import RayScheduler, connect
 from llmprune.service.rules import check_recipe
 from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
 from llmprune.service.views import job_summary
-from llmprune.service.web import COOKIE, CSRF_HEADER, Dashboard
+from llmprune.service.web import COOKIE, CSRF_HEADER, Dashboard, session_key
 
 SSE_POLL_S = 0.25
 STATUS_TTL_S = 0.1  # how stale a polled status may be
@@ -133,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.token.encode()):
             return
         session = request.cookies.get(COOKIE)
-        csrf = db.session_csrf(session) if session and not scheme else None
+        csrf = db.session_csrf(session, session_key(settings.token)) if session and not scheme else None
         if csrf is None:
             raise HTTPException(401, "missing or wrong token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -302,5 +302,5 @@ def create_app(settings: Settings) -> FastAPI:
                   f"llmprune_job_seconds_count {len(done)}", f"llmprune_job_seconds_sum {sum(done):.3f}"]
         return "\n".join(lines) + "\n"
 
-    Dashboard(app, db, layout, settings.token, settings.models, settings.data, settings.max_body)
+    Dashboard(app, db, layout, settings.token, settings.models, settings.data, settings.max_body, settings.max_queued)
     return app

@@ -39,9 +39,13 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 def render(chart: Chart) -> str:
     """The chart as an SVG element (a figure of its own, with a title and a text fallback)."""
-    values = [(x, y) for s in chart.series for x, y in s.points if math.isfinite(y) and (y > 0 or not chart.log_y)]
-    if chart.reference is not None:
-        values.append((values[0][0] if values else 0.0, chart.reference[1]))
+    def drawable(y: float) -> bool:
+        return math.isfinite(y) and (y > 0 or not chart.log_y)
+
+    values = [(x, y) for s in chart.series for x, y in s.points if math.isfinite(x) and drawable(y)]
+    reference = chart.reference if chart.reference is not None and drawable(chart.reference[1]) else None
+    if reference is not None:
+        values.append((values[0][0] if values else 0.0, reference[1]))
     if not values:
         return f'<p class="empty">{escape(chart.title)}: nothing to draw yet.</p>'
 
@@ -79,13 +83,13 @@ def render(chart: Chart) -> str:
                  f"{escape(chart.x_label)}</text>")
     parts.append(f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" font-size="12" '
                  f'transform="rotate(-90 14 {TOP + plot_h / 2})">{escape(chart.y_label)}</text>')
-    if chart.reference is not None:
-        name, value = chart.reference
+    if reference is not None:
+        name, value = reference
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(value):.1f}" y2="{py(value):.1f}" '
                      f'stroke="#555" stroke-dasharray="4 3"><title>{escape(name)} {value:.4g}</title></line>')
     for index, series in enumerate(chart.series):
         colour = COLOURS[index % len(COLOURS)]
-        points = sorted(p for p in series.points if math.isfinite(p[1]) and (p[1] > 0 or not chart.log_y))
+        points = sorted(p for p in series.points if math.isfinite(p[0]) and drawable(p[1]))
         if series.lines and len(points) > 1:
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')

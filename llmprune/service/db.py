@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
 CREATE TABLE IF NOT EXISTS sessions (
-    digest TEXT PRIMARY KEY, csrf TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL
+    digest TEXT PRIMARY KEY, csrf TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL, key TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
@@ -170,21 +170,22 @@ class Database:
 
     # -- dashboard sessions ---------------------------------------------------------------------
     # Only a digest of each session id is stored: the database file does not sign anyone in.
-    def start_session(self, lifetime: float) -> tuple[str, str]:
+    # ``key`` fingerprints the token a session was opened with: a new token closes every session.
+    def start_session(self, lifetime: float, key: str) -> tuple[str, str]:
         """A new browser session: (its id, for the cookie; its CSRF token, for the page)."""
         session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = time.time()
         with self.connect() as db:
-            db.execute("DELETE FROM sessions WHERE expires < ?", (now,))
-            db.execute("INSERT INTO sessions (digest, csrf, created, expires) VALUES (?, ?, ?, ?)",
-                       (_digest(session), csrf, now, now + lifetime))
+            db.execute("DELETE FROM sessions WHERE expires < ? OR key != ?", (now, key))
+            db.execute("INSERT INTO sessions (digest, csrf, created, expires, key) VALUES (?, ?, ?, ?, ?)",
+                       (_digest(session), csrf, now, now + lifetime, key))
         return session, csrf
 
-    def session_csrf(self, session: str) -> str | None:
-        """The CSRF token of a live session, None for an unknown or expired one."""
+    def session_csrf(self, session: str, key: str) -> str | None:
+        """The CSRF token of a live session opened under ``key``; None for any other."""
         with self.connect() as db:
-            row = db.execute("SELECT csrf FROM sessions WHERE digest = ? AND expires >= ?",
-                             (_digest(session), time.time())).fetchone()
+            row = db.execute("SELECT csrf FROM sessions WHERE digest = ? AND expires >= ? AND key = ?",
+                             (_digest(session), time.time(), key)).fetchone()
         return str(row["csrf"]) if row is not None else None
 
     def end_session(self, session: str) -> None:

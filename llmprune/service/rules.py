@@ -29,10 +29,13 @@ def _inside(path: str, roots: Sequence[Path], what: str, key: str) -> str:
     """``path`` resolved (symlinks followed) when it lies inside one of ``roots``, else refused.
     A relative path is taken relative to each root in turn."""
     candidate = Path(path)
-    if "~" in path or not path.strip():
+    if "~" in path or "\x00" in path or not path.strip():
         raise LlmpruneError(f"{key}: {path!r} is not a {what} the service can read")
     for root in roots:
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        try:
+            resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        except (OSError, RuntimeError, ValueError):  # a link loop, a name the system refuses
+            continue
         if resolved.is_relative_to(root.resolve()) and resolved.exists():
             return str(resolved)
     where = ", ".join(str(r) for r in roots) or "none configured"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.engine.config import PruneConfig
+from llmprune.jobs.spec import EvalConfig
 
 
 def _default(name: str) -> Any:
@@ -20,12 +21,24 @@ def model_name(spec: str) -> str:
     return Path(spec).name if spec.startswith("/") else spec
 
 
+def evaluation_label(recipe: dict[str, Any]) -> str:
+    """How a job's perplexity is measured (text, window length, windows): only jobs measured
+    alike share a plot."""
+    part = recipe.get("evaluation") or {}
+    fields = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    source = part.get("source", fields["source"])
+    if source is None:
+        return "no evaluation"
+    seqlen = part.get("seqlen", fields["seqlen"])
+    return f"{model_name(str(source))}, {seqlen or 'model length'} × {part.get('windows', fields['windows'])}"
+
+
 def job_summary(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     recipe, result = job.get("recipe") or {}, job.get("result") or {}
     prune = recipe.get("prune") or {}
     progress = job.get("progress") or {}
     started, finished = job.get("started"), job.get("finished")
-    end = finished or (now or time.time()) if started else None
+    end = (finished or now or time.time()) if started else None
     pattern = result.get("pattern") or prune.get("pattern") or _default("pattern")
     target = result.get("sparsity_target", prune.get("sparsity"))
     if target is None and pattern == "unstructured":
@@ -41,4 +54,5 @@ def job_summary(job: dict[str, Any], now: float | None = None) -> dict[str, Any]
         "created": job.get("created"), "started": started, "finished": finished,
         "duration": (end - started) if started and end else None,
         "error": job.get("error"), "cancel_requested": bool(job.get("cancel_requested")),
+        "group": f"{model_name(str(recipe.get('model', '?')))} · {evaluation_label(recipe)}",
     }

@@ -9,6 +9,7 @@ script in ``static/`` only keeps them live from the events streams.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import re
@@ -21,7 +22,7 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader, Undefined, select_autoescape
 
 from llmprune.errors import LlmpruneError
 from llmprune.io.data import BUILTIN
@@ -41,6 +42,32 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 FIELDS = {"model": "model", "method": "prune.method", "pattern": "prune.pattern", "sparsity": "prune.sparsity",
           "calibration": "calibration.source", "samples": "calibration.samples", "seqlen": "calibration.seqlen",
           "evaluation": "evaluation.source", "windows": "evaluation.windows"}
+
+
+def session_key(token: str | None) -> str:
+    """What ties a session to the token it was opened with (a digest, never the token)."""
+    return "open" if token is None else hashlib.sha256(b"llmprune-session\0" + token.encode()).hexdigest()
+
+
+class PageError(Exception):
+    """A refused page request, shown as a page (not JSON) to the person who made it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NoAliases(yaml.SafeLoader):
+    """YAML without anchors' aliases: a few bytes of ``*a`` references can expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not accepted in a submitted recipe")
+        return super().compose_node(parent, index)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or isinstance(value, Undefined)
 
 
 def field_of(message: str) -> str:
@@ -63,65 +90,85 @@ def field_of(message: str) -> str:
 
 class Dashboard:
     def __init__(self, app: FastAPI, db: Database, layout: Layout, token: str | None, models: Sequence[Path],
-                 data: Sequence[Path], max_body: int) -> None:
-        self.db, self.layout, self.token = db, layout, token
-        self.models, self.data, self.max_body = models, data, max_body
+                 data: Sequence[Path], max_body: int, max_queued: int) -> None:
+        self.db, self.layout, self.token, self.key = db, layout, token, session_key(token)
+        self.models, self.data, self.max_body, self.max_queued = models, data, max_body, max_queued
         self.templates = Environment(loader=PackageLoader("llmprune.service", "templates"),
                                      autoescape=select_autoescape(default=True))
-        self.templates.filters["number"] = lambda v, digits=2: "–" if v is None else f"{v:.{digits}f}"
-        self.templates.filters["percent"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+        self.templates.filters["number"] = lambda v, digits=2: "–" if _missing(v) else f"{v:.{digits}f}"
+        self.templates.filters["percent"] = lambda v: "–" if _missing(v) else f"{100 * v:.1f}%"
         self.templates.filters["seconds"] = _seconds
         self.templates.filters["when"] = _when
         app.mount("/static", StaticFiles(packages=[("llmprune.service", "static")]), name="static")
+
+        @app.exception_handler(PageError)
+        async def refused(request: Request, exc: PageError) -> Response:
+            return self.page("error.html", exc.status, csrf=None, message=str(exc))
+
         self.routes(app)
 
     # -- sessions -----------------------------------------------------------------------------
     def csrf(self, request: Request) -> str | None:
         """The CSRF token of the request's live session; None when it has none."""
         session = request.cookies.get(COOKIE)
-        return self.db.session_csrf(session) if session else None
+        return self.db.session_csrf(session, self.key) if session else None
 
     def check_form(self, request: Request, form: dict[str, str]) -> str:
         """A state-changing form: a live session and its CSRF token, from this site."""
         csrf = self.csrf(request)
         if csrf is None:
-            raise HTTPException(401, "sign in first")
+            raise PageError(401, "your session has ended (or never began): sign in again, then repeat this")
         origin = request.headers.get("origin")
         if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
-            raise HTTPException(403, "cross-site request refused")
+            raise PageError(403, "a request from another site was refused")
         if not hmac.compare_digest(form.get("csrf", "").encode(), csrf.encode()):
-            raise HTTPException(403, "the form's CSRF token is missing or stale; reload the page")
+            raise PageError(403, "the form's CSRF token is missing or stale; reload the page and try again")
         return csrf
 
     async def form(self, request: Request) -> dict[str, str]:
-        body = await request.body()
-        if len(body) > self.max_body:
-            raise HTTPException(413, f"request body over {self.max_body} bytes")
+        """A url-encoded form, read up to ``max_body`` bytes (refused beyond, before reading it all)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise PageError(413, f"the form is over {self.max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise PageError(413, f"the form is over {self.max_body} bytes")
         return {k: v[-1] for k, v in parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()}
 
-    def signed_in(self, request: Request) -> str | Response:
-        """The session's CSRF token, or the response that sends the browser to sign in. With no
-        token configured the service is open: a session starts on the first page."""
+    def signed_in(self, request: Request) -> tuple[str, str | None] | Response:
+        """(the session's CSRF token, a new session's id to set as the cookie, if one began), or
+        the response that sends the browser to sign in. With no token configured the service is
+        open: a session starts on the first page."""
         csrf = self.csrf(request)
         if csrf is not None:
-            return csrf
+            return csrf, None
         if self.token is None:
-            response = RedirectResponse(str(request.url), status_code=303)
-            self.start(request, response)
-            return response
-        return RedirectResponse(f"/signin?next={quote(request.url.path)}", status_code=303)
+            session, csrf = self.db.start_session(SESSION_LIFETIME_S, self.key)
+            return csrf, session
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/signin?next={quote(target)}", status_code=303)
 
     def start(self, request: Request, response: Response) -> None:
-        session, _ = self.db.start_session(SESSION_LIFETIME_S)
+        session, _ = self.db.start_session(SESSION_LIFETIME_S, self.key)
+        self.set_cookie(request, response, session)
+
+    def set_cookie(self, request: Request, response: Response, session: str) -> None:
         response.set_cookie(COOKIE, session, max_age=SESSION_LIFETIME_S, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
 
-    def page(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    def page(self, name: str, status_code: int = 200, request: Request | None = None, session: str | None = None,
+             **context: Any) -> HTMLResponse:
         html = self.templates.get_template(name).render(statuses=STATUSES, **context)
-        return HTMLResponse(html, status_code=status_code,
+        response = HTMLResponse(html, status_code=status_code,
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                      "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                                                                "style-src 'self'; frame-ancestors 'none'"})
+                                                                "style-src 'self'; frame-ancestors 'none'",
+                                     "X-Content-Type-Options": "nosniff"})
+        if session is not None and request is not None:
+            self.set_cookie(request, response, session)
+        return response
 
     # -- what the pages show ------------------------------------------------------------------
     def model_choices(self) -> list[str]:
@@ -155,13 +202,15 @@ class Dashboard:
         text = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.DOTALL)  # the Hub's YAML header
         return str(MarkdownIt("commonmark", {"html": False}).enable("table").render(text))
 
-    def compared(self, model: str | None) -> tuple[list[str], str | None, str]:
+    def compared(self, group: str | None) -> tuple[list[str], str | None, str]:
+        """The finished jobs of one base model measured one way (same text and windows), as
+        the sweep plot; (every such group, the one shown, its SVG)."""
         done = [job_summary(j) for j in self.db.jobs("succeeded")]
-        models = sorted({s["base_model"] for s in done})
-        chosen = model if model in models else (models[0] if models else None)
-        jobs = [s for s in done if s["base_model"] == chosen]
+        groups = sorted({s["group"] for s in done})
+        chosen = group if group in groups else (groups[0] if groups else None)
+        jobs = [s for s in done if s["group"] == chosen]
         dense = next((s["ppl_dense"] for s in jobs if s["ppl_dense"] is not None), None)
-        return models, chosen, charts.render(charts.perplexity_against_sparsity(jobs, dense))
+        return groups, chosen, charts.render(charts.perplexity_against_sparsity(jobs, dense))
 
     # -- routes -------------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
@@ -176,6 +225,9 @@ class Dashboard:
             given = form.get("token", "")
             if self.token is not None and not hmac.compare_digest(given.encode(), self.token.encode()):
                 return self.page("signin.html", 401, next=target, error="wrong token", open=False)
+            old = request.cookies.get(COOKIE)
+            if old:  # signing in again ends the session the browser had
+                self.db.end_session(old)
             response = RedirectResponse(target, status_code=303)
             self.start(request, response)
             return response
@@ -190,43 +242,55 @@ class Dashboard:
 
         @app.get("/", response_class=HTMLResponse, include_in_schema=False)
         def jobs_page(request: Request, status: str | None = None) -> Response:
-            csrf = self.signed_in(request)
-            if isinstance(csrf, Response):
-                return csrf
+            access = self.signed_in(request)
+            if isinstance(access, Response):
+                return access
+            csrf, session = access
             chosen = status if status in STATUSES else None
             rows = [job_summary(j) for j in self.db.jobs(chosen)]
-            return self.page("jobs.html", csrf=csrf, jobs=rows, status=chosen)
+            return self.page("jobs.html", request=request, session=session, csrf=csrf, jobs=rows, status=chosen)
 
         @app.get("/submit", response_class=HTMLResponse, include_in_schema=False)
         def submit_page(request: Request) -> Response:
-            csrf = self.signed_in(request)
-            if isinstance(csrf, Response):
-                return csrf
-            return self.submit_form(csrf, {}, None, 200)
+            access = self.signed_in(request)
+            if isinstance(access, Response):
+                return access
+            csrf, session = access
+            response = self.submit_form(csrf, {}, None, 200)
+            if session is not None:
+                self.set_cookie(request, response, session)
+            return response
 
         @app.post("/submit", include_in_schema=False)
         async def submit(request: Request) -> Response:
             form = await self.form(request)
             csrf = self.check_form(request, form)
+            from_yaml = bool(form.get("recipe", "").strip())
             try:
                 recipe = self.recipe_of(form)
                 confined, _ = check_recipe(recipe, self.models, self.data)
             except LlmpruneError as exc:
-                return self.submit_form(csrf, form, (field_of(str(exc)), str(exc)), 422)
+                return self.submit_form(csrf, form, ("recipe" if from_yaml else field_of(str(exc)), str(exc)), 422)
+            if self.db.count("queued") >= self.max_queued:
+                message = f"{self.max_queued} jobs are already waiting; try again later"
+                return self.submit_form(csrf, form, ("recipe", message), 429)
             job_id = self.db.create(confined)
             return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
         @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
         def job_page(request: Request, job_id: str) -> Response:
-            csrf = self.signed_in(request)
-            if isinstance(csrf, Response):
-                return csrf
+            access = self.signed_in(request)
+            if isinstance(access, Response):
+                return access
+            csrf, session = access
             job = self.db.get(job_id)
             if job is None:
-                return self.page("missing.html", 404, csrf=csrf, job_id=job_id)
+                return self.page("error.html", 404, request=request, session=session, csrf=csrf,
+                                 message=f"there is no job {job_id}")
             record = self.record(job_id) if job["status"] == "succeeded" else None
             chart = charts.render(charts.layer_errors(record.get("layers") or [])) if record else None
-            return self.page("job.html", csrf=csrf, job=job, summary=job_summary(job), record=record, chart=chart,
+            return self.page("job.html", request=request, session=session, csrf=csrf, job=job,
+                             summary=job_summary(job), record=record, chart=chart,
                              card=self.card(job_id) if record else None,
                              files=self.layout.manifest(job_id) if job["status"] == "succeeded" else None,
                              log=[e for e in self.db.events(job_id) if e["kind"] == "log"],
@@ -236,23 +300,26 @@ class Dashboard:
         async def cancel(request: Request, job_id: str) -> Response:
             self.check_form(request, await self.form(request))
             if self.db.request_cancel(job_id) is None:
-                raise HTTPException(404, f"no job {job_id}")
+                raise PageError(404, f"there is no job {job_id}")
             return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
         @app.get("/compare", response_class=HTMLResponse, include_in_schema=False)
-        def compare_page(request: Request, model: str | None = None) -> Response:
-            csrf = self.signed_in(request)
-            if isinstance(csrf, Response):
-                return csrf
-            models, chosen, svg = self.compared(model)
-            return self.page("compare.html", csrf=csrf, models=models, chosen=chosen, svg=svg)
+        def compare_page(request: Request, group: str | None = None) -> Response:
+            access = self.signed_in(request)
+            if isinstance(access, Response):
+                return access
+            csrf, session = access
+            groups, chosen, svg = self.compared(group)
+            return self.page("compare.html", request=request, session=session, csrf=csrf, groups=groups,
+                             chosen=chosen, svg=svg)
 
         @app.get("/compare.svg", include_in_schema=False)
-        def compare_svg(request: Request, model: str | None = None) -> Response:
-            if self.csrf(request) is None and self.token is not None:
+        def compare_svg(request: Request, group: str | None = None) -> Response:
+            if self.csrf(request) is None:
                 raise HTTPException(401, "sign in first")
-            return Response(self.compared(model)[2], media_type="image/svg+xml",
-                            headers={"Cache-Control": "no-store"})
+            return Response(self.compared(group)[2], media_type="image/svg+xml",
+                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
 
     def submit_form(self, csrf: str, form: dict[str, str], error: tuple[str, str] | None, code: int) -> Response:
         values = {"model": next(iter(list(BUILTIN_MODELS)), ""), "method": "sparsegpt",
@@ -267,9 +334,11 @@ class Dashboard:
         text = form.get("recipe", "").strip()
         if text:
             try:
-                return yaml.safe_load(text)
+                return yaml.load(text, Loader=NoAliases)
             except yaml.YAMLError as exc:
                 raise LlmpruneError(f"the recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
+            except RecursionError:
+                raise LlmpruneError("the recipe nests too deeply") from None
         pattern = form.get("pattern", "unstructured")
         prune: dict[str, Any] = {"method": form.get("method", "sparsegpt"), "pattern": pattern}
         if pattern == "unstructured":

@@ -91,7 +91,9 @@
       bar.max = p.total || 1;
       bar.value = p.done || 0;
       document.getElementById("stage").textContent = stageText(p);
-      document.getElementById("job-status").textContent = "running";
+      const badge = document.getElementById("job-status");
+      badge.textContent = "running";
+      badge.className = "status running";
     });
     stream.addEventListener("log", (event) => {
       const line = JSON.parse(event.data);
@@ -115,8 +117,8 @@
       if (before !== undefined && before !== s.status && s.status === "succeeded" && !pending) {
         pending = setTimeout(async () => {
           pending = null;
-          const model = compare.dataset.model;
-          const response = await fetch("/compare.svg" + (model ? "?model=" + encodeURIComponent(model) : ""));
+          const group = compare.dataset.group;
+          const response = await fetch("/compare.svg" + (group ? "?group=" + encodeURIComponent(group) : ""));
           if (response.ok) compare.innerHTML = await response.text();
         }, 300);
       }
