@@ -9,6 +9,13 @@
    ``--interval`` seconds, 0 = as fast as answered) for ``--poll-seconds``: target job wall
    within 10% of the unpolled service run; prints the
    route's p50/p99 latency. Results also go to ``--json``.
+
+    .venv/bin/python scripts/bench_service.py --executor ray   # local executor against Ray
+
+3. ``--executor ray``: the same job through a server with the local executor and through one
+   with ``--executor ray`` on a one-node Ray cluster started here on loopback (``ray start
+   --head``; or ``--ray-address`` an existing one), one after the other, Ray's start-up not
+   counted: target Ray <= 1.10 x local + 10 s.
 """
 
 from __future__ import annotations
@@ -94,6 +101,64 @@ async def poll(port: int, job_id: str, clients: int, seconds: float, interval: f
     return latencies
 
 
+def start_server(work: Path, port: int, threads: int, models: list[str], *extra: str) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, "-m", "llmprune.cli", "serve", "--port", str(port), "--workdir",
+                               str(work), "--threads", str(threads), *[a for m in models for a in ("--models-dir", m)],
+                               *extra], env={**os.environ, "LLMPRUNE_TOKEN": TOKEN}, cwd=ROOT, start_new_session=True)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            assert server.poll() is None, "the server did not start"
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start")
+
+
+def timed_job(port: int, model: str) -> float:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                      timeout=60) as http:
+        tick = time.perf_counter()
+        job = http.post("/v1/jobs", json=recipe(model)).json()
+        done = wait_done(http, job["id"])
+        assert done["status"] == "succeeded", done
+        return time.perf_counter() - tick
+
+
+def compare_executors(args: argparse.Namespace, work: Path, model: str, models: list[str]) -> None:
+    ray = str(Path(sys.executable).parent / "ray")
+    address, started = args.ray_address, False
+    if address is None:
+        port = free_port()
+        subprocess.run([ray, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                        "--num-cpus", str(args.threads), "--include-dashboard=false", "--disable-usage-stats"],
+                       check=True, capture_output=True)
+        address, started = f"127.0.0.1:{port}", True
+    walls: dict[str, float] = {}
+    try:
+        for executor in ("local", "ray"):
+            port = free_port()
+            extra = ("--executor", "ray", "--ray-address", address) if executor == "ray" else ()
+            server = start_server(work / executor, port, args.threads, models, *extra)
+            try:
+                walls[executor] = timed_job(port, model)
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=60)
+    finally:
+        if started:
+            subprocess.run([ray, "stop", "--force"], capture_output=True)
+    target = 1.10 * walls["local"] + 10
+    print(f"{'executor':<12}{'wall s':>10}")
+    print(f"{'local':<12}{walls['local']:>10.1f}")
+    print(f"{'ray':<12}{walls['ray']:>10.1f}   {walls['ray'] / walls['local']:.3f} x local; target <= {target:.1f} "
+          "(1.10 x local + 10 s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"local_s": walls["local"], "ray_s": walls["ray"],
+                                               "ray_over_local": walls["ray"] / walls["local"],
+                                               "target_ray_s": target, "threads": args.threads}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -103,10 +168,19 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between one client's polls (0: as fast as the server answers)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="ray: compare the local executor with --executor ray instead")
+    parser.add_argument("--ray-address", default=None, help="with --executor ray: an existing cluster")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmprune-bench-service-"))
     port = free_port()
     models = [str(Path(args.model).resolve().parent)] if Path(args.model).exists() else []
+    if args.executor == "ray":
+        try:
+            compare_executors(args, work, str(Path(args.model).resolve()) if models else args.model, models)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     server = subprocess.Popen([sys.executable, "-m", "llmprune.cli", "serve", "--port", str(port), "--workdir",
                                str(work / "service"), "--threads", str(args.threads),
                                *[a for m in models for a in ("--models-dir", m)]],

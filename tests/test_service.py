@@ -267,10 +267,17 @@ def test_a_killed_worker_fails_its_job_and_the_server_keeps_serving(server, llam
 
 
 def worker_pid(server: Server, job_id: str) -> int:
+    """The job's worker process (a job is marked running just before its worker starts)."""
     import sqlite3
 
-    with sqlite3.connect(server.workdir / "service.db") as db:
-        return int(db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+    deadline = time.monotonic() + 30
+    while True:
+        with sqlite3.connect(server.workdir / "service.db") as db:
+            pid = db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        if pid is not None:
+            return int(pid)
+        assert time.monotonic() < deadline, f"job {job_id} has no worker process"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.server)
 
 
-def _slots(spec: str, threads: int | None) -> list[Any]:
+def _slots(spec: str, threads: int | None, on_ray: bool = False) -> list[Any]:
     from llmprune.service.scheduler import Slot
 
     cores = os.cpu_count() or 1
@@ -40,7 +40,9 @@ def _slots(spec: str, threads: int | None) -> list[Any]:
     if count < 1:
         raise LlmpruneError(f"--workers must be a count >= 1 or a list of devices, got {spec!r}")
     per = threads or max(1, cores // count)
-    if devices is None:
+    if devices is None and on_ray:  # the cluster's GPUs, not this machine's, decide (when it is joined)
+        devices = ["auto"] * count
+    elif devices is None:
         import torch
 
         devices = ["cuda" if torch.cuda.is_available() else "cpu"] * count
@@ -108,7 +110,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     settings = Settings(workdir=Path(args.workdir).expanduser(), token=token,
                         models=[Path(m).expanduser().resolve() for m in args.models_dir],
                         data=[Path(d).expanduser().resolve() for d in args.data_dir],
-                        slots=_slots(args.workers, args.threads), max_body=args.max_body,
+                        slots=_slots(args.workers, args.threads, args.executor == "ray"), max_body=args.max_body,
                         max_queued=args.max_queued, cancel_grace=args.cancel_grace,
                         stop_grace=args.stop_grace, executor=args.executor, ray_address=args.ray_address)
     if args.ray_address is not None and args.executor != "ray":

@@ -161,6 +161,10 @@ class RayScheduler:
         import ray
 
         connect(self.address)
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        for slot in self.slots:  # --workers N: one GPU a job on a cluster that has GPUs
+            if slot.device == "auto":
+                slot.device = "cuda" if gpus > 0 else "cpu"
         for job in self.db.jobs("running"):  # left running by an earlier server: adopt what lives
             try:
                 actor = ray.get_actor(actor_name(job["id"]), namespace=NAMESPACE)
@@ -168,9 +172,9 @@ class RayScheduler:
                 self.fail(job["id"], "its Ray actor is gone (it died while the server was down)")
                 continue
             self.placed[job["id"]] = Placed(job["id"], actor)
-            slot = next((s for s in self.slots if s.job is None), None)
-            if slot is not None:
-                slot.job = job["id"]
+            free = [s for s in self.slots if s.job is None]
+            if free:
+                free[0].job = job["id"]
             self.say(f"llmprune serve: job {job['id']} still runs on the Ray cluster; following it again")
         self.thread = threading.Thread(target=self.loop, name="llmprune-ray-scheduler", daemon=True)
         self.thread.start()
