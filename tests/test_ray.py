@@ -52,14 +52,14 @@ def slow_recipe(llama_dir: Path, text_file: Path) -> dict:
     return recipe(llama_dir, text_file, evaluation={"source": str(text_file), "seqlen": 64, "windows": 60})
 
 
-def actor(job_id: str, timeout: float = 30):
+def actor(job_id: str, timeout: float = 30, attempt: int = 1):
     """The job's actor on the cluster (the job is marked running just before it is placed)."""
     import ray
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return ray.get_actor(f"llmprune-job-{job_id}", namespace="llmprune")
+            return ray.get_actor(f"llmprune-job-{job_id}-{attempt}", namespace="llmprune")
         except ValueError:
             if time.monotonic() > deadline:
                 raise
@@ -119,6 +119,32 @@ def test_a_killed_ray_worker_fails_its_job_with_the_reason(ray_server, llama_dir
     # The service goes on: the next job runs.
     again = client.submit(recipe(llama_dir, text_file))
     assert wait(client, again["id"])["status"] == "succeeded"
+
+
+def test_a_streamed_job_whose_actor_dies_resumes_once_from_its_journal(ray_server, llama_dir, text_file,
+                                                                      tmp_path):
+    import ray
+
+    client = ray_server.client()
+    streamed = {**slow_recipe(llama_dir, text_file), "stream": "on"}
+    job = client.submit(streamed)
+    deadline = time.monotonic() + 120
+    while True:  # killed after its layers are journaled on the shared workdir, while it evaluates
+        progress = client.job(job["id"])["progress"] or {}
+        if progress.get("stage") == "eval pruned":
+            break
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.05)
+    os.kill(ray.get(actor(job["id"]).pid.remote(), timeout=30), signal.SIGKILL)
+    done = wait(client, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    logs = [data["message"] for kind, data in client.events(job["id"], follow=False) if kind == "log"]
+    assert any("Ray actor died" in line for line in logs) and any("resuming from" in line for line in logs)
+    from test_service import direct_run
+
+    local = direct_run(llama_dir, text_file, tmp_path / "direct")
+    resumed = tensors(ray_server.workdir / "jobs" / job["id"] / "out")
+    assert set(local) == set(resumed) and all((local[k] == resumed[k]).all() for k in local)
 
 
 def test_the_final_status_arrives_after_a_server_restart(cluster, llama_dir, text_file, tmp_path):

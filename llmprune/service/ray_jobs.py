@@ -11,7 +11,8 @@ shared ``--workdir`` that every node mounts at the same path.
 
 Cancel is the pipeline's cooperative cancel (a flag the job polls), then, past the cancel grace,
 ``ray.kill`` of the actor. An actor that dies (its process killed, its node lost) fails its job
-with Ray's reason. A finished job's actor is killed once its last calls are drained.
+with Ray's reason, except that a streamed job with a journal is queued once more and resumes
+after its last finished layer. A finished job's actor is killed once its last calls are drained.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
+from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.service.db import Database
 from llmprune.service.layout import Layout
 from llmprune.service.scheduler import CANCEL_GRACE_S, POLL_S, Slot
@@ -57,8 +59,9 @@ def connect(address: str | None) -> None:
         raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {first}") from None
 
 
-def actor_name(job_id: str) -> str:
-    return f"llmprune-job-{job_id}"
+def actor_name(job_id: str, attempt: int) -> str:
+    """Each attempt's actor has a name of its own (a dead actor's name may not be free at once)."""
+    return f"llmprune-job-{job_id}-{attempt}"
 
 
 class Relay:
@@ -167,9 +170,9 @@ class RayScheduler:
                 slot.device = "cuda" if gpus > 0 else "cpu"
         for job in self.db.jobs("running"):  # left running by an earlier server: adopt what lives
             try:
-                actor = ray.get_actor(actor_name(job["id"]), namespace=NAMESPACE)
+                actor = ray.get_actor(actor_name(job["id"], job["attempts"]), namespace=NAMESPACE)
             except ValueError:
-                self.fail(job["id"], "its Ray actor is gone (it died while the server was down)")
+                self.lost(job["id"], "its Ray actor is gone (it died while the server was down)")
                 continue
             self.placed[job["id"]] = Placed(job["id"], actor)
             free = [s for s in self.slots if s.job is None]
@@ -205,10 +208,10 @@ class RayScheduler:
         import ray
 
         gpu = slot.device.startswith("cuda")
-        remote = ray.remote(JobActor).options(
-            name=actor_name(job_id), namespace=NAMESPACE, lifetime="detached", max_concurrency=2, max_restarts=0,
-            num_cpus=slot.threads, num_gpus=1 if gpu else 0)
         row = self.db.get(job_id) or {}
+        remote = ray.remote(JobActor).options(
+            name=actor_name(job_id, int(row.get("attempts") or 1)), namespace=NAMESPACE, lifetime="detached",
+            max_concurrency=2, max_restarts=0, num_cpus=slot.threads, num_gpus=1 if gpu else 0)
         actor: Any = remote.remote(str(self.layout.workdir), job_id, row, "cuda" if gpu else "cpu", slot.threads)
         self.db.add_event(job_id, "log", {"level": "INFO", "message": f"placed on the Ray cluster: "
                                           f"{slot.threads} CPUs{', 1 GPU' if gpu else ''} (attempt "
@@ -225,8 +228,8 @@ class RayScheduler:
         except GetTimeoutError:
             return  # busy or still being placed; next time
         except RayActorError as exc:
-            self.fail(placed.job, f"its Ray actor died: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             self.forget(placed)
+            self.lost(placed.job, f"its Ray actor died: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             return
         for name, args, kwargs in batch["calls"]:
             if name in RELAYED:
@@ -245,6 +248,19 @@ class RayScheduler:
             self.db.add_event(placed.job, "log", {"level": "INFO", "message": reason})
             self.db.finish(placed.job, "cancelled", reason)
             self.kill(placed)
+
+    def lost(self, job_id: str, reason: str) -> None:
+        """A job whose actor died: run once more when it streams and its journal (on the shared
+        workdir) lets the next attempt resume after its last finished layer; else failed."""
+        row = self.db.get(job_id)
+        journal = self.layout.job(job_id) / ".out.partial" / JOURNAL_FOLDER
+        if row is not None and row["attempts"] < 2 and journal.is_dir():
+            self.db.add_event(job_id, "log", {"level": "ERROR", "message": reason})
+            self.db.add_event(job_id, "log", {"level": "INFO", "message": "queued again once, to resume from its "
+                                              "journal"})
+            self.db.requeue(job_id)
+            return
+        self.fail(job_id, reason)
 
     def fail(self, job_id: str, reason: str) -> None:
         self.db.add_event(job_id, "log", {"level": "ERROR", "message": reason})
