@@ -643,3 +643,25 @@ def test_a_job_pushes_with_the_servers_own_hub_token_which_is_stored_nowhere(tmp
             stop(live)
     leaked = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and hub_token.encode() in p.read_bytes()]
     assert leaked == [] and hub_token not in (tmp_path / "work-server.log").read_text()
+
+
+def test_the_ray_relay_keeps_each_call_until_the_server_has_stored_it():
+    """A Ray job's database calls are numbered and stay in its actor until the server says it
+    stored them: a drain answer that is lost, or a call the database refuses, comes again."""
+    from llmprune.service.ray_jobs import Relay
+
+    relay = Relay({"id": "j", "recipe": {}})
+    assert relay.get("j") == {"id": "j", "recipe": {}} and not relay.cancel_requested("j")
+    relay.add_event("j", "log", {"level": "INFO", "message": "hello"})
+    relay.update("j", stage="prune", done=1, total=2)
+    assert relay.finish("j", "succeeded", None, {"ppl": 3.0})
+    calls = relay.pending(0)
+    assert [(c[0], c[1]) for c in calls] == [(1, "add_event"), (2, "update"), (3, "finish")]
+    assert calls[1][3] == {"stage": "prune", "done": 1, "total": 2}
+    assert relay.pending(0) == calls  # nothing stored yet: all of them again
+    assert [c[0] for c in relay.pending(1)] == [2, 3]  # the first is stored: it goes
+    assert relay.pending(3) == []
+    relay.requeue("j")
+    assert [(c[0], c[1]) for c in relay.pending(3)] == [(4, "requeue")]
+    relay.cancel = True
+    assert relay.cancel_requested("j")

@@ -88,11 +88,12 @@ class ModelCheckpoint:
         unknown = [n for n in names if n not in self._group_of]
         if unknown:
             raise LlmpruneError(f"tensor {unknown[0]} is not in the checkpoint at {self.folder}")
-        keys = sorted({self._group_of[n] for n in names})
-        raw = self.checkpoint.read([stored for key in keys for stored, _ in self.groups[key]])
+        wanted = set(names)
         made: dict[str, torch.Tensor] = {}
-        for key in keys:
-            made.update(self._convert(key, self.groups[key], raw))
+        for key in sorted({self._group_of[n] for n in names}):  # one group's stored tensors at a time
+            raw = self.checkpoint.read([stored for stored, _ in self.groups[key]])
+            made.update((n, t) for n, t in self._convert(key, self.groups[key], raw).items() if n in wanted)
+            del raw
         return {name: made[name] for name in names}
 
 

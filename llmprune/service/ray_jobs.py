@@ -17,6 +17,7 @@ after its last finished layer. A finished job's actor is killed once its last ca
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -32,7 +33,6 @@ from llmprune.service.layout import Layout
 from llmprune.service.scheduler import CANCEL_GRACE_S, POLL_S, Slot
 
 NAMESPACE = "llmprune"
-DRAIN_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 # The job methods a relayed job may call on the server's database, and nothing else.
 RELAYED = {"add_event", "update", "finish", "requeue"}
@@ -47,13 +47,14 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     host, _, port = (address or "").rpartition(":")
-    if host and port.isdigit():  # Ray itself retries an unreachable head for minutes
+    host = host.strip("[]")
+    if host and "/" not in host and port.isdigit():  # Ray itself retries an unreachable head for minutes
         try:
             socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as exc:
             raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {exc}") from None
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    try:  # "auto": an existing cluster only (None would start a private one that dies with the server)
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {first}") from None
@@ -64,19 +65,25 @@ def actor_name(job_id: str, attempt: int) -> str:
     return f"llmprune-job-{job_id}-{attempt}"
 
 
+Call = tuple[int, str, tuple[Any, ...], dict[str, Any]]  # (sequence number, method, args, kwargs)
+
+
 class Relay:
-    """What a job asks of the database, kept until the server drains it; the cancel flag is the
-    one thing the server sends."""
+    """What a job asks of the database, numbered and kept until the server says it has stored
+    it (a call the server fails to store, or never receives, comes again with the next drain);
+    the cancel flag is the one thing the server sends."""
 
     def __init__(self, row: dict[str, Any]) -> None:
         self.row = row
-        self.outbox: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.outbox: list[Call] = []
+        self.sequence = 0
         self.lock = threading.Lock()
         self.cancel = False
 
     def _put(self, name: str, *args: Any, **kwargs: Any) -> None:
         with self.lock:
-            self.outbox.append((name, args, kwargs))
+            self.sequence += 1
+            self.outbox.append((self.sequence, name, args, kwargs))
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.row
@@ -98,10 +105,11 @@ class Relay:
     def cancel_requested(self, job_id: str) -> bool:
         return self.cancel
 
-    def take(self) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    def pending(self, stored: int) -> list[Call]:
+        """Drop the calls up to ``stored`` (the server has them); the rest, in order."""
         with self.lock:
-            taken, self.outbox = self.outbox, []
-        return taken
+            self.outbox = [call for call in self.outbox if call[0] > stored]
+            return list(self.outbox)
 
 
 class JobActor:
@@ -127,9 +135,9 @@ class JobActor:
         finally:
             self.done = True
 
-    def drain(self) -> dict[str, Any]:
+    def drain(self, stored: int) -> dict[str, Any]:
         done = self.done  # read first: calls made before it was set are in this batch
-        return {"calls": self.relay.take(), "done": done}
+        return {"calls": self.relay.pending(stored), "done": done}
 
     def cancel(self) -> None:
         self.relay.cancel = True
@@ -143,6 +151,9 @@ class Placed:
     job: str
     actor: Any
     cancel_sent: float | None = None
+    drain: Any = None  # the drain call in flight (one at a time: an unread one would be lost)
+    stored: int = 0  # the last relayed call committed to the database
+    answered: bool = False  # the actor has answered a drain (it was placed and runs)
 
 
 @dataclass
@@ -183,8 +194,6 @@ class RayScheduler:
         self.thread.start()
 
     def loop(self) -> None:
-        import logging
-
         while not self.stop_event.is_set():
             try:
                 self.step()
@@ -194,7 +203,10 @@ class RayScheduler:
 
     def step(self) -> None:
         for placed in list(self.placed.values()):
-            self.watch(placed)
+            try:
+                self.watch(placed)
+            except Exception:  # one job's trouble (a locked database, say) must not stall the others
+                logging.getLogger(__name__).exception("watching job %s failed; trying again", placed.job)
         busy = len(self.placed)
         for slot in [s for s in self.slots if s.job is None][:max(0, len(self.slots) - busy)]:
             if self.stop_event.is_set():
@@ -202,7 +214,10 @@ class RayScheduler:
             job = self.db.claim()
             if job is None:
                 return
-            self.launch(slot, job["id"])
+            try:
+                self.launch(slot, job["id"])
+            except Exception as exc:  # the cluster refused the actor: the job, not the server, fails
+                self.fail(job["id"], f"could not be placed on the Ray cluster: {type(exc).__name__}: {exc}")
 
     def launch(self, slot: Slot, job_id: str) -> None:
         import ray
@@ -213,33 +228,44 @@ class RayScheduler:
             name=actor_name(job_id, int(row.get("attempts") or 1)), namespace=NAMESPACE, lifetime="detached",
             max_concurrency=2, max_restarts=0, num_cpus=slot.threads, num_gpus=1 if gpu else 0)
         actor: Any = remote.remote(str(self.layout.workdir), job_id, row, "cuda" if gpu else "cpu", slot.threads)
-        self.db.add_event(job_id, "log", {"level": "INFO", "message": f"placed on the Ray cluster: "
-                                          f"{slot.threads} CPUs{', 1 GPU' if gpu else ''} (attempt "
-                                          f"{row.get('attempts')})"})
         slot.job = job_id
         self.placed[job_id] = Placed(job_id, actor)
+        self.db.add_event(job_id, "log", {"level": "INFO", "message": f"sent to the Ray cluster: "
+                                          f"{slot.threads} CPUs{', 1 GPU' if gpu else ''} (attempt "
+                                          f"{row.get('attempts')})"})
 
     def watch(self, placed: Placed) -> None:
+        """Collect the actor's answer when there is one (never waiting for it), store its calls,
+        then pass on a cancel."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-        try:
-            batch = ray.get(placed.actor.drain.remote(), timeout=DRAIN_TIMEOUT_S)
-        except GetTimeoutError:
-            return  # busy or still being placed; next time
-        except RayActorError as exc:
-            self.forget(placed)
-            self.lost(placed.job, f"its Ray actor died: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-            return
-        for name, args, kwargs in batch["calls"]:
-            if name in RELAYED:
-                getattr(self.db, name)(*args, **kwargs)
-        if batch["done"]:
-            row = self.db.get(placed.job)
-            if row is not None and row["status"] == "running":  # ended without a final word
-                self.fail(placed.job, "the job's Ray actor ended without finishing the job")
-            self.kill(placed)
-            return
+        if placed.drain is None:
+            placed.drain = placed.actor.drain.remote(placed.stored)
+        ready, _ = ray.wait([placed.drain], timeout=0)
+        if ready:
+            reference, placed.drain = placed.drain, None
+            try:
+                batch = ray.get(reference)
+            except ActorUnavailableError:
+                batch = None  # not answering for now (a restart of its node's link); ask again
+            except RayActorError as exc:
+                self.kill(placed)  # dead, or never to be reached: nothing of it may go on
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.lost(placed.job, f"its Ray actor died: {first}")
+                return
+            if batch is not None:
+                placed.answered = True
+                for sequence, name, args, kwargs in batch["calls"]:
+                    if name in RELAYED:
+                        getattr(self.db, name)(*args, **kwargs)  # raises: not marked stored, sent again
+                    placed.stored = sequence
+                if batch["done"]:
+                    row = self.db.get(placed.job)
+                    if row is not None and row["status"] == "running":  # ended without a final word
+                        self.fail(placed.job, "the job's Ray actor ended without finishing the job")
+                    self.kill(placed)
+                    return
         if placed.cancel_sent is None and self.db.cancel_requested(placed.job):
             placed.actor.cancel.remote()
             placed.cancel_sent = time.monotonic()
@@ -288,7 +314,7 @@ class RayScheduler:
         self.stop_event.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
-        for job_id in self.placed:
+        for job_id in list(self.placed):
             self.say(f"llmprune serve: job {job_id} keeps running on the Ray cluster")
         ray.shutdown()
         return []
