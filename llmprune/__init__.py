@@ -7,6 +7,8 @@ Importing the package has no side effects (no threads set, no downloads, no logg
     calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
     report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
     smaller, report = llmprune.prune_structured(model, llmprune.StructuredConfig("heads", sparsity=0.3), calib)
+    curves = llmprune.sensitivity(model, llmprune.SensitivityConfig("wanda"), calib, held_out_ids)
+    study = llmprune.saliency(model, llmprune.SaliencyConfig(layers=(0, 14, 29)), calib)
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ __all__ = [
     "Event",
     "Job",
     "LlmpruneError",
+    "LossGradients",
     "PruneConfig",
     "PruneReport",
+    "SaliencyConfig",
+    "SaliencyResult",
+    "SensitivityConfig",
+    "SensitivityResult",
     "StructuredConfig",
     "StructuredReport",
     "SweepConfig",
@@ -33,11 +40,14 @@ __all__ = [
     "decode_speed",
     "load_model",
     "load_recipe",
+    "loss_gradients",
     "perplexity",
     "prune",
     "prune_structured",
     "run_job",
     "run_sweep",
+    "saliency",
+    "sensitivity",
 ]
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmprune.analysis.oracle import SaliencyConfig, SaliencyResult, saliency
+from llmprune.analysis.sensitivity import SensitivityConfig, SensitivityResult, sensitivity
 from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.engine.driver import PruneReport, prune
+from llmprune.engine.gradients import LossGradients, loss_gradients
 from llmprune.engine.model import window_length
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.eval.perplexity import perplexity as _perplexity
@@ -34,8 +37,13 @@ __all__ = [
     "Event",
     "Job",
     "LlmpruneError",
+    "LossGradients",
     "PruneConfig",
     "PruneReport",
+    "SaliencyConfig",
+    "SaliencyResult",
+    "SensitivityConfig",
+    "SensitivityResult",
     "StructuredConfig",
     "StructuredReport",
     "SweepConfig",
@@ -44,9 +52,12 @@ __all__ = [
     "decode_speed",
     "load_model",
     "load_recipe",
+    "loss_gradients",
     "perplexity",
     "prune",
     "prune_structured",
     "run_job",
     "run_sweep",
+    "saliency",
+    "sensitivity",
 ]

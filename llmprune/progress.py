@@ -1,7 +1,7 @@
 """Progress events and cancellation, shared by every long-running part of llmprune.
 
 A long stage reports ``Event(stage, done, total, unit)``: "prune" 3 of 30 "layers", "eval dense"
-12 of 40 "windows", "taylor" 2 of 8 "batches". A caller passes one ``Progress`` callable and a
+12 of 40 "windows", "gradients" 2 of 8 "sequences". A caller passes one ``Progress`` callable and a
 ``Cancel`` predicate; the stage polls the predicate at each step and stops with
 :class:`~llmprune.errors.Cancelled` when it returns True.
 """
@@ -15,7 +15,7 @@ from llmprune.errors import Cancelled
 
 
 class Event(NamedTuple):
-    stage: str  # "load", "calibrate", "eval dense", "prune", "allocate", "taylor", "save", ...
+    stage: str  # "load", "calibrate", "eval dense", "prune", "allocate", "gradients", "save", ...
     done: int
     total: int
     unit: str  # what is counted: "layers", "windows", "batches", "files", "steps"

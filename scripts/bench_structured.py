@@ -51,11 +51,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import llmprune
+    from llmprune.engine.gradients import loss_gradients
     from llmprune.engine.model import find_decoder_layers
     from llmprune.eval.perplexity import perplexity
     from llmprune.eval.speed import decode_speed, weights_bytes
     from llmprune.io.data import evaluation_data
-    from llmprune.structured.run import StructuredConfig, plan_split, prune_structured, taylor_gradients
+    from llmprune.structured.run import StructuredConfig, plan_split, prune_structured
 
     model, tokenizer = llmprune.load_model("smollm2-135m")
     calibration = llmprune.calibration_data(tokenizer, "wikipedia", args.nsamples, args.seqlen, 0)
@@ -73,10 +74,10 @@ def main() -> None:
 
     scores = [s for s in args.scores.split(",") if s]
     grads = None
-    if "taylor" in scores:
+    if "taylor" in scores or "obd" in scores:
         tick = time.perf_counter()
-        grads = taylor_gradients(model, calibration, find_decoder_layers(model)[0], torch.device("cpu"))
-        print(f"(taylor gradients: {time.perf_counter() - tick:.0f} s, shared by every ratio)", flush=True)
+        grads = loss_gradients(model, calibration, torch.device("cpu"))
+        print(f"(gradients: {time.perf_counter() - tick:.0f} s, shared by every ratio)", flush=True)
     for ratio in (float(r) for r in args.ratios.split(",") if r):
         split = plan_split(model, StructuredConfig("structured", params=ratio), calibration)
         for score in scores:

@@ -68,8 +68,8 @@ def test_a_structured_job_reports_its_allocation_and_gradients(llama_dir, text_f
     config = StructuredConfig("structured", params=0.2, score="taylor")
     run(job(llama_dir, text_file, None, config, evaluation=EvalConfig(None)), progress=events.append)
     stages = check_stream(events)
-    assert list(stages) == ["load", "calibrate", "speed dense", "taylor", "allocate", "prune", "speed pruned"]
-    assert stages["taylor"][-1] == Event("taylor", 4, 4, "batches")  # 4 samples, one per batch
+    assert list(stages) == ["load", "calibrate", "speed dense", "gradients", "allocate", "prune", "speed pruned"]
+    assert stages["gradients"][-1] == Event("gradients", 4, 4, "sequences")  # 4 samples, one per backward
     assert stages["allocate"][-1] == Event("allocate", 2, 2, "layers")
 
 
@@ -96,7 +96,7 @@ def cancel_at(stage: str, done: int = 0):
     ("load", 0, "sparse"), ("calibrate", 0, "sparse"), ("eval dense", 2, "sparse"), ("prune", 1, "sparse"),
     ("eval pruned", 2, "sparse"), ("save", 0, "sparse"),
     ("save", 1, "sparse"),  # the checkpoint is written, not yet published
-    ("taylor", 2, "taylor"), ("allocate", 1, "taylor"), ("prune", 1, "taylor"),
+    ("gradients", 2, "taylor"), ("allocate", 1, "taylor"), ("prune", 1, "taylor"),
     ("eval dense", 1, "stream"), ("prune", 1, "stream"), ("eval pruned", 1, "stream"), ("save", 0, "stream"),
     ("save", 1, "stream"),  # its journal is gone with the metadata written: nothing left to resume
 ])

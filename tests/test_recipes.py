@@ -63,7 +63,7 @@ out: ./x
     ({"model": "m", "prune": {"pattern": 124}}, "quote N:M patterns"),
     ({"model": "m", "prune": {"pattern": "3:2"}}, "prune: N:M pattern needs"),
     ({"model": "m", "prune": {"sparsity": 1.5}}, "sparsity must be in [0, 1)"),
-    ({"model": "m", "prune": {"group": "column"}}, "prune.group: expected one of 'row', 'layer' or null"),
+    ({"model": "m", "prune": {"group": "column"}}, "prune.group: expected one of 'row', 'layer', 'global' or null"),
     ({"prune": {"method": "wanda"}}, "model is required"),
     ({"model": "m", "overwrite": "yes"}, "overwrite: expected true or false"),
 ])

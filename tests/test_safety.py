@@ -815,12 +815,13 @@ def test_bfloat16_on_a_cpu_is_computed_in_float32(tokenizer):
 def test_a_square_conv1d_gradient_is_transposed_by_type():
     from transformers.pytorch_utils import Conv1D
 
-    from llmprune.structured.run import get_weight_grad
+    from llmprune.engine.gradients import LossGradients
 
     conv, linear = Conv1D(4, 4), torch.nn.Linear(4, 4)
     g = torch.arange(16.0).reshape(4, 4)
-    assert torch.equal(get_weight_grad({"c.weight": g}, "c", conv), g.T)
-    assert torch.equal(get_weight_grad({"c.weight": g}, "c", linear), g)
+    gradients = LossGradients({"c.weight": g}, {"c.weight": g * 2}, 1)
+    assert all(torch.equal(a, b) for a, b in zip(gradients.of("c", conv), (g.T, 2 * g.T), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(gradients.of("c", linear), (g, 2 * g), strict=True))
 
 
 def test_sweep_plot_leaves_the_matplotlib_backend_alone(tmp_path):

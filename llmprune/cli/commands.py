@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from llmprune import __version__
+from llmprune.cli.common import THREADS_BEFORE, Bars, Help, exec_args, setup, write_result
 from llmprune.cli.service import COMMANDS as SERVICE_COMMANDS
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Event
@@ -25,27 +25,15 @@ SUBCOMMANDS = """subcommands:
   llmprune eval MODEL    perplexity and lm-eval tasks of a saved (or any) model
   llmprune push DIR      upload a pruned checkpoint to the Hugging Face Hub
   llmprune sweep         a grid of methods x sparsities x patterns, with a table and a plot
+  llmprune analyze sensitivity|saliency
+                         per-layer sensitivity curves; saliency criteria against the exact oracle
   llmprune serve         run pruning jobs for a team over HTTP (--workdir DIR)
   llmprune submit RECIPE a job to a server; jobs, status ID, logs ID [-f], cancel ID, fetch ID DIR
   (llmprune SUBCOMMAND --help for each)"""
 
 
-# torch's thread count before a command's --threads changed it (process-wide), to restore.
-THREADS_BEFORE: list[int] = []
-
-
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default, unless the text already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_Help)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=Help)
     p.add_argument("--version", action="version", version=f"llmprune {__version__}")
     return p
 
@@ -62,7 +50,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=None,
                    help="magnitude | wanda | sparsegpt (default) | admm (mask chosen inside ADMM least-squares "
-                   "iterations); structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor; "
+                   "iterations) | obd (1/2 F w^2, diagonal Fisher of the calibration loss) | taylor (|g w|); "
+                   "structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor | obd; "
                    "--pattern experts: reap (default) | frequency | random")
     g.add_argument("--sparsity", type=float, default=None,
                    help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern); for heads, "
@@ -80,6 +69,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv", choices=["query", "groups"], default="query",
                    help="heads under grouped-query attention: the same number of query heads from every KV "
                    "group (default), or whole KV groups")
+    g.add_argument("--saliency", default=None, metavar="PATH",
+                   help="structured patterns: put the correlation table of this saliency.json (`llmprune analyze "
+                   "saliency`) into the model card")
     g.add_argument("--decode-tokens", type=int, default=64,
                    help="structured patterns: tokens generated to measure decode speed before/after (0 = skip)")
     g.add_argument("--pattern", default="unstructured", help=PATTERN_HELP)
@@ -94,8 +86,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "(the layer's output still uses only the routed ones)")
     g.add_argument("--min-expert-tokens", type=int, default=32, metavar="N",
                    help="an expert with fewer calibration tokens is pruned by magnitude (recorded)")
-    g.add_argument("--group", choices=["row", "layer"], default=None,
-                   help="comparison group of unstructured masks (default: the method's reference choice)")
+    g.add_argument("--group", choices=["row", "layer", "global"], default=None,
+                   help="comparison group of unstructured masks; global: every weight of every layer at once "
+                   "(magnitude, obd, taylor) (default: the method's reference choice)")
     g.add_argument("--update", choices=["none", "obs", "admm"], default=None,
                    help="refit the kept weights after any mask: 'obs' (SparseGPT's one-pass update) or 'admm' "
                    "(the exact least-squares refit on the mask: ADMM, then conjugate gradients)")
@@ -107,9 +100,11 @@ def _prune_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", default=None, metavar="S1,S2,...",
                    help="iterative pruning: each layer pruned to these rising sparsities in turn, the last the target "
                    "(with --recover blockwise: recovery after each step), e.g. 0.3,0.5,0.7")
-    g.add_argument("--allocation", choices=["uniform", "owl"], default=None,
-                   help="layer sparsities: uniform, or owl (by each layer's outlier ratio on the dense model, "
-                   "the mean exactly --sparsity; unstructured only)")
+    g.add_argument("--allocation", choices=["uniform", "owl", "sensitivity"], default=None,
+                   help="layer sparsities: uniform, owl (by each layer's outlier ratio on the dense model) or "
+                   "sensitivity (from the curves of --sensitivity), the mean exactly --sparsity; unstructured only")
+    g.add_argument("--sensitivity", default=None, metavar="PATH",
+                   help="with --allocation sensitivity: the sensitivity.json of `llmprune analyze sensitivity`")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag H")
     g.add_argument("--shrink", type=float, default=None,
@@ -136,7 +131,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     o.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload the saved checkpoint to this repo")
     o.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    _exec_args(o)
+    exec_args(o)
     m = p.add_argument_group("models larger than memory")
     m.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
                    help="read each decoder layer from the safetensors shards and write it pruned to --out as it "
@@ -166,17 +161,6 @@ def _task_args(e: Any) -> None:
     e.add_argument("--tasks-batch-size", type=int, default=8, help="lm-eval batch size")
 
 
-def _exec_args(o: Any) -> None:
-    o.add_argument("--device", default=None,
-                   help="where each layer is processed: auto (CUDA if present), cpu, cuda:1 (default: auto)")
-    o.add_argument("--dtype", default=None,
-                   help="auto (keep the checkpoint's), float32, bfloat16, float16 (default: auto)")
-    o.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default, or 0: torch's choice)")
-    o.add_argument("--json", default=None, help="also write the results record to this file")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def _eval_parser() -> argparse.ArgumentParser:
     p = _parser("llmprune eval", "Perplexity and lm-eval tasks of a saved (or any) model.")
     p.add_argument("model", help="a folder, .gguf, built-in name or Hub id")
@@ -184,7 +168,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", dest="eval", help="same as --eval: the perplexity text (none = skip)")
     p.add_argument("--tasks", default=None, help="lm-eval tasks, e.g. arc_easy,hellaswag")
     _task_args(p)
-    _exec_args(p)
+    exec_args(p)
     return p
 
 
@@ -216,57 +200,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length")
     p.add_argument("--eval-windows", type=int, default=20, help="first N windows (0 = all)")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward")
-    _exec_args(p)
+    exec_args(p)
     return p
-
-
-class _Bars:
-    """One tqdm bar per stage, counting the stage's own unit (layers, windows, batches)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, event: Event) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(event.stage)
-        if bar is None:
-            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit=event.unit.rstrip("s"),
-                                                file=sys.stderr, leave=True)
-        bar.update(event.done - bar.n)
-        if event.done >= event.total:
-            bar.close()
-
-
-def _setup(args: argparse.Namespace) -> None:
-    if args.threads is not None and args.threads < 0:
-        raise LlmpruneError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
-    if getattr(args, "json", None):
-        from llmprune.io.export import check_json_path
-
-        check_json_path(args.json)  # before the work, not after it
-    # llmprune's own messages only (transformers' loggers reach the root logger where CI is
-    # set), to the stderr of this call (a fresh handler each time: in-process calls too)
-    logger = logging.getLogger("llmprune")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("llmprune: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    if args.threads:
-        import torch
-
-        THREADS_BEFORE.append(torch.get_num_threads())  # main() puts it back when the command ends
-        torch.set_num_threads(args.threads)
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
@@ -292,14 +227,16 @@ FLAG_KEYS = {
     "eval_tasks": "tasks.names", "tasks_include": "tasks.include", "tasks_limit": "tasks.limit",
     "num_fewshot": "tasks.num_fewshot", "tasks_batch_size": "tasks.batch_size", "push_to_hub": "push_to_hub",
     "private": "private", "allow_partial": "prune.allow_partial", "refine": "prune.refine",
-    "allocation": "prune.allocation", "recover": "prune.recover", "schedule": "prune.schedule",
+    "allocation": "prune.allocation", "sensitivity": "prune.sensitivity", "recover": "prune.recover",
+    "schedule": "prune.schedule",
     "expert_statistics": "prune.expert_statistics", "min_expert_tokens": "prune.min_expert_tokens",
-    "then_sparsity": "prune.then_sparsity",
+    "then_sparsity": "prune.then_sparsity", "saliency": "saliency",
 }
 # Options that only one kind of pruning takes: left out of the other kind's data unless given.
-ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial", "refine", "allocation", "recover",
+ONLY_UNSTRUCTURED = {"group", "update", "blocksize", "shrink", "allow_partial", "refine", "allocation", "sensitivity",
+                     "recover",
                      "schedule", "expert_statistics", "min_expert_tokens"}
-ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens", "then_sparsity"}
+ONLY_STRUCTURED = {"params", "drop_layers", "bridge", "kv", "decode_tokens", "then_sparsity", "saliency"}
 
 
 def _explicit(argv: Sequence[str]) -> dict[str, Any]:
@@ -356,7 +293,7 @@ def job_data(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
 def cmd_prune(argv: Sequence[str]) -> int:
     args = _prune_parser().parse_args(argv)
-    _setup(args)
+    setup(args)
     from llmprune.jobs.pipeline import run
     from llmprune.jobs.recipe import job_from_dict
 
@@ -377,18 +314,18 @@ def cmd_prune(argv: Sequence[str]) -> int:
         print(summary(record), flush=True)
         if record.get("tasks"):
             print(tasks_summary(record["tasks"]["dense"], record["tasks"]["pruned"]), flush=True)
-        _write_json(args, record)
+        write_result(args, record)
 
-    record = run(job, progress=_Bars(args.quiet), command=["llmprune", *argv], on_saved=saved)
+    record = run(job, progress=Bars(args.quiet), command=["llmprune", *argv], on_saved=saved)
     if record.get("pushed_to"):
         print(f"pushed to {record['pushed_to']}")
-        _write_json(args, record)
+        write_result(args, record)
     return 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
     args = _eval_parser().parse_args(argv)
-    _setup(args)
+    setup(args)
     from llmprune.engine.driver import resolve_device
     from llmprune.io.loading import load
     from llmprune.jobs.pipeline import evaluate_ppl
@@ -404,7 +341,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
         manager = check_tasks(names, args.tasks_include)
     model, tokenizer = load(args.model, args.dtype)
     device = resolve_device(args.device)
-    bars = _Bars(args.quiet)
+    bars = Bars(args.quiet)
     result: dict[str, Any] = {"model": args.model}
     if config.source is not None:
         result.update(evaluate_ppl(model, tokenizer, config, device, bars))
@@ -417,7 +354,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
                                          limit=args.tasks_limit, num_fewshot=args.num_fewshot,
                                          batch_size=args.tasks_batch_size, device=device, manager=manager)
         print(tasks_summary(result["tasks"]))
-    _write_json(args, result)
+    write_result(args, result)
     return 0
 
 
@@ -448,7 +385,7 @@ def cmd_push(argv: Sequence[str]) -> int:
 
 def cmd_sweep(argv: Sequence[str]) -> int:
     args = _sweep_parser().parse_args(argv)
-    _setup(args)
+    setup(args)
     from llmprune.engine.config import CalibrationConfig
     from llmprune.jobs.spec import EvalConfig
     from llmprune.jobs.sweep import SweepConfig, run_sweep, table
@@ -482,7 +419,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     print(table(record))
     print(f"{len(record['points'])} points; this run took {record['seconds_this_run']:.0f} s; "
           f"table and plot in {args.out} (sweep.json, sweep.csv, sweep.png)")
-    _write_json(args, record)
+    write_result(args, record)
     return 0
 
 
@@ -571,15 +508,15 @@ def structured_summary(record: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _write_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    if args.json:
-        from llmprune.io.export import write_json
+def cmd_analyze(argv: Sequence[str]) -> int:
+    from llmprune.cli.analyze import cmd_analyze as analyze
 
-        write_json(args.json, record)
+    return analyze(argv)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"prune": cmd_prune, "eval": cmd_eval, "push": cmd_push,
-                                                       "sweep": cmd_sweep, **SERVICE_COMMANDS}
+                                                       "sweep": cmd_sweep, "analyze": cmd_analyze,
+                                                       **SERVICE_COMMANDS}
 
 
 class Terminated(KeyboardInterrupt):

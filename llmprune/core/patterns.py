@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +24,8 @@ import torch
 
 from llmprune.errors import LlmpruneError
 
-Group = Literal["row", "layer"]
+# "global": one group over every matrix of the model, resolved by the driver into one count each
+Group = Literal["row", "layer", "global"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ def keep_unstructured(scores: torch.Tensor, sparsity: float, group: Group = "row
     rows, cols = scores.shape
     if group == "row":
         return ~lowest_mask(scores, prune_count(cols, sparsity))
+    if group != "layer":  # "global" is resolved by the driver into one count per matrix
+        raise ValueError(f"comparison group {group!r} is not one matrix's; use row or layer here")
     flat = scores.reshape(1, -1)
     return ~lowest_mask(flat, prune_count(rows * cols, sparsity)).reshape(rows, cols)
 
@@ -115,3 +119,41 @@ def select_keep(scores: torch.Tensor, pattern: Pattern, sparsity: float, group: 
     if pattern.kind == "nm":
         return keep_nm(scores, pattern.n, pattern.m)
     return keep_unstructured(scores, sparsity, group)
+
+
+def global_prune_counts(scores: Sequence[torch.Tensor], sparsity: float) -> list[int]:
+    """How many entries of each score tensor to prune so that ``sparsity`` of all entries
+    together go, lowest scores first: one comparison group spanning every tensor (global
+    magnitude; OBD's own setting). Ties at the threshold go in order, earlier tensors and lower
+    indices first, as a stable sort of the concatenation would; pruning each tensor's ``count``
+    lowest (:func:`lowest_mask` on its flattening) then prunes exactly that sorted prefix.
+
+    Scores must be finite and >= 0, so their float32 bit patterns, read as integers, sort like
+    the values: the threshold is found by bisection on those integers (exact, 31 counting
+    passes, no concatenated copy). Worked example: scores [[3, 1], [2, 2, 0]] at 60% prune 3 of
+    5: sorted 0, 1, 2, 2, 3, so the threshold is 2, one tied 2 goes: counts [1, 2].
+    """
+    flats = [s.detach().float().reshape(-1) + 0.0 for s in scores]  # + 0.0: -0.0 becomes +0.0
+    for flat in flats:
+        if flat.numel() and not (bool(torch.isfinite(flat).all()) and float(flat.min()) >= 0):
+            raise LlmpruneError("global pruning needs finite scores >= 0")
+    bits = [flat.view(torch.int32) for flat in flats]
+    total = sum(b.numel() for b in bits)
+    k = prune_count(total, sparsity)
+    if k <= 0:
+        return [0] * len(bits)
+    lo, hi = 0, 0x7F800000  # +0.0 and +inf: the smallest threshold with at least k at or below
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(int((b <= mid).sum()) for b in bits) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    below = [int((b < lo).sum()) for b in bits]
+    room = k - sum(below)
+    counts = []
+    for b, under in zip(bits, below, strict=True):
+        tied = min(room, int((b == lo).sum()))
+        room -= tied
+        counts.append(under + tied)
+    return counts

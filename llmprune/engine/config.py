@@ -10,7 +10,7 @@ from typing import Literal
 from llmprune.core.patterns import Pattern
 from llmprune.engine.experts import EXPERT_STATISTICS, ExpertStatistics
 from llmprune.errors import LlmpruneError
-from llmprune.methods import Options, get_method
+from llmprune.methods import METHODS, Options, get_method
 
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 SHRINK = 0.1  # a named method's Hessian shrinkage (the default recipe sets its own)
@@ -45,14 +45,20 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
 class PruneConfig:
     """What to prune and how.
 
-    * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``; None (default): the default
+    * ``method``: ``magnitude``, ``wanda``, ``sparsegpt``, ``admm``, ``obd`` (½·F_qq·w_q², the
+      diagonal empirical Fisher of the calibration loss) or ``taylor`` (|g_q·w_q|): the last two
+      from gradients of the whole model's loss (:mod:`llmprune.methods.loss`); None (default): the default
       recipe for the pattern and sparsity (:func:`default_recipe`), which also fills in
       ``update``, ``refine``, ``allocation`` and ``shrink`` where they are not given.
     * ``pattern``: ``"unstructured"`` or ``"N:M"`` (N kept in every M consecutive weights).
     * ``sparsity``: fraction of zeros in [0, 1). ``None`` (default): the pattern's own for N:M
       (2:4 = 0.5, 1:4 = 0.75), 0.5 for unstructured.
-    * ``group``: comparison group of unstructured masks, ``"row"`` or ``"layer"``
-      (default: the method's reference choice: magnitude and SparseGPT per layer, Wanda per row).
+    * ``group``: comparison group of unstructured masks, ``"row"``, ``"layer"`` or ``"global"``
+      (every prunable weight of every decoder layer in one group, so layers end at different
+      sparsities with the mean the target; for the methods whose scores are known before any
+      layer is pruned: magnitude, obd, taylor) (default: the method's reference choice:
+      magnitude and SparseGPT per layer, Wanda per row, OBD and Taylor global where they can be,
+      else per layer).
     * ``method`` ``admm``: the mask is chosen inside ADMM least-squares iterations, its sparsity
       raised gradually (Boža 2024), then refit on its support.
     * ``update``: ``"obs"`` re-fits kept weights with SparseGPT's OBS update after any mask;
@@ -66,8 +72,11 @@ class PruneConfig:
     * ``allocation``: ``"uniform"`` (every decoder layer at the target) or ``"owl"``: each
       layer's sparsity from its outlier ratio (the share of Wanda scores above ``owl_m`` × their
       mean, on the dense model), spread over ±``owl_lambda`` around the target with the mean
-      over all pruned weights exactly the target (Yin et al. 2024). Unstructured only: every
-      layer of an N:M checkpoint keeps N of every M.
+      over all pruned weights exactly the target (Yin et al. 2024); or ``"sensitivity"``: from
+      the measured curves at ``sensitivity`` (a ``sensitivity.json`` of ``llmprune analyze
+      sensitivity``, by layers), filled cheapest first with the same exact mean
+      (:mod:`llmprune.engine.curves`). Unstructured only: every layer of an N:M checkpoint keeps
+      N of every M.
     * ``recover``: ``"blockwise"`` trains each pruned decoder layer's kept weights (Adam,
       ``recover_epochs`` over the calibration batches at ``recover_lr``) to reproduce the dense
       layer's outputs, attention then MLP, zeros kept; kept only if the held-out calibration
@@ -105,7 +114,7 @@ class PruneConfig:
     method: str | None = None
     pattern: str = "unstructured"
     sparsity: float | None = None
-    group: Literal["row", "layer"] | None = None
+    group: Literal["row", "layer", "global"] | None = None
     update: Literal["none", "obs", "admm"] | None = None
     blocksize: int = 128
     damp: float = 0.01
@@ -114,7 +123,8 @@ class PruneConfig:
     shrink: float | None = None
     allow_partial: bool = False
     refine: Literal["none", "dsnot"] | None = None
-    allocation: Literal["uniform", "owl"] | None = None
+    allocation: Literal["uniform", "owl", "sensitivity"] | None = None
+    sensitivity: str | None = None  # allocation "sensitivity": the sensitivity.json of the curves
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     admm_iterations: int | None = None
@@ -158,8 +168,20 @@ class PruneConfig:
                 f"pattern {pattern} keeps {pattern.n} of every {pattern.m} weights (sparsity "
                 f"{implied:g}), which contradicts sparsity {self.sparsity:g}"
             )
-        if self.group not in (None, "row", "layer"):
-            raise LlmpruneError(f"group must be 'row' or 'layer', got {self.group!r}")
+        if self.group not in (None, "row", "layer", "global"):
+            raise LlmpruneError(f"group must be 'row', 'layer' or 'global', got {self.group!r}")
+        if self.group == "global":
+            if method.saliency is None:
+                known = ", ".join(m.name for m in METHODS.values() if m.saliency is not None)
+                raise LlmpruneError(f"group 'global' ranks every weight of the model before any is pruned, which "
+                                    f"{method.name}'s scores (made from pruned layers' inputs) cannot; use {known}")
+            if pattern.kind == "nm":
+                raise LlmpruneError(f"group 'global' varies the sparsity by matrix, which pattern {pattern} fixes")
+            if self.allocation not in (None, "uniform"):
+                raise LlmpruneError(f"group 'global' sets every layer's sparsity itself; drop allocation "
+                                    f"{self.allocation!r}")
+            if self.schedule is not None:
+                raise LlmpruneError("group 'global' prunes in one step; drop schedule")
         if self.update not in (None, "none", "obs", "admm"):
             raise LlmpruneError(f"update must be 'none', 'obs' or 'admm', got {self.update!r}")
         if method.always_updates and self.update == "none":
@@ -167,10 +189,16 @@ class PruneConfig:
                                 "drop update='none'")
         if self.refine not in (None, "none", "dsnot"):
             raise LlmpruneError(f"refine must be 'none' or 'dsnot', got {self.refine!r}")
-        if self.allocation not in (None, "uniform", "owl"):
-            raise LlmpruneError(f"allocation must be 'uniform' or 'owl', got {self.allocation!r}")
-        if self.allocation == "owl" and pattern.kind == "nm":
-            raise LlmpruneError(f"allocation 'owl' varies the sparsity by layer, which pattern {pattern} fixes at "
+        if self.allocation not in (None, "uniform", "owl", "sensitivity"):
+            raise LlmpruneError(f"allocation must be 'uniform', 'owl' or 'sensitivity', got {self.allocation!r}")
+        if (self.allocation == "sensitivity") != (self.sensitivity is not None):
+            raise LlmpruneError("allocation 'sensitivity' reads its curves from sensitivity (--sensitivity "
+                                "PATH/sensitivity.json, from `llmprune analyze sensitivity`); give both or neither")
+        if self.sensitivity is not None and not (isinstance(self.sensitivity, str) and self.sensitivity.strip()):
+            raise LlmpruneError(f"sensitivity must be the path of a sensitivity.json, got {self.sensitivity!r}")
+        if self.allocation in ("owl", "sensitivity") and pattern.kind == "nm":
+            raise LlmpruneError(f"allocation {self.allocation!r} varies the sparsity by layer, which pattern {pattern} "
+                                "fixes at "
                                 f"{pattern.n} of every {pattern.m} in every layer; use an unstructured sparsity")
         if not (_number(self.owl_m) and math.isfinite(self.owl_m) and self.owl_m > 0):
             raise LlmpruneError(f"owl_m must be a positive multiple of the mean score, got {self.owl_m}")
@@ -238,10 +266,15 @@ class PruneConfig:
         """The per-matrix options handed to the method."""
         method = get_method(self.method_name)
         update = self.update or method.own_update or "none"
+        pattern = Pattern.parse(self.pattern)
+        group = self.group or method.default_group
+        if group == "global" and self.group is None and (
+                pattern.kind == "nm" or self.allocation not in (None, "uniform") or self.schedule):
+            group = "layer"  # the default cannot be global here; an explicit one was refused
         return Options(
-            pattern=Pattern.parse(self.pattern),
+            pattern=pattern,
             sparsity=self.target_sparsity,
-            group=self.group or method.default_group,
+            group=group,
             update=update,
             blocksize=self.blocksize,
             damp=self.damp,

@@ -22,7 +22,9 @@ from llmprune.core.allocation import outlier_ratio, owl_sparsities
 from llmprune.core.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
 from llmprune.engine.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.engine.config import PruneConfig
+from llmprune.engine.curves import curve_allocation
 from llmprune.engine.experts import UNFUSED, expert_containers, layout_of, routing_of, slice_shapes, unfused
+from llmprune.engine.gradients import LossGradients, loss_gradients
 from llmprune.engine.lockstep import Diverged, Lockstep
 from llmprune.engine.model import (
     check_finite,
@@ -38,10 +40,11 @@ from llmprune.engine.model import (
     weight_matrices,
 )
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
+from llmprune.engine.saliency import check_gradients_possible, global_allocation, layer_weight_stats
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile
 from llmprune.io.memory import available_bytes
-from llmprune.methods import COLUMN_NORMS, HESSIAN, Method, Options, get_method, pieces
+from llmprune.methods import COLUMN_NORMS, HESSIAN, PER_WEIGHT, Method, Options, Stats, get_method, pieces
 from llmprune.progress import Event, Progress, check_cancel
 
 log = logging.getLogger(__name__)
@@ -306,10 +309,11 @@ class _Watcher:
 
 def _prune_linear(
     name: str, linear: nn.Module, stats: StatSet, method: Method, options: Options,
-    storage: torch.dtype | None = None, dense: torch.Tensor | None = None,
+    storage: torch.dtype | None = None, dense: torch.Tensor | None = None, extra: Stats | None = None,
 ) -> LinearReport:
     W = get_weight(linear).detach()
-    result = pieces.prune(method, W, stats.values(method, options), options)
+    values = stats.values(method, options)
+    result = pieces.prune(method, W, {**values, **extra} if extra else values, options)
     # Computing in a wider dtype than the checkpoint's: round to what will be saved, so the next
     # linears and layers see the weights the checkpoint will hold.
     new = result.weight if storage is None else result.weight.to(storage)
@@ -385,6 +389,8 @@ def visit_layer(
             on_ready(name, watcher.stats[watcher.leader[name]])
         if not ready:
             break  # the rest never runs on calibration data
+    if isinstance(sink, Discard):
+        return sink  # nobody reads this layer's outputs: no pass to make them
     return run_batches(layer, hidden, calls, device, sink)
 
 
@@ -394,31 +400,41 @@ def prune_layer(
     method: Method, options: Options, sequential: bool, device: torch.device, lockstep: bool = False,
     out: Sink | None = None, storage: torch.dtype | None = None,
     dense: dict[str, torch.Tensor] | None = None, min_expert_tokens: int = 0,
+    weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
+    only: set[str] | None = None,
 ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
     ``storage``: the checkpoint's dtype when the layer is computed in a wider one. ``dense``:
     the linears' dense weights, when the layer is already partly pruned (a schedule's later
     step): the reports' errors are measured against them. An expert's linear (the layer's
     experts unfused, :func:`~llmprune.engine.experts.unfused`) whose statistics hold fewer than
-    ``min_expert_tokens`` tokens is pruned by magnitude, without an update (a starving expert)."""
+    ``min_expert_tokens`` tokens is pruned by magnitude, without an update (a starving expert).
+    ``weight_stats``: per-weight statistics by linear name (gradients of the network loss);
+    ``linear_sparsity``: each linear's own sparsity, compared over the whole matrix (a global
+    comparison group resolved beforehand). ``only``: prune just these linears (names relative to
+    the layer), the rest left as they are."""
     linears = find_linears(layer)
+    if only is not None:
+        linears = {name: linear for name, linear in linears.items() if name in only}
     experts = expert_linears(layer)
     reports: dict[str, LinearReport] = {}
     fallback = get_method("magnitude")
-    plain = replace(options, update="none", refine="none")
     needs = pieces.needs(method, options)  # magnitude reads none: no expert of it starves
 
     def prune(name: str, stats: StatSet) -> None:
         # Fewer than one token: no statistics at all, whatever the threshold.
         starving = bool(needs) and name in experts and stats.rows < max(1, min_expert_tokens)
+        own = options if linear_sparsity is None else replace(options, sparsity=linear_sparsity[name], group="layer")
+        plain = replace(own, update="none", refine="none")
         reports[name] = _prune_linear(name, linears[name], stats, fallback if starving else method,
-                                      plain if starving else options, storage,
-                                      None if dense is None else dense[name])
+                                      plain if starving else own, storage,
+                                      None if dense is None else dense[name],
+                                      None if weight_stats is None else weight_stats[name])
         if name in experts:
             reports[name].tokens = stats.tokens
             reports[name].fallback = "magnitude" if starving else None
 
-    outputs = visit_layer(layer, hidden, calls, linears, needs, prune, sequential, device, lockstep, out)
+    outputs = visit_layer(layer, hidden, calls, linears, needs - PER_WEIGHT, prune, sequential, device, lockstep, out)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 
@@ -483,7 +499,8 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
 
 def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], method: Method,
                     options: Options, config: PruneConfig, device: torch.device, lockstep: bool, sink: Sink,
-                    index: int, report: PruneReport, storage: torch.dtype | None
+                    index: int, report: PruneReport, storage: torch.dtype | None,
+                    weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
                     ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer: in one step, or through ``config.schedule`` (each step's
     sparsity scaled to this layer's target), each step followed by block-wise recovery when
@@ -502,7 +519,7 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         step = replace(options, sparsity=sparsity, keep_zeros=number > 0)
         outputs, reports = prune_layer(layer, hidden, calls, method, step,
                                        config.sequential, device, lockstep, sink if direct else Discard(), storage,
-                                       dense, config.min_expert_tokens)
+                                       dense, config.min_expert_tokens, weight_stats, linear_sparsity)
         if targets is not None:  # judged on the weights the checkpoint will hold
             item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
@@ -641,6 +658,7 @@ def prune(
     layer_devices: Sequence[torch.device] | None = None,
     host: LayerHost | None = None,
     captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None = None,
+    gradients: LossGradients | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
 
@@ -653,6 +671,9 @@ def prune(
     then partly pruned). ``host`` decides where layer weights live between visits (default: in
     ``model``). ``captured``: the inputs of layer 0 and every layer's call arguments, from an
     earlier :func:`capture_layer_calls` of the same calibration batches (a sweep reuses them).
+    ``gradients``: for the methods that read the network loss's gradients (``obd``, ``taylor``),
+    those of this dense model (:func:`~llmprune.engine.gradients.loss_gradients`) if already
+    computed; otherwise they are computed here first (progress stage "gradients").
     Embeddings, norms and ``lm_head`` are never pruned.
     """
     start = time.perf_counter()
@@ -668,11 +689,16 @@ def prune(
     devices = list(layer_devices) if layer_devices is not None else [run_device] * len(layers)
     if len(devices) != len(layers):
         raise LlmpruneError(f"{len(devices)} layer devices given for {len(layers)} decoder layers")
+    kinds = pieces.needs(method, options)
+    check_gradients_possible(method, kinds, layers, streamed=type(host) is not LayerHost and gradients is None)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
+        if kinds & PER_WEIGHT and gradients is None:
+            gradients = loss_gradients(model, calibration, run_device, layer_devices, progress, cancel)
+            model.eval()
         return _prune_layers(model, config, calibration, method, options, host, layers_path, layers, run_device,
-                             devices, batch_size, progress, cancel, captured, unpruned, start)
+                             devices, batch_size, progress, cancel, captured, unpruned, start, gradients, kinds)
     finally:
         for module, training in modes.items():  # the caller's model keeps the modes it had
             module.training = training
@@ -683,7 +709,7 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                   devices: list[torch.device], batch_size: int | None, progress: Progress | None,
                   cancel: Callable[[], bool] | None,
                   captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None, unpruned: list[str],
-                  start: float) -> PruneReport:
+                  start: float, gradients: LossGradients | None, kinds: set[str]) -> PruneReport:
     widest = max(widest_width(layer) for layer in layers)  # DeepSeek's first layers are dense
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     budget = host.lockstep_budget()
@@ -699,6 +725,12 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     allocation = None
     if config.allocation == "owl":
         allocation = owl_allocation(layers, inputs, calls, host, devices, config, options.sparsity, progress, cancel)
+    if config.allocation == "sensitivity":
+        assert config.sensitivity is not None
+        allocation = curve_allocation(config.sensitivity, layers, options.sparsity)
+    if options.group == "global" and options.pattern.kind == "unstructured":
+        allocation = global_allocation(method, layers_path, layers, host, gradients, kinds, options.sparsity,
+                                       config.expert_statistics, progress, cancel)
     resumed = host.resume(inputs)
     del inputs
     hidden: Sequence[torch.Tensor] = resumed.hidden
@@ -723,10 +755,20 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         # Widening is lossless; on the way back each tensor returns to its own dtype.
         layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
         layer_options = options if allocation is None else replace(options, sparsity=allocation["sparsity"][index])
+        prefix = f"{layers_path}.{index}"
+        linear_sparsity = None
+        if allocation is not None and allocation["kind"] == "global":
+            # Half a weight above each count: floor(size · sparsity) then lands on the count exactly,
+            # whatever the rounding of count / size.
+            linear_sparsity = {name[len(prefix) + 1:]: (count + 0.5) / size
+                               for name, (count, size) in allocation["linear_counts"].items()
+                               if name.startswith(prefix + ".")}
         with unfused(layer, config.expert_statistics):  # fused experts as linears of their own, meanwhile
+            weight_stats = layer_weight_stats(gradients, kinds, prefix, layer, devices[index])
             outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
                                                       devices[index], lockstep, host.sink(index), index, report,
-                                                      storage if compute != storage else None)
+                                                      storage if compute != storage else None, weight_stats,
+                                                      linear_sparsity)
         layer.to(home)
         restore_dtypes(layer, dtypes)
         report.weight_counts.append(count_zeros(layer))

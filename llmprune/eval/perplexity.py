@@ -200,36 +200,54 @@ def layerwise_perplexity(model: nn.Module, source: Any, windows: torch.Tensor, d
             steps(index + 1)
         last = layers[-1]
         source.fetch(len(layers) - 1, last)
-        home = next(last.parameters()).device
-        last.to(device)
-        move_front(model, source.layers_path, device)
-        total = 0.0
-        saved = [block.__dict__.get("forward") for block in layers]
-        try:
-            for block in layers[:-1]:
-                block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
-            # Causal: the stored states of the first positions are those of the shorter probe.
-            last.forward = Substitute(last, hidden[0][:1, :PROBE])
-            head = loss_head(model, batches[0][:1, :PROBE].to(device))
-            for batch, state in zip(batches, hidden, strict=True):
-                last.forward = Substitute(last, state)
-                ids = batch.to(device)
-                if head is not None:
-                    total += head.summed_nll(head.hidden(ids), ids)
-                else:
-                    total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
-        finally:
-            for block, original in zip(layers, saved, strict=True):
-                if original is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = original
-            move_front(model, source.layers_path, torch.device("cpu"))
-            last.to(home if keep else "meta")
+        total = tail_nll(model, source.layers_path, layers, hidden, batches, device, keep)
     finally:
         source.release_rest()
     steps(len(layers) + 1)
     return math.exp(total / windows[:, 1:].numel())
+
+
+@torch.no_grad()
+def tail_nll(model: nn.Module, layers_path: str, layers: nn.ModuleList, hidden: list[torch.Tensor],
+             batches: list[torch.Tensor], device: torch.device, keep: bool = True) -> float:
+    """Σ next-token NLL over ``batches`` when the last decoder layer is given ``hidden`` (the
+    states entering it, one tensor per batch) and the model's own tail (final norm, head, its
+    post-processing) follows, on ``device``. The embeddings and earlier layers are skipped; the
+    front modules go back where the embeddings were afterwards, the last layer where it was
+    (``keep``) or to the meta device."""
+    last = layers[-1]
+    home = next(last.parameters()).device
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    front = next(embeddings.parameters()).device if isinstance(embeddings, nn.Module) else torch.device("cpu")
+    if front.type == "meta":  # a streamed model's front is read in by the caller
+        front = torch.device("cpu")
+    last.to(device)
+    move_front(model, layers_path, device)
+    total = 0.0
+    saved = [block.__dict__.get("forward") for block in layers]
+    try:
+        for block in layers[:-1]:
+            block.forward = lambda *a, **k: a[0] if a else k["hidden_states"]
+        # Causal: the stored states of the first positions are those of the shorter probe.
+        last.forward = Substitute(last, hidden[0][:1, :PROBE])
+        head = loss_head(model, batches[0][:1, :PROBE].to(device))
+        for batch, state in zip(batches, hidden, strict=True):
+            last.forward = Substitute(last, state)
+            ids = batch.to(device)
+            if head is not None:
+                total += head.summed_nll(head.hidden(ids), ids)
+            else:
+                total += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
+    finally:
+        for block, original in zip(layers, saved, strict=True):
+            if original is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = original
+        move_front(model, layers_path, front)
+        last.to(home if keep else "meta")
+    return total
 
 
 def streamed_perplexity(model: nn.Module, host: StreamHost, source: ModelCheckpoint, windows: torch.Tensor,

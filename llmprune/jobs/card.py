@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shlex
+from pathlib import Path
 from typing import Any
 
+from llmprune.errors import LlmpruneError
 from llmprune.io.data import SPLIT_SOURCES
 
 
@@ -175,11 +179,60 @@ def structured_card(record: dict[str, Any]) -> str:
     what = "Layers ranked by block influence" if record["pattern"] == "layers" else f"Score: {record['method']}"
     lines += ["", f"{what}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
               f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
+    lines += saliency_section(record.get("saliency"))
     lines += tasks_table(record)
     lines += reproduce(record)
     for note in record.get("notes", []):
         lines += [f"Note: {note}", ""]
     return "\n".join(lines)
+
+
+def read_saliency(path: str) -> dict[str, Any]:
+    """The correlations of a ``saliency.json`` (``llmprune analyze saliency``), checked, for a
+    model card: each study's Spearman ρ per criterion, their means and the best criterion."""
+    where = Path(path).expanduser()
+    try:
+        record = json.loads(where.read_text())
+    except OSError as exc:
+        raise LlmpruneError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise LlmpruneError(f"{where} is not JSON; give the saliency.json of `llmprune analyze saliency`") from None
+    if not (isinstance(record, dict) and record.get("kind") == "saliency" and isinstance(record.get("studies"), list)
+            and isinstance(record.get("mean_spearman"), dict)):
+        raise LlmpruneError(f"{where} is not the saliency.json of `llmprune analyze saliency`")
+    try:
+        studies = [{"layer": int(s["layer"]), "unit": str(s["unit"]), "spearman": dict(s["spearman"])}
+                   for s in record["studies"]]
+    except (KeyError, TypeError, ValueError):
+        raise LlmpruneError(f"{where} has malformed studies; give the saliency.json of `llmprune analyze "
+                            "saliency`") from None
+    return {"source": where.name, "model": record.get("model"), "best": record.get("best"),
+            "mean_spearman": record["mean_spearman"], "studies": studies}
+
+
+def _rho(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def saliency_section(saliency: dict[str, Any] | None) -> list[str]:
+    """The oracle study's correlation table (Markdown lines), if the run was given one."""
+    if not saliency:
+        return []
+    studies, means = saliency["studies"], saliency["mean_spearman"]
+
+    def order(name: str) -> float:
+        return 2.0 if _rho(means[name]) == "n/a" else -float(means[name])
+
+    lines = ["", "## Saliency criteria against the oracle", "",
+             "Spearman correlation of each criterion's ranking of units with the exact change in calibration loss "
+             f"when the unit alone is removed (`llmprune analyze saliency` on {saliency.get('model')}); best: "
+             f"**{saliency.get('best')}**.", "",
+             "| criterion | " + " | ".join(f"layer {s['layer']} {s['unit']}" for s in studies) + " | mean |",
+             "|" + "---|" * (len(studies) + 2)]
+    for name in sorted(means, key=order):
+        lines.append(f"| {name} | " + " | ".join(_rho(s["spearman"].get(name)) for s in studies) +
+                     f" | {_rho(means[name])} |")
+    return lines
 
 
 def pieces_line(record: dict[str, Any]) -> str:
@@ -189,8 +242,14 @@ def pieces_line(record: dict[str, Any]) -> str:
     allocation = record.get("allocation")
     if allocation:
         sparsity = allocation["sparsity"]
-        parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; "
-                     f"{min(sparsity):.3f} to {max(sparsity):.3f})")
+        spread = f"{min(sparsity):.3f} to {max(sparsity):.3f}"
+        if allocation["kind"] == "global":
+            parts.append(f"layer sparsity: one global comparison group of {allocation['method']} saliencies "
+                         f"({spread})")
+        elif allocation["kind"] == "sensitivity":
+            parts.append(f"layer sparsity: from measured sensitivity curves ({allocation['source']}; {spread})")
+        else:
+            parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; {spread})")
     else:
         parts.append("layer sparsity: uniform")
     recovery = record.get("recovery") or []

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from llmprune.engine.config import PruneConfig
+from llmprune.engine.curves import read_curves
 from llmprune.engine.driver import PruneReport, resolve_device
 from llmprune.engine.model import window_length
 from llmprune.errors import LlmpruneError
@@ -30,7 +32,7 @@ from llmprune.io.data import calibration_data, check_text_source, evaluation_dat
 from llmprune.io.export import OutputLock, check_output, publish_folder
 from llmprune.io.loading import BUILTIN_MODELS
 from llmprune.io.memory import reset_peaks
-from llmprune.jobs.card import model_card, structured_card
+from llmprune.jobs.card import model_card, read_saliency, structured_card
 from llmprune.jobs.record import build_record, build_structured_record, warn_before_work
 from llmprune.jobs.spec import EvalConfig as EvalConfig  # re-exported: the specs' old home
 from llmprune.jobs.spec import Job as Job
@@ -192,6 +194,8 @@ def record(state: State) -> None:
         result = build_structured_record(job, model, state.report, state.calibration, state.dense, state.pruned,
                                          state.timings, state.device, state.command, state.speed.get("dense"),
                                          state.speed.get("pruned"), state.bytes_dense)
+        if job.saliency:
+            result["saliency"] = read_saliency(job.saliency)
     else:
         result = build_record(job, model, state.report, state.calibration, state.dense, state.pruned,
                               state.timings, state.device, state.command)
@@ -253,6 +257,10 @@ def evaluate_ppl(model: Any, tokenizer: Any, config: EvalConfig, device: torch.d
 def read_paths(job: Job) -> list[Path]:
     """Local paths the job reads (the model, its text files): the output may not replace them."""
     candidates = [job.calibration.source, job.evaluation.source or ""]
+    if isinstance(job.prune, PruneConfig) and job.prune.sensitivity:
+        candidates.append(job.prune.sensitivity)
+    if job.saliency:
+        candidates.append(job.saliency)
     if job.model in BUILTIN_MODELS:
         from llmprune.io.assets import cache_dir
 
@@ -289,6 +297,10 @@ def check_job(job: Job) -> Path | None:
     for source in (job.calibration.source, job.evaluation.source):
         if source:
             check_text_source(source)
+    if isinstance(job.prune, PruneConfig) and job.prune.sensitivity:
+        read_curves(job.prune.sensitivity)  # readable and by layer; the layer count once the model is known
+    if job.saliency:
+        read_saliency(job.saliency)
     if job.out and job.offload_dir:
         offload, out = Path(job.offload_dir).expanduser().resolve(), Path(job.out).expanduser().resolve()
         if offload.is_relative_to(out):

@@ -53,7 +53,9 @@ class TasksConfig:
 class Job:
     """``prune``: a :class:`PruneConfig` (unstructured, N:M) or a :class:`StructuredConfig`
     (heads, channels, structured, layers). ``decode_tokens``: for structured runs, tokens
-    generated to measure decode speed before and after (0 = skip)."""
+    generated to measure decode speed before and after (0 = skip). ``saliency``: for structured
+    runs, a ``saliency.json`` of ``llmprune analyze saliency`` whose correlation table goes into
+    the model card."""
 
     model: str
     prune: PruneConfig | StructuredConfig = field(default_factory=PruneConfig)
@@ -72,6 +74,7 @@ class Job:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     push_to_hub: str | None = None
     private: bool = False
+    saliency: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 0:
@@ -84,5 +87,8 @@ class Job:
             raise LlmpruneError(f"{streaming_only[0]} needs streaming; drop stream='off' (--stream off)")
         if (streaming_only or self.stream == "on") and isinstance(self.prune, StructuredConfig):
             raise LlmpruneError("streaming, resume and offload_dir apply to unstructured and N:M pruning")
+        if self.saliency is not None and not isinstance(self.prune, StructuredConfig):
+            raise LlmpruneError("saliency (--saliency) puts the oracle study's correlations into a structured "
+                                "run's model card; this job prunes unstructured or N:M")
         if (streaming_only or self.stream == "on") and not self.out:
             raise LlmpruneError("streaming writes the checkpoint as it goes; give an output folder (out, --out)")

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from llmprune.engine.config import PruneConfig
+from llmprune.engine.curves import curve_allocation
 from llmprune.engine.driver import PruneReport, check_prunable, prune
 from llmprune.engine.model import find_decoder_layers
+from llmprune.engine.saliency import check_gradients_possible
 from llmprune.engine.stream import (
     OFFLOAD_SHARE,
     StreamHost,
@@ -40,6 +42,7 @@ from llmprune.io.loading import BUILTIN_MODELS, check_local_folder, load, parse_
 from llmprune.io.memory import available_bytes
 from llmprune.io.shards import Checkpoint
 from llmprune.jobs.spec import Job
+from llmprune.methods import get_method, pieces
 from llmprune.progress import Cancel, Progress
 from llmprune.structured.experts import plan_removal
 from llmprune.structured.run import StructuredConfig
@@ -107,6 +110,7 @@ class MemoryStore(ModelStore):
         self.model, self.tokenizer = load(self.job.model, self.job.dtype)
         if isinstance(self.job.prune, PruneConfig):
             check_prunable(self.model, self.job.prune.allow_partial)
+            refuse_early(self.job.prune, self.model, streamed=False)
         elif self.job.prune.pattern == "experts":  # refused before the dense evaluation, not after it
             plan_removal(self.model, self.job.prune.amount)
         self.devices = layer_devices_of(self.model, self.job.device_map)
@@ -144,6 +148,17 @@ class MemoryStore(ModelStore):
     def close(self, failed: bool) -> None:
         if failed and self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def refuse_early(config: PruneConfig, model: nn.Module, streamed: bool) -> None:
+    """What this model cannot do, refused before the dense evaluation: a method that reads the
+    network loss's gradients where they cannot be had (streaming, fused experts); sensitivity
+    curves measured on other layers."""
+    method = get_method(config.method_name)
+    layers = find_decoder_layers(model)[1]
+    check_gradients_possible(method, pieces.needs(method, config.options()), layers, streamed)
+    if config.sensitivity is not None:  # the whole allocation, so no part of it fails after the work
+        curve_allocation(config.sensitivity, layers, config.target_sparsity)
 
 
 def check_tensor_names(model: Any, source: ModelCheckpoint) -> None:
@@ -198,6 +213,7 @@ class StreamStore(ModelStore):
         self.model = build_skeleton(self.folder, parse_dtype(self.job.dtype))
         self.source = ModelCheckpoint(self.model, checkpoint)
         check_prunable(self.model, self.job.prune.allow_partial)
+        refuse_early(self.job.prune, self.model, streamed=True)
         check_tensor_names(self.model, self.source)
         self.devices = layer_devices_of(self.model, self.job.device_map)
 

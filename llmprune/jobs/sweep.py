@@ -1,7 +1,8 @@
 """A grid of pruning runs on one model: methods × (unstructured sparsities + N:M patterns).
 
 The model is loaded and the calibration inputs of layer 0 are captured once; before each run the
-decoder layers get their dense weights back from a copy kept in memory. Results go to
+decoder layers get their dense weights back from a copy kept in memory (and the network-loss gradients
+of obd and taylor, the dense model's, are computed once for every point). Results go to
 ``sweep.json`` and ``sweep.csv`` after every run (so an interrupted sweep resumes where it
 stopped: finished points are skipped when their setup matches) and to a PNG plot of perplexity
 against sparsity, one line per method, N:M patterns as points.
@@ -105,9 +106,12 @@ def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
            cancel: Callable[[], bool] | None) -> dict[str, Any]:
     from llmprune.engine.capture import capture_layer_calls
     from llmprune.engine.driver import auto_batch_size, prune, resolve_device
+    from llmprune.engine.gradients import loss_gradients
     from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
+    from llmprune.engine.saliency import check_gradients_possible
     from llmprune.io.data import calibration_data, evaluation_data
     from llmprune.io.loading import load
+    from llmprune.methods import PER_WEIGHT, get_method, pieces
 
     record_path = folder / "sweep.json"
     record = _load_existing(record_path, config.setup())
@@ -128,6 +132,13 @@ def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
         widest = max(max(get_weight(lin).shape) for lin in find_linears(layers[0]).values())
         size = config.batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, device)
         captured = capture_layer_calls(model, layers, list(calibration.split(size)))
+        # The network-loss gradients (obd, taylor) are the dense model's: computed once for every point.
+        gradients = None
+        needs = {p.method_name: pieces.needs(get_method(p.method_name), p.options()) for p in todo}
+        for name, kinds in needs.items():  # refused before the backward pass, not after it
+            check_gradients_possible(get_method(name), kinds, layers, streamed=False)
+        if any(kinds & PER_WEIGHT for kinds in needs.values()):
+            gradients = loss_gradients(model, calibration, device, cancel=cancel)
         seqlen = window_length(config.evaluation.seqlen, model)
         windows = evaluation_data(tokenizer, config.evaluation.source or "", seqlen, config.evaluation.windows or None)
         for number, point in enumerate(todo):
@@ -135,7 +146,8 @@ def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
             if progress is not None:  # the stage is the point about to run
                 progress(Event(point_key(point), number, len(todo), "points"))
             layers.load_state_dict(dense)
-            report = prune(model, point, calibration, device=device, batch_size=size, captured=captured)
+            report = prune(model, point, calibration, device=device, batch_size=size, captured=captured,
+                           gradients=gradients)
             home = next(model.parameters()).device
             model.to(device)
             try:

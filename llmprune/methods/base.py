@@ -22,7 +22,7 @@ class Options:
 
     pattern: Pattern = field(default_factory=Pattern)
     sparsity: float = 0.5
-    group: Group = "row"
+    group: Group = "row"  # "global": the driver gives each linear its own sparsity
     update: Literal["none", "obs", "admm"] = "none"
     blocksize: int = 128
     damp: float = 0.01
@@ -52,4 +52,9 @@ FACTOR = "inverse_hessian_factor"
 DEAD = "dead_inputs"
 DAMP_USED = "damp_used"
 DAMPED = "damped_hessian"  # the ADMM refit's shrunk, damped H
+# Per-weight statistics ((out, in) like W), from gradients of the network loss on the dense
+# model (:mod:`llmprune.engine.gradients`), not from a linear's inputs.
+FISHER = "fisher"
+GRADIENT = "gradient"
+PER_WEIGHT = frozenset({FISHER, GRADIENT})
 Stats = dict[str, torch.Tensor]

@@ -75,6 +75,11 @@ def confine(recipe: Any, models: Sequence[Path], data: Sequence[Path]) -> dict[s
         part = out.get(section)
         if isinstance(part, dict) and isinstance(part.get("source"), str):
             part["source"] = _text(part["source"], data, f"{section}.source")
+    if isinstance(out.get("saliency"), str):  # a model card's correlation table
+        out["saliency"] = _inside(out["saliency"], data, "saliency.json", "saliency")
+    prune = out.get("prune")
+    if isinstance(prune, dict) and isinstance(prune.get("sensitivity"), str):  # curves to allocate from
+        prune["sensitivity"] = _inside(prune["sensitivity"], data, "sensitivity.json", "prune.sensitivity")
     tasks = out.get("tasks")
     if isinstance(tasks, dict) and isinstance(tasks.get("include"), str):
         tasks["include"] = _inside(tasks["include"], data, "task folder", "tasks.include")

@@ -29,8 +29,8 @@ from llmprune.engine.driver import (
     run_batches,
     visit_layer,
 )
+from llmprune.engine.gradients import LossGradients, loss_gradients
 from llmprune.engine.model import (
-    Conv1D,
     check_finite,
     eager_attention_width,
     find_decoder_layers,
@@ -44,7 +44,7 @@ from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
 from llmprune.structured.anatomy import LayerAnatomy, Widths, inspect_layer, widths_of
 from llmprune.structured.bridge import bridge
 from llmprune.structured.obs import Removal, greedy_remove, greedy_remove_columns
-from llmprune.structured.scores import EXPERT_SCORES, SCORES, STATS_OF, Unit, unit_scores
+from llmprune.structured.scores import EXPERT_SCORES, GRADIENT_SCORES, SCORES, STATS_OF, Unit, unit_scores
 from llmprune.structured.shrink import Plan, shrink
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class StructuredConfig:
     * ``params``: for ``structured``, the fraction of decoder-layer parameters to remove.
     * ``score``: ``obs`` (default: OBS selection with weight update), ``magnitude``,
       ``wanda-sp``, ``flap`` (with bias compensation where the model has or can take a bias),
-      ``taylor``.
+      ``taylor`` ((Σ w·g)² over the unit), ``obd`` (Σ ½·F·w² over the unit), both from gradients of
+      the calibration loss on the dense model.
     * ``split``: for ``structured``, fix the (head units, MLP channels) removed per layer instead
       of allocating them (see :func:`allocate`, which returns it).
     * ``kv``: with grouped-query attention, ``query`` removes the same number of query heads
@@ -274,7 +275,8 @@ class _LayerPruner:
     """Handles o_proj and down_proj of one layer as their statistics become complete."""
 
     def __init__(self, layer: nn.Module, anatomy: LayerAnatomy, config: StructuredConfig,
-                 heads: int, channels: int, grads: dict[str, torch.Tensor] | None, compensate: set[str]) -> None:
+                 heads: int, channels: int, grads: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                 compensate: set[str]) -> None:
         self.layer, self.anatomy, self.config = layer, anatomy, config
         self.linears = find_linears(layer)
         self.heads, self.channels, self.grads, self.compensate = heads, channels, grads, compensate
@@ -305,7 +307,8 @@ class _LayerPruner:
             self.info[f"{name}.obs_error"] = result.errors[-1] if result.errors else 0.0
             return sorted(result.removed)
         weights = {n: get_weight(m).detach().float() for n, m in self.linears.items()}
-        removed = _lowest_units(unit_scores(self.config.score, units, weights, name, raw, self.grads), count, partition)
+        removed = _lowest_units(unit_scores(self.config.score, units, weights, name, raw, self.grads), count,
+                                partition)
         columns = torch.tensor([c for u in removed for c in units[u].columns])
         if self.config.score == "flap" and name in self.compensate:
             # The removed inputs' average contribution becomes a constant output bias.
@@ -344,38 +347,6 @@ def block_influence(layers: nn.ModuleList, hidden: list[torch.Tensor], calls: li
     return scores
 
 
-def taylor_gradients(model: nn.Module, calibration: torch.Tensor, layers_path: str, device: torch.device,
-                     batch_size: int = 1, progress: Progress | None = None,
-                     cancel: Cancel | None = None) -> dict[str, torch.Tensor]:
-    """Σ over calibration batches of ∂L/∂W (L: mean next-token loss) for every decoder-layer weight,
-    keyed by full parameter name; model left as it was (no grads kept on it). Progress: stage
-    "taylor", in batches; ``cancel`` is polled after each."""
-    params = {n: p for n, p in model.named_parameters() if n.startswith(layers_path + ".")}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in params)
-    home = next(model.parameters()).device
-    model.to(device)
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    batches = calibration.split(batch_size)
-    steps = Steps(progress, cancel, "taylor", len(batches), "batches")
-    try:
-        steps(0)
-        for done, batch in enumerate(batches, 1):
-            batch = batch.to(device)
-            with torch.enable_grad():
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                grads = torch.autograd.grad(loss, list(params.values()))
-            for (n, _), g in zip(params.items(), grads, strict=True):
-                sums[n] += g.float()
-            steps(done)
-    finally:
-        model.to(home)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-    return {n: g.cpu() for n, g in sums.items()}
-
-
 def _can_take_bias(model: nn.Module, linear: nn.Module, flag: str) -> bool:
     if getattr(linear, "bias", None) is not None:
         return True
@@ -388,14 +359,14 @@ def prune_structured(
     model: nn.Module, config: StructuredConfig, calibration: torch.Tensor, *,
     device: str | torch.device | None = None, batch_size: int | None = None,
     progress: Progress | None = None, cancel: Cancel | None = None,
-    gradients: dict[str, torch.Tensor] | None = None,
+    gradients: LossGradients | None = None,
 ) -> tuple[nn.Module, StructuredReport]:
     """Prune ``model`` structurally; returns a new, physically smaller model (stock transformers
     classes, rewritten config) and the report. ``model`` itself is changed (zeroed columns) and
     should be dropped afterwards: the new model shares its unsliced tensors (embeddings, norms,
-    the head), so changing either in place changes both. ``gradients``: for ``taylor``, the output of
-    :func:`taylor_gradients` on this model, if already computed. ``progress`` is given
-    :class:`~llmprune.progress.Event` s of each phase ("taylor" batches, "influence" and
+    the head), so changing either in place changes both. ``gradients``: for ``taylor`` and ``obd``, the
+    output of :func:`~llmprune.engine.gradients.loss_gradients` on this model, if already computed.
+    ``progress`` is given :class:`~llmprune.progress.Event` s of each phase ("gradients" sequences, "influence" and
     "allocate" layers where the pattern needs them, then "prune" layers); ``cancel`` is polled
     at every step of each."""
     if config.pattern == "experts":
@@ -428,8 +399,9 @@ def prune_structured(
 
     share = width_share(config, len(layers)) if pattern == "structured" else config.amount
     grads = gradients
-    if config.score == "taylor" and grads is None:
-        grads = taylor_gradients(model, calibration, layers_path, run_device, progress=progress, cancel=cancel)
+    if config.score in GRADIENT_SCORES and grads is None:
+        grads = loss_gradients(model, calibration, run_device, progress=progress, cancel=cancel)
+        model.eval()
     hidden, calls = capture_layer_calls(model, layers, list(calibration.split(size)))
 
     if pattern == "layers":
@@ -468,8 +440,10 @@ def prune_structured(
             layer.to(run_device)
             layer_grads = None
             if grads is not None:
-                layer_grads = {n: get_weight_grad(grads, f"{layers_path}.{index}.{n}", m).to(run_device)
-                               for n, m in find_linears(layer).items()}
+                layer_grads = {}
+                for n, m in find_linears(layer).items():
+                    mean, fisher = grads.of(f"{layers_path}.{index}.{n}", m)
+                    layer_grads[n] = (mean.to(run_device), fisher.to(run_device))
             pruner = _LayerPruner(layer, anatomy, config, heads, channels, layer_grads, compensate)
             layer_targets = {n: m for n, m in find_linears(layer).items() if n in targets}
             inputs = hidden
@@ -512,13 +486,6 @@ def _run_after(index: int, dropped: set[int], n_layers: int) -> list[int]:
             break
         run.append(j)
     return run
-
-
-def get_weight_grad(grads: dict[str, torch.Tensor], name: str, linear: nn.Module) -> torch.Tensor:
-    """The gradient of ``linear``'s weight as (out, in), like :func:`get_weight`: transposed for
-    a Conv1D by its type (a square Conv1D has the same shape either way)."""
-    g = grads[f"{name}.weight"]
-    return g.T if isinstance(linear, Conv1D) else g
 
 
 def _record(report: StructuredReport, index: int, pruner: _LayerPruner, widths: Widths, kv: str) -> None:

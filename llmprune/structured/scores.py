@@ -11,6 +11,9 @@ columns it owns in o or down (:class:`Unit`).
   then added to the output bias.
 * ``taylor``: (Σ_w w · ∂L/∂w)² over all the unit's weights, with L the calibration language-model
   loss of the dense model (first-order Taylor, Molchanov et al. 2019; LLM-Pruner's "vector" form).
+* ``obd``: Σ_w ½ · F_ww · w² over all the unit's weights, F the diagonal empirical Fisher of the
+  same loss (Optimal Brain Damage's saliency summed over the unit, as if its weights were
+  independent).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 from llmprune.core.stats import MEAN_VAR
 from llmprune.methods.base import COLUMN_NORMS
 
-SCORES = ("obs", "magnitude", "wanda-sp", "flap", "taylor")
+SCORES = ("obs", "magnitude", "wanda-sp", "flap", "taylor", "obd")
+GRADIENT_SCORES = ("taylor", "obd")  # from gradients of the network loss (llmprune.engine.gradients)
 EXPERT_SCORES = ("reap", "frequency", "random")  # pattern experts (llmprune.structured.experts)
-STATS_OF = {"obs": {"hessian"}, "magnitude": set(), "wanda-sp": {COLUMN_NORMS}, "flap": {MEAN_VAR}, "taylor": set()}
+STATS_OF = {"obs": {"hessian"}, "magnitude": set(), "wanda-sp": {COLUMN_NORMS}, "flap": {MEAN_VAR}, "taylor": set(),
+            "obd": set()}
 
 
 @dataclass
@@ -38,9 +43,10 @@ class Unit:
 
 def unit_scores(
     score: str, units: list[Unit], weights: dict[str, torch.Tensor], out_name: str,
-    stats: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None,
+    stats: dict[str, torch.Tensor], grads: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
 ) -> torch.Tensor:
-    """(units,) importances. ``weights``/``grads``: (out, in) fp32 tensors by linear name."""
+    """(units,) importances. ``weights``: (out, in) fp32 tensors by linear name; ``grads``: the
+    (mean gradient, Fisher) pair of each, (out, in) as well."""
     W = weights[out_name]
     values = []
     for unit in units:
@@ -53,9 +59,14 @@ def unit_scores(
             total = (W[:, cols].square().sum(0) * stats[MEAN_VAR][1][cols]).sum()
         elif score == "taylor":
             assert grads is not None
-            first = (W[:, cols] * grads[out_name][:, cols]).sum()
-            first = first + sum((weights[n][rows] * grads[n][rows]).sum() for n, rows in unit.rows.items())
+            first = (W[:, cols] * grads[out_name][0][:, cols]).sum()
+            first = first + sum((weights[n][rows] * grads[n][0][rows]).sum() for n, rows in unit.rows.items())
             total = first.square()
+        elif score == "obd":
+            assert grads is not None
+            total = 0.5 * (W[:, cols].square() * grads[out_name][1][:, cols]).sum()
+            total = total + sum(0.5 * (weights[n][rows].square() * grads[n][1][rows]).sum()
+                                for n, rows in unit.rows.items())
         else:
             raise ValueError(f"no one-shot score {score!r}")
         values.append(torch.as_tensor(total, dtype=torch.float64))
