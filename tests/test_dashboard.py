@@ -68,9 +68,14 @@ def browser(request, tmp_path) -> Iterator[Any]:
 
 
 def until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the live update replaced the element just read: look again
+            value = None
         if value:
             return value
         time.sleep(0.05)
