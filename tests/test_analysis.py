@@ -321,3 +321,16 @@ def test_a_failure_in_the_middle_of_a_point_leaves_the_model_dense(where, monkey
         else:
             saliency(model, SaliencyConfig(criteria=("magnitude",)), CALIB, device="cpu")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unreadable_or_foreign_curves_are_refused_in_one_line(tmp_path, llama_dir, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"kind": "saliency"}))
+    for path, message in ((tmp_path / "missing.json", "cannot read"), (broken, "is not JSON"),
+                          (other, "is not the sensitivity.json")):
+        code = main(["--model", str(llama_dir), "--sparsity", "0.5", "--allocation", "sensitivity", "--sensitivity",
+                     str(path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -5,7 +5,6 @@ into per-layer sparsities with the mean over all prunable weights exactly the ta
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,13 @@ from llmprune.core.allocation import sensitivity_sparsities
 from llmprune.engine.experts import expert_containers, layout_of, slice_shapes
 from llmprune.engine.model import find_linears, get_weight
 from llmprune.errors import LlmpruneError
+from llmprune.io.export import read_analysis
 
 
 def read_curves(path: str, layers: int | None = None) -> dict[str, Any]:
     """The record of a sensitivity analysis by layers, checked (one line of error otherwise);
     ``layers``: the decoder layers it must cover (all of them, 0 to ``layers`` − 1)."""
-    where = Path(path).expanduser()
-    try:
-        record = json.loads(where.read_text())
-    except OSError as exc:
-        raise LlmpruneError(f"cannot read the sensitivity curves {where}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise LlmpruneError(f"{where} is not JSON; give the sensitivity.json of `llmprune analyze "
-                            "sensitivity`") from None
+    where, record = read_analysis(path, "sensitivity")
     if not (isinstance(record, dict) and record.get("kind") == "sensitivity"
             and isinstance(record.get("curves"), dict) and isinstance(record.get("ratios"), list)):
         raise LlmpruneError(f"{where} is not the sensitivity.json of `llmprune analyze sensitivity`")

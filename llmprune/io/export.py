@@ -306,6 +306,18 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path, record: dict[str, Any
     return publish(out, overwrite, write)
 
 
+def read_analysis(path: str | os.PathLike[str], kind: str) -> tuple[Path, Any]:
+    """(the path, the parsed JSON) of an analysis file (``kind``: sensitivity, saliency), or a
+    one-line error naming the file and the command that writes it."""
+    where = Path(path).expanduser()
+    try:
+        return where, json.loads(where.read_text())
+    except OSError as exc:
+        raise LlmpruneError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise LlmpruneError(f"{where} is not JSON; give the {kind}.json of `llmprune analyze {kind}`") from None
+
+
 def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Write a JSON file atomically."""
     target = Path(path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
-from pathlib import Path
 from typing import Any
 
 from llmprune.errors import LlmpruneError
 from llmprune.io.data import SPLIT_SOURCES
+from llmprune.io.export import read_analysis
 
 
 def model_card(record: dict[str, Any]) -> str:
@@ -190,13 +189,7 @@ def structured_card(record: dict[str, Any]) -> str:
 def read_saliency(path: str) -> dict[str, Any]:
     """The correlations of a ``saliency.json`` (``llmprune analyze saliency``), checked, for a
     model card: each study's Spearman ρ per criterion, their means and the best criterion."""
-    where = Path(path).expanduser()
-    try:
-        record = json.loads(where.read_text())
-    except OSError as exc:
-        raise LlmpruneError(f"cannot read {where}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise LlmpruneError(f"{where} is not JSON; give the saliency.json of `llmprune analyze saliency`") from None
+    where, record = read_analysis(path, "saliency")
     if not (isinstance(record, dict) and record.get("kind") == "saliency" and isinstance(record.get("studies"), list)
             and isinstance(record.get("mean_spearman"), dict)):
         raise LlmpruneError(f"{where} is not the saliency.json of `llmprune analyze saliency`")
