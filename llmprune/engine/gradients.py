@@ -9,7 +9,7 @@ For every calibration sequence s (one backward each), with L_s its mean next-tok
 Only the weights of the decoder layers' linear layers are tracked. Placement: the whole model
 runs forward and backward on ``device`` (moved there and back), or, with one device per decoder
 layer (a device map), each layer on its own device and the rest on ``device``, with hooks
-carrying the hidden states between them (:func:`llmprune.engine.placement.spread`). Memory,
+carrying the hidden states between them (:func:`llmprune.engine.placement.placed`). Memory,
 beyond the weights: one sequence's activations kept for backward, the current gradient of the
 tracked weights (their dtype), and two fp32 accumulators the size of the tracked weights, on the
 device of each weight (for SmolLM2-135M: about 0.9 GB in all). A float16 model's loss is scaled
@@ -18,15 +18,14 @@ by 2^12 before backward (and its gradients back), so small gradients do not unde
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llmprune.engine.model import Conv1D, find_decoder_layers, find_linears
-from llmprune.engine.placement import spread
+from llmprune.engine.placement import placed
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel, Progress, Steps
 
@@ -111,11 +110,9 @@ def loss_gradients(model: nn.Module, calibration: torch.Tensor, device: torch.de
     if calibration.ndim != 2 or calibration.shape[1] < 2:
         raise LlmpruneError("gradients need (nsamples, seqlen >= 2) calibration token ids")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    layers_path, _ = find_decoder_layers(model)
     devices = list(layer_devices) if layer_devices is not None and len(set(layer_devices)) > 1 else None
-    placed = spread(model, layers_path, devices, device) if devices is not None else _moved(model, device)
     try:
-        with placed:
+        with placed(model, device, devices):
             params = tracked_weights(model)  # after placement: the parameters the forward uses
             for n, p in model.named_parameters():
                 p.requires_grad_(n in params)
@@ -130,14 +127,3 @@ def loss_gradients(model: nn.Module, calibration: torch.Tensor, device: torch.de
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
-
-
-@contextmanager
-def _moved(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """The whole model on ``device`` for the block, then back where it was."""
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to(home)

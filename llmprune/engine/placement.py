@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
@@ -129,3 +130,19 @@ def spread(model: nn.Module, layers_path: str, devices: list[torch.device], fron
         for layer in layers:
             layer.to(home)
         move_front(model, layers_path, home)
+
+
+@contextmanager
+def placed(model: nn.Module, front: torch.device, layer_devices: list[torch.device] | None) -> Iterator[None]:
+    """The model on ``front`` for the block, or spread as the device map places its layers."""
+    if layer_devices is not None:
+        layers_path, _ = find_decoder_layers(model)
+        with spread(model, layers_path, layer_devices, front):
+            yield
+        return
+    home = next(model.parameters()).device
+    model.to(front)
+    try:
+        yield
+    finally:
+        model.to(home)

@@ -11,16 +11,14 @@ from __future__ import annotations
 import difflib
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llmprune.engine.model import find_decoder_layers, polled
-from llmprune.engine.placement import spread
+from llmprune.engine.model import polled
+from llmprune.engine.placement import placed
 from llmprune.errors import LlmpruneError
 from llmprune.progress import Cancel
 
@@ -126,22 +124,6 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             row[metric] = float(value)
         table[task] = row
     return table
-
-
-@contextmanager
-def placed(model: nn.Module, front: torch.device, layer_devices: list[torch.device] | None) -> Iterator[None]:
-    """The model on ``front`` for the block, or spread as the device map places its layers."""
-    if layer_devices is not None:
-        layers_path, _ = find_decoder_layers(model)
-        with spread(model, layers_path, layer_devices, front):
-            yield
-        return
-    home = next(model.parameters()).device
-    model.to(front)
-    try:
-        yield
-    finally:
-        model.to(home)
 
 
 @torch.no_grad()
