@@ -281,7 +281,7 @@ def test_the_service_confines_the_curves_and_the_saliency_file(tmp_path):
             confine(recipe, [], [data])
 
 
-def test_sensitivity_by_layers_prunes_fused_experts_too_and_restores_them():
+def test_sensitivity_by_layers_runs_on_fused_experts_and_restores_them():
     model = tiny.qwen3_moe()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = sensitivity(model, SensitivityConfig("wanda", (0.5,)), CALIB, WINDOWS, device="cpu")
