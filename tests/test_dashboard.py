@@ -243,6 +243,30 @@ def test_a_signed_in_session_still_needs_its_csrf_token(dashboard):
 
 
 
+def test_behind_a_local_tls_proxy_the_cookie_is_secure_and_clients_are_told_apart(dashboard):
+    """A reverse proxy on this machine (trusted by default) that terminates TLS says so in
+    X-Forwarded-Proto and names the client in X-Forwarded-For."""
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.10"}
+    https = "https://" + dashboard.url.split("://", 1)[1]
+    with httpx.Client(base_url=dashboard.url, follow_redirects=False, timeout=30) as web:
+        signed = web.post("/signin", data={"token": TOKEN}, headers=proxied)
+        cookie = signed.headers["set-cookie"]
+        assert signed.status_code == 303 and "secure" in [part.strip().lower() for part in cookie.split(";")]
+        session = {"Cookie": cookie.split(";", 1)[0], **proxied}  # sent by hand: the jar keeps Secure for https
+        page = web.get("/submit", headers=session).text
+        csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        # The browser's Origin is the proxy's https one: this site; plain http is another.
+        for origin, status in ((dashboard.url, 403), (https, 303)):
+            answer = web.post("/signout", data={"csrf": csrf}, headers={**session, "Origin": origin})
+            assert answer.status_code == status, origin
+        # Wrong tokens are counted per forwarded client: one guesser does not lock out the rest.
+        guesser = {"X-Forwarded-For": "192.0.2.99"}
+        answers = [web.post("/signin", data={"token": "guess"}, headers=guesser).status_code for _ in range(21)]
+        assert answers == [401] * 20 + [429]
+        assert web.post("/signin", data={"token": TOKEN}, headers=proxied).status_code == 303
+        assert web.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
 def signed_in_client(server: Server) -> tuple[httpx.Client, str]:
     """A cookie session as a browser holds one, and the CSRF token of its pages."""
     web = httpx.Client(base_url=server.url, follow_redirects=False, timeout=30)

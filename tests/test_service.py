@@ -602,6 +602,52 @@ def test_the_token_can_come_from_a_file(tmp_path, roots):
         process.wait(timeout=30)
 
 
+def test_the_throttle_counts_wrong_tokens_per_client_over_a_sliding_minute():
+    from llmprune.service.throttle import Throttle
+
+    now = [0.0]
+    throttle = Throttle(3, window_s=60, clients=2, clock=lambda: now[0])
+    for when in (0, 10, 20):
+        assert throttle.wait("a") == 0
+        now[0] = when
+        throttle.failed("a")
+    assert throttle.wait("a") == 40 and throttle.wait("b") == 0  # the oldest (t=0) ages out at t=60
+    now[0] = 59.5
+    assert throttle.wait("a") == 1
+    now[0] = 60
+    assert throttle.wait("a") == 0  # two left in the window
+    throttle.failed("a")
+    assert throttle.wait("a") == 10  # now t=10 is the oldest
+    throttle.failed("b")
+    throttle.failed("c")  # a third client: the least recently failed ("a") is forgotten
+    assert set(throttle.failures) == {"b", "c"} and throttle.wait("a") == 0
+    off = Throttle(0, clock=lambda: now[0])
+    for _ in range(100):
+        off.failed("a")
+    assert off.wait("a") == 0 and not off.failures
+
+
+def test_a_client_guessing_tokens_is_refused_until_its_minute_is_over(tmp_path, roots):
+    # The only trusted proxy is 192.0.2.1 (a documentation address): what this loopback client
+    # claims in X-Forwarded-For is ignored, so it cannot pose as another client.
+    live = start(tmp_path / "work", *roots, "--auth-limit", "3", "--forwarded-allow-ips", "192.0.2.1")
+    try:
+        spoof = {"X-Forwarded-For": "203.0.113.7"}
+        with live.http("wrong") as http:
+            assert [http.get("/v1/jobs", headers=spoof).status_code for _ in range(2)] == [401, 401]
+        assert httpx.post(f"{live.url}/signin", data={"token": "wrong"}).status_code == 401  # the third
+        with live.http() as http:  # the right token now: refused like any guess, and says for how long
+            for headers in ({}, spoof):
+                refused = http.get("/v1/jobs", headers=headers)
+                assert refused.status_code == 429 and 0 < int(refused.headers["retry-after"]) <= 60
+                assert "too many wrong tokens from 127.0.0.1: try again in" in refused.json()["detail"]
+        page = httpx.post(f"{live.url}/signin", data={"token": TOKEN})
+        assert page.status_code == 429 and "set-cookie" not in page.headers and "try again in" in page.text
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+    finally:
+        stop(live)
+
+
 def test_a_late_client_resumes_the_event_stream_after_the_last_event_it_saw(server, llama_dir, text_file):
     client = server.client()
     job = wait(client, client.submit(recipe(llama_dir, text_file))["id"])

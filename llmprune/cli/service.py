@@ -94,7 +94,16 @@ def cmd_serve(argv: Sequence[str]) -> int:
     p.add_argument("--stop-grace", type=float, default=STOP_GRACE_S, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long running jobs get to finish their decoder layer in flight "
                         "before they are killed; either way they are queued again (default %(default)g)")
+    p.add_argument("--auth-limit", type=int, default=None, metavar="N",
+                   help="wrong tokens a client may send in a minute; beyond, it is refused (429) until the minute "
+                        "is over (default 20; 0: no limit)")
+    p.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                   help="behind a reverse proxy: the proxy addresses (comma-separated, or '*') whose "
+                        "X-Forwarded-For/-Proto name the client and the scheme, so a TLS proxy's https origin, "
+                        "Secure cookies and the per-client limit work (default: $FORWARDED_ALLOW_IPS, else 127.0.0.1)")
     args = p.parse_args(argv)
+    if args.auth_limit is not None and args.auth_limit < 0:
+        raise LlmpruneError("--auth-limit is a count, 0 (no limit) or more")
     if args.cancel_grace < 0 or args.stop_grace < 0:
         raise LlmpruneError("--cancel-grace and --stop-grace are seconds, 0 or more")
     token = _token(args.token_file)
@@ -105,14 +114,15 @@ def cmd_serve(argv: Sequence[str]) -> int:
             raise LlmpruneError(f"{folder} is not a folder")
     import uvicorn
 
-    from llmprune.service.app import Settings, create_app
+    from llmprune.service.app import AUTH_LIMIT, Settings, create_app
 
     settings = Settings(workdir=Path(args.workdir).expanduser(), token=token,
                         models=[Path(m).expanduser().resolve() for m in args.models_dir],
                         data=[Path(d).expanduser().resolve() for d in args.data_dir],
                         slots=_slots(args.workers, args.threads, args.executor == "ray"), max_body=args.max_body,
                         max_queued=args.max_queued, cancel_grace=args.cancel_grace,
-                        stop_grace=args.stop_grace, executor=args.executor, ray_address=args.ray_address)
+                        stop_grace=args.stop_grace, executor=args.executor, ray_address=args.ray_address,
+                        auth_limit=AUTH_LIMIT if args.auth_limit is None else args.auth_limit)
     if args.ray_address is not None and args.executor != "ray":
         raise LlmpruneError("--ray-address goes with --executor ray")
     app = create_app(settings)
@@ -121,7 +131,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
         workers = f"{len(settings.slots)} at once on the Ray cluster at {args.ray_address or 'auto'}"
     print(f"llmprune serve: http://{args.host}:{args.port} (workdir {settings.workdir}; workers: {workers}; "
           f"token {'required' if token else 'not set: loopback only'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=True,
+                forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 

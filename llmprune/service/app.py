@@ -28,11 +28,13 @@ from llmprune.service.layout import Layout
 from llmprune.service.ray_jobs import RayScheduler, connect
 from llmprune.service.rules import check_recipe
 from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
+from llmprune.service.throttle import Throttle
 from llmprune.service.views import job_summary
-from llmprune.service.web import COOKIE, CSRF_HEADER, Dashboard, session_key
+from llmprune.service.web import COOKIE, CSRF_HEADER, Dashboard, client_of, session_key
 
 SSE_POLL_S = 0.25
 STATUS_TTL_S = 0.1  # how stale a polled status may be
+AUTH_LIMIT = 20  # wrong tokens a client may send per minute
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Settings:
     stop_grace: float = STOP_GRACE_S
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    auth_limit: int = AUTH_LIMIT
 
 
 class Progress(BaseModel):
@@ -98,7 +101,7 @@ class Problem(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     words = {401: "missing or wrong token", 404: "no such job or file", 409: "not in a state that allows it",
              413: "request body too large", 422: "the recipe or a parameter is refused (detail names the key)",
-             429: "too many jobs waiting"}
+             429: "too many jobs waiting, or too many wrong tokens from this client (see Retry-After)"}
     return {code: {"model": Problem, "description": words[code]} for code in codes}
 
 
@@ -125,13 +128,21 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="llmprune", version=__version__, lifespan=lifespan,
                   description="Pruning jobs for a team: submit a recipe, watch it, cancel it, fetch the checkpoint.")
     app.state.settings, app.state.db, app.state.scheduler = settings, db, scheduler
+    throttle = Throttle(settings.auth_limit)
 
     async def authorized(request: Request) -> None:  # async: no thread hand-off per request
         if settings.token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.token.encode()):
-            return
+        if scheme:  # a token offered: counted when wrong, refused from a client that guessed too often
+            client = client_of(request)
+            wait = throttle.wait(client)
+            if wait:
+                raise HTTPException(429, f"too many wrong tokens from {client}: try again in {wait} s",
+                                    headers={"Retry-After": str(wait)})
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+                return
+            throttle.failed(client)
         session = request.cookies.get(COOKIE)
         csrf = db.session_csrf(session, session_key(settings.token)) if session and not scheme else None
         if csrf is None:
@@ -182,12 +193,12 @@ def create_app(settings: Settings) -> FastAPI:
                                 headers={"Retry-After": "30"})
         return found(db.create(confined))
 
-    @app.get("/v1/jobs", response_model=JobList, dependencies=guarded, responses=_errors(401))
+    @app.get("/v1/jobs", response_model=JobList, dependencies=guarded, responses=_errors(401, 429))
     def list_jobs(status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None)
                   ) -> dict[str, Any]:
         return {"jobs": db.jobs(status)}
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=guarded, responses=_errors(401, 404))
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, dependencies=guarded, responses=_errors(401, 404, 429))
     async def get_job(job_id: str) -> Response:
         # The route clients poll: served on the event loop (one indexed SQLite read, no thread
         # hand-off), and a row read in the last STATUS_TTL_S is served again as it was.
@@ -201,14 +212,14 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(hit[1], media_type="application/json")
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=JobView, dependencies=guarded,
-              responses=_errors(401, 404))
+              responses=_errors(401, 404, 429))
     def cancel(job_id: str) -> dict[str, Any]:
         found(job_id)
         db.request_cancel(job_id)
         recent.pop(job_id, None)  # what this server changed is never served stale
         return found(job_id)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=204, dependencies=guarded, responses=_errors(401, 404, 409))
+    @app.delete("/v1/jobs/{job_id}", status_code=204, dependencies=guarded, responses=_errors(401, 404, 409, 429))
     def delete(job_id: str) -> None:
         job = found(job_id)
         if job["status"] not in FINISHED:
@@ -219,7 +230,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=guarded,
              response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}, **_errors(401, 404)})
+             responses={200: {"content": {"text/event-stream": {}}}, **_errors(401, 404, 429)})
     async def events(job_id: str, request: Request, follow: bool = Query(True)) -> StreamingResponse:
         """Every progress event and log line of the job, from the start (or after the
         ``Last-Event-ID`` header's event); ``follow=false``: those so far, then the end."""
@@ -271,7 +282,7 @@ def create_app(settings: Settings) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/jobs/{job_id}/artifacts", response_model=Artifacts, dependencies=guarded,
-             responses=_errors(401, 404, 409))
+             responses=_errors(401, 404, 409, 429))
     def artifacts(job_id: str) -> dict[str, Any]:
         job = found(job_id)
         files = layout.manifest(job_id)
@@ -280,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"files": files}
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name:path}", dependencies=guarded, response_class=FileResponse,
-             responses={200: {"content": {"application/octet-stream": {}}}, **_errors(401, 404)})
+             responses={200: {"content": {"application/octet-stream": {}}}, **_errors(401, 404, 429)})
     def artifact(job_id: str, name: str) -> FileResponse:
         found(job_id)
         try:
@@ -289,7 +300,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, str(exc)) from None
         return FileResponse(path, filename=Path(name).name)
 
-    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse, responses=_errors(401))
+    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse, responses=_errors(401, 429))
     def metrics() -> str:
         jobs = db.jobs()
         lines = ["# HELP llmprune_jobs Jobs by status.", "# TYPE llmprune_jobs gauge"]
@@ -302,5 +313,6 @@ def create_app(settings: Settings) -> FastAPI:
                   f"llmprune_job_seconds_count {len(done)}", f"llmprune_job_seconds_sum {sum(done):.3f}"]
         return "\n".join(lines) + "\n"
 
-    Dashboard(app, db, layout, settings.token, settings.models, settings.data, settings.max_body, settings.max_queued)
+    Dashboard(app, db, layout, settings.token, settings.models, settings.data, settings.max_body, settings.max_queued,
+              throttle)
     return app

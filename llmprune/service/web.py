@@ -31,6 +31,7 @@ from llmprune.service import charts
 from llmprune.service.db import FINISHED, STATUSES, Database
 from llmprune.service.layout import Layout
 from llmprune.service.rules import check_recipe
+from llmprune.service.throttle import Throttle
 from llmprune.service.views import job_summary
 
 COOKIE = "llmprune_session"
@@ -47,6 +48,11 @@ FIELDS = {"model": "model", "method": "prune.method", "pattern": "prune.pattern"
 def session_key(token: str | None) -> str:
     """What ties a session to the token it was opened with (a digest, never the token)."""
     return "open" if token is None else hashlib.sha256(b"llmprune-session\0" + token.encode()).hexdigest()
+
+
+def client_of(request: Request) -> str:
+    """The client's address: behind a proxy trusted by ``--forwarded-allow-ips``, the one it forwards."""
+    return request.client.host if request.client else "unknown"
 
 
 class PageError(Exception):
@@ -90,8 +96,9 @@ def field_of(message: str) -> str:
 
 class Dashboard:
     def __init__(self, app: FastAPI, db: Database, layout: Layout, token: str | None, models: Sequence[Path],
-                 data: Sequence[Path], max_body: int, max_queued: int) -> None:
+                 data: Sequence[Path], max_body: int, max_queued: int, throttle: Throttle) -> None:
         self.db, self.layout, self.token, self.key = db, layout, token, session_key(token)
+        self.throttle = throttle
         self.models, self.data, self.max_body, self.max_queued = models, data, max_body, max_queued
         self.templates = Environment(loader=PackageLoader("llmprune.service", "templates"),
                                      autoescape=select_autoescape(default=True))
@@ -223,8 +230,17 @@ class Dashboard:
             form = await self.form(request)
             target = _local(form.get("next", "/"))
             given = form.get("token", "")
-            if self.token is not None and not hmac.compare_digest(given.encode(), self.token.encode()):
-                return self.page("signin.html", 401, next=target, error="wrong token", open=False)
+            if self.token is not None:
+                client = client_of(request)
+                wait = self.throttle.wait(client)
+                if wait:  # before the comparison: a blocked guesser learns nothing from the answer
+                    refused = self.page("signin.html", 429, next=target, open=False,
+                                        error=f"too many wrong tokens from {client}: try again in {wait} s")
+                    refused.headers["Retry-After"] = str(wait)
+                    return refused
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    self.throttle.failed(client)
+                    return self.page("signin.html", 401, next=target, error="wrong token", open=False)
             old = request.cookies.get(COOKIE)
             if old:  # signing in again ends the session the browser had
                 self.db.end_session(old)
