@@ -30,11 +30,17 @@ def test_every_row_is_a_valid_command(recipe, setting):
     config = job_of(recipe, setting).prune
     assert config.target_sparsity == pytest.approx(float(reproduce.SETTINGS[setting][1]) if ":" not in setting else 0.5)
     name, *pieces = recipe.split("+")
-    # The README's rule, written out: SparseGPT + refit, shrink 0.25 at 50% sparsity, 0.1 above,
-    # OWL from 70% unstructured.
-    expect = {"method": "sparsegpt", "update": "admm", "refine": "none",
-              "shrink": 0.25 if setting in ("50%", "2:4", "4:8") else 0.1,
-              "allocation": "owl" if setting == "70%" else "uniform"} if name == "default" else {"method": name}
+    # The README's rule, written out: at 50% unstructured Wanda + refit, shrink 0.4; at 2:4
+    # SparseGPT + refit, shrink 0.25, at 4:8 0.4; above 50% SparseGPT + refit, shrink 0.1, with OWL
+    # from 70% unstructured.
+    expect: dict[str, object] = {"method": name}
+    if name == "default" and setting == "50%":
+        expect = {"method": "wanda", "update": "admm", "admm_iterations": 0, "refine": "none", "shrink": 0.4,
+                  "allocation": "uniform"}
+    elif name == "default":
+        expect = {"method": "sparsegpt", "update": "admm", "refine": "none",
+                  "shrink": {"2:4": 0.25, "4:8": 0.4}.get(setting, 0.1),
+                  "allocation": "owl" if setting == "70%" else "uniform"}
     if "refit" in pieces:
         expect["update"] = "admm"
     if name == "wanda" and "refit" in pieces:
@@ -51,11 +57,13 @@ def test_every_row_is_a_valid_command(recipe, setting):
     assert bool(config.schedule) == ("schedule" in pieces)
 
 
-def test_sparsegpt_refit_row_at_60_percent_is_the_default():
+def test_the_refit_rows_are_the_default_at_50_and_60_percent():
     """At 60% the default is SparseGPT + refit at a named method's own shrinkage (0.1); at 50%
-    the default shrinks more (0.25), so the rows differ there."""
-    default = job_of("default", "60%").prune
-    row = job_of("sparsegpt+refit", "60%").prune
-    for key in ("method", "update", "admm_iterations", "shrink", "refine", "allocation"):
-        assert getattr(row, key) == getattr(default, key), key
-    assert job_of("default", "50%").prune.shrink == 0.25 != job_of("sparsegpt+refit", "50%").prune.shrink
+    it is Wanda + refit at shrink 0.4, which the wanda+refit row runs at 0.7 (the pydoc-only best)."""
+    keys = ("method", "update", "admm_iterations", "refine", "allocation")
+    for setting, row_name in (("60%", "sparsegpt+refit"), ("50%", "wanda+refit")):
+        default, row = job_of("default", setting).prune, job_of(row_name, setting).prune
+        for key in keys:
+            assert getattr(row, key) == getattr(default, key), (setting, key)
+    assert job_of("default", "60%").prune.shrink == job_of("sparsegpt+refit", "60%").prune.shrink == 0.1
+    assert job_of("default", "50%").prune.shrink == 0.4 != job_of("wanda+refit", "50%").prune.shrink
