@@ -516,6 +516,18 @@ def test_serving_beyond_loopback_needs_a_token(tmp_path):
     assert result.returncode == 2 and "without a token" in result.stderr and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--ray-placement-timeout", "5"], "with --executor ray"),
+    (["--executor", "ray", "--ray-placement-timeout", "-1"], "seconds, 0 or more"),
+    (["--auth-limit", "-2"], "a count, 0"),
+])
+def test_bad_serve_settings_are_one_line_and_make_nothing(tmp_path, flags, words):
+    result = subprocess.run([sys.executable, "-m", "llmprune.cli", "serve", "--port", "0", "--workdir",
+                             str(tmp_path / "w"), *flags], text=True, capture_output=True, timeout=60)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "w").exists()
+
+
 def test_the_api_keeps_to_its_openapi_spec(server):
     """Property-based, for every operation of /openapi.json: requests generated from the spec,
     with the token; no 5xx, and every response's status code, content type and body are the

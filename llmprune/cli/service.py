@@ -85,6 +85,10 @@ def cmd_serve(argv: Sequence[str]) -> int:
                    help="local: worker processes on this machine; ray: each job on an existing Ray cluster")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster (host:port of its head, or 'auto'); with --executor ray")
+    p.add_argument("--ray-placement-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --executor ray: a job the cluster has not placed by then (no node with its CPUs "
+                        "and GPU, or none free) fails, saying what it asked for (default 600; 0: wait as long "
+                        "as it takes)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--token-file", default=None, help="a file holding the API token (default: $LLMPRUNE_TOKEN)")
     p.add_argument("--max-queued", type=int, default=100, help="waiting jobs beyond which submissions get 429")
@@ -106,6 +110,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
         raise LlmpruneError("--auth-limit is a count, 0 (no limit) or more")
     if args.cancel_grace < 0 or args.stop_grace < 0:
         raise LlmpruneError("--cancel-grace and --stop-grace are seconds, 0 or more")
+    if args.ray_placement_timeout is not None and (args.executor != "ray" or not args.ray_placement_timeout >= 0):
+        raise LlmpruneError("--ray-placement-timeout is seconds, 0 or more, with --executor ray")
     token = _token(args.token_file)
     if token is None and not _loopback(args.host):
         raise LlmpruneError(f"refusing to serve on {args.host} without a token: set LLMPRUNE_TOKEN or --token-file")
@@ -115,6 +121,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     import uvicorn
 
     from llmprune.service.app import AUTH_LIMIT, Settings, create_app
+    from llmprune.service.ray_jobs import PLACEMENT_TIMEOUT_S
 
     settings = Settings(workdir=Path(args.workdir).expanduser(), token=token,
                         models=[Path(m).expanduser().resolve() for m in args.models_dir],
@@ -122,6 +129,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
                         slots=_slots(args.workers, args.threads, args.executor == "ray"), max_body=args.max_body,
                         max_queued=args.max_queued, cancel_grace=args.cancel_grace,
                         stop_grace=args.stop_grace, executor=args.executor, ray_address=args.ray_address,
+                        ray_placement_timeout=(PLACEMENT_TIMEOUT_S if args.ray_placement_timeout is None
+                                               else args.ray_placement_timeout),
                         auth_limit=AUTH_LIMIT if args.auth_limit is None else args.auth_limit)
     if args.ray_address is not None and args.executor != "ray":
         raise LlmpruneError("--ray-address goes with --executor ray")

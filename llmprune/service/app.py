@@ -25,7 +25,7 @@ from llmprune import __version__
 from llmprune.errors import LlmpruneError
 from llmprune.service.db import FINISHED, STATUSES, Database
 from llmprune.service.layout import Layout
-from llmprune.service.ray_jobs import RayScheduler, connect
+from llmprune.service.ray_jobs import PLACEMENT_TIMEOUT_S, RayScheduler, connect
 from llmprune.service.rules import check_recipe
 from llmprune.service.scheduler import CANCEL_GRACE_S, STOP_GRACE_S, Scheduler, Slot
 from llmprune.service.throttle import Throttle
@@ -50,6 +50,7 @@ class Settings:
     stop_grace: float = STOP_GRACE_S
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    ray_placement_timeout: float = PLACEMENT_TIMEOUT_S
     auth_limit: int = AUTH_LIMIT
 
 
@@ -114,7 +115,8 @@ def create_app(settings: Settings) -> FastAPI:
     scheduler: Scheduler | RayScheduler
     if settings.executor == "ray":
         scheduler = RayScheduler(layout, db, settings.slots, settings.ray_address,
-                                 say=lambda line: print(line, flush=True), cancel_grace=settings.cancel_grace)
+                                 say=lambda line: print(line, flush=True), cancel_grace=settings.cancel_grace,
+                                 placement_timeout=settings.ray_placement_timeout)
     else:
         scheduler = Scheduler(layout, db, settings.slots, say=lambda line: print(line, flush=True),
                               cancel_grace=settings.cancel_grace, stop_grace=settings.stop_grace)

@@ -13,10 +13,17 @@ Cancel is the pipeline's cooperative cancel (a flag the job polls), then, past t
 ``ray.kill`` of the actor. An actor that dies (its process killed, its node lost) fails its job
 with Ray's reason, except that a streamed job with a journal is queued once more and resumes
 after its last finished layer. A finished job's actor is killed once its last calls are drained.
+
+An actor's name carries a tag of the service's workdir, so two services on one cluster never
+touch each other's actors; a starting server kills its own leftovers (actors no running job
+owns: a server stopped between a job's end and its actor's kill). A job the cluster has not
+placed within the placement timeout (no node with the CPUs and GPU it asks for, or none free)
+fails with what it asked for, rather than waiting unseen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -34,6 +41,7 @@ from llmprune.service.scheduler import CANCEL_GRACE_S, POLL_S, Slot
 
 NAMESPACE = "llmprune"
 CONNECT_TIMEOUT_S = 10.0
+PLACEMENT_TIMEOUT_S = 600.0  # a job not placed by then fails (0: it waits as long as it takes)
 # The job methods a relayed job may call on the server's database, and nothing else.
 RELAYED = {"add_event", "update", "finish", "requeue"}
 
@@ -60,9 +68,33 @@ def connect(address: str | None) -> None:
         raise LlmpruneError(f"cannot reach the Ray cluster at {address}: {first}") from None
 
 
-def actor_name(job_id: str, attempt: int) -> str:
+def actor_prefix(workdir: Path) -> str:
+    """What every actor of the service on ``workdir`` is named with: its own, whatever else the
+    cluster runs (another service's jobs have another tag)."""
+    tag = hashlib.sha256(str(workdir.expanduser().resolve()).encode()).hexdigest()[:10]
+    return f"llmprune-{tag}-job-"
+
+
+def actor_name(prefix: str, job_id: str, attempt: int) -> str:
     """Each attempt's actor has a name of its own (a dead actor's name may not be free at once)."""
-    return f"llmprune-job-{job_id}-{attempt}"
+    return f"{prefix}{job_id}-{attempt}"
+
+
+def asks(threads: int, gpu: bool) -> str:
+    return f"{threads} CPU{'s' if threads != 1 else ''}{' and 1 GPU' if gpu else ''}"
+
+
+def room_for(threads: int, gpu: bool) -> str | None:
+    """None when a live node of the cluster has ``threads`` CPUs (and a GPU) in all; else what
+    the largest has (free or not: Ray places an actor on one node)."""
+    import ray
+
+    sizes = [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+             for n in ray.nodes() if n.get("Alive")]
+    if any(cpus >= threads and (gpus >= 1 or not gpu) for cpus, gpus in sizes):
+        return None
+    cpus, gpus = max(sizes, default=(0.0, 0.0))
+    return f"no node of the Ray cluster has {asks(threads, gpu)} (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
 
 
 Call = tuple[int, str, tuple[Any, ...], dict[str, Any]]  # (sequence number, method, args, kwargs)
@@ -154,6 +186,8 @@ class Placed:
     drain: Any = None  # the drain call in flight (one at a time: an unread one would be lost)
     stored: int = 0  # the last relayed call committed to the database
     answered: bool = False  # the actor has answered a drain (it was placed and runs)
+    since: float = field(default_factory=time.monotonic)  # sent to the cluster (or adopted) at
+    asked: str = ""  # what it asked the cluster for, in words
 
 
 @dataclass
@@ -167,9 +201,14 @@ class RayScheduler:
     address: str | None
     say: Any = print
     cancel_grace: float = CANCEL_GRACE_S
+    placement_timeout: float = PLACEMENT_TIMEOUT_S
     placed: dict[str, Placed] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+
+    @property
+    def prefix(self) -> str:
+        return actor_prefix(self.layout.workdir)
 
     def start(self) -> None:
         import ray
@@ -181,7 +220,7 @@ class RayScheduler:
                 slot.device = "cuda" if gpus > 0 else "cpu"
         for job in self.db.jobs("running"):  # left running by an earlier server: adopt what lives
             try:
-                actor = ray.get_actor(actor_name(job["id"], job["attempts"]), namespace=NAMESPACE)
+                actor = ray.get_actor(actor_name(self.prefix, job["id"], job["attempts"]), namespace=NAMESPACE)
             except ValueError:
                 self.lost(job["id"], "its Ray actor is gone (it died while the server was down)")
                 continue
@@ -190,8 +229,26 @@ class RayScheduler:
             if free:
                 free[0].job = job["id"]
             self.say(f"llmprune serve: job {job['id']} still runs on the Ray cluster; following it again")
+        self.sweep()
         self.thread = threading.Thread(target=self.loop, name="llmprune-ray-scheduler", daemon=True)
         self.thread.start()
+
+    def sweep(self) -> None:
+        """Kill this service's actors that no running job owns: left by a server stopped between
+        a job's end and its actor's kill, or an attempt since replaced. Other services' actors
+        (another prefix) are not ours to touch."""
+        import ray
+        from ray.util import list_named_actors
+
+        owned = {actor_name(self.prefix, job["id"], job["attempts"]) for job in self.db.jobs("running")}
+        for name in list_named_actors():  # this namespace's live actors
+            if not name.startswith(self.prefix) or name in owned:
+                continue
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:  # gone meanwhile
+                continue
+            self.say(f"llmprune serve: stopped {name}, a Ray actor no running job owns")
 
     def loop(self) -> None:
         while not self.stop_event.is_set():
@@ -225,14 +282,18 @@ class RayScheduler:
         gpu = slot.device.startswith("cuda")
         row = self.db.get(job_id) or {}
         remote = ray.remote(JobActor).options(
-            name=actor_name(job_id, int(row.get("attempts") or 1)), namespace=NAMESPACE, lifetime="detached",
-            max_concurrency=2, max_restarts=0, num_cpus=slot.threads, num_gpus=1 if gpu else 0)
+            name=actor_name(self.prefix, job_id, int(row.get("attempts") or 1)), namespace=NAMESPACE,
+            lifetime="detached", max_concurrency=2, max_restarts=0, num_cpus=slot.threads, num_gpus=1 if gpu else 0)
         actor: Any = remote.remote(str(self.layout.workdir), job_id, row, "cuda" if gpu else "cpu", slot.threads)
         slot.job = job_id
-        self.placed[job_id] = Placed(job_id, actor)
+        self.placed[job_id] = Placed(job_id, actor, asked=asks(slot.threads, gpu))
         self.db.add_event(job_id, "log", {"level": "INFO", "message": f"sent to the Ray cluster: "
-                                          f"{slot.threads} CPUs{', 1 GPU' if gpu else ''} (attempt "
-                                          f"{row.get('attempts')})"})
+                                          f"{asks(slot.threads, gpu)} (attempt {row.get('attempts')})"})
+        short = room_for(slot.threads, gpu)
+        if short:  # an autoscaling cluster may still grow: say so, and let the placement timeout decide
+            wait = f"up to {self.placement_timeout:g} s" if self.placement_timeout else "as long as it takes"
+            self.db.add_event(job_id, "log", {"level": "WARNING", "message": f"{short}; waiting {wait} for "
+                                              "the cluster to place it"})
 
     def watch(self, placed: Placed) -> None:
         """Collect the actor's answer when there is one (never waiting for it), store its calls,
@@ -266,6 +327,13 @@ class RayScheduler:
                         self.fail(placed.job, "the job's Ray actor ended without finishing the job")
                     self.kill(placed)
                     return
+        if (not placed.answered and self.placement_timeout
+                and time.monotonic() - placed.since > self.placement_timeout):
+            short = room_for(*self.request(placed.job))
+            self.kill(placed)  # a pending actor's creation is called off with it
+            self.fail(placed.job, f"the Ray cluster did not place it within {self.placement_timeout:g} s "
+                                  f"(it asks for {placed.asked or 'its slot'}" + (f"; {short})" if short else ")"))
+            return
         if placed.cancel_sent is None and self.db.cancel_requested(placed.job):
             placed.actor.cancel.remote()
             placed.cancel_sent = time.monotonic()
@@ -274,6 +342,11 @@ class RayScheduler:
             self.db.add_event(placed.job, "log", {"level": "INFO", "message": reason})
             self.db.finish(placed.job, "cancelled", reason)
             self.kill(placed)
+
+    def request(self, job_id: str) -> tuple[int, bool]:
+        """The CPUs and GPU the job's slot asks for."""
+        slot = next((s for s in self.slots if s.job == job_id), None)
+        return (slot.threads, slot.device.startswith("cuda")) if slot else (1, False)
 
     def lost(self, job_id: str, reason: str) -> None:
         """A job whose actor died: run once more when it streams and its journal (on the shared
