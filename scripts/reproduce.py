@@ -37,6 +37,8 @@ RECIPES: dict[str, list[str]] = {
     "sparsegpt": ["--method", "sparsegpt"],
     "sparsegpt+refit": ["--method", "sparsegpt", "--update", "admm"],
     "wanda+refit": ["--method", "wanda", "--update", "admm", "--set", "prune.admm_iterations=0", "--shrink", "0.7"],
+    "ria": ["--method", "ria"],
+    "ria+refit": ["--method", "ria", "--update", "admm", "--set", "prune.admm_iterations=0"],
     "admm": ["--method", "admm"],
     "wanda+admm": ["--method", "wanda", "--update", "admm"],
     "sparsegpt+dsnot": ["--method", "sparsegpt", "--refine", "dsnot"],

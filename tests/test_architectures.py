@@ -20,7 +20,7 @@ from llmprune.engine.model import find_decoder_layers
 from llmprune.errors import LlmpruneError
 
 ARCHS = list(tiny.ARCHITECTURES)
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
 CPU = torch.device("cpu")
 SEQLEN = 40  # longer than Gemma 3's sliding window of 16
 
@@ -142,7 +142,7 @@ def expected_zeros(method: str, pattern: str, shape: tuple[int, int]) -> int:
     if pattern != "unstructured":
         n, m = (int(v) for v in pattern.split(":"))
         return rows * cols * (m - n) // m
-    if method == "wanda":  # Wanda compares within each row
+    if method in ("wanda", "ria"):  # Wanda and RIA compare within each row
         return rows * math.floor(cols * 0.5)
     return math.floor(rows * cols * 0.5)  # magnitude and SparseGPT compare the whole matrix
 
@@ -171,7 +171,7 @@ def test_pruning_contract(models, arch, method, pattern):
         assert reported[name].shape == (rows, cols), name
         assert reported[name].sparsity == pytest.approx(zeros / W.numel(), abs=1e-12), name
         assert zeros == expected_zeros(method, pattern, (rows, cols)), name
-        if pattern == "unstructured" and method == "wanda":
+        if pattern == "unstructured" and method in ("wanda", "ria"):
             per_row = (W == 0).sum(1)
             assert torch.all(per_row == math.floor(cols * 0.5)), name
         if pattern != "unstructured":

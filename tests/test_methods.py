@@ -316,3 +316,43 @@ def test_damping_is_a_fraction_of_the_live_inputs_energy():
     damped.diagonal()[3:] = 1.0
     damped += torch.eye(10) * 0.01 * live
     assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+
+
+def naive_ria(W: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """RIA's score weight by weight, from the paper's formula."""
+    rows, cols = W.shape
+    out = torch.zeros(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            row = sum(abs(float(W[i, k])) for k in range(cols))
+            col = sum(abs(float(W[k, j])) for k in range(rows))
+            w = abs(float(W[i, j]))
+            out[i, j] = ((w / row if row else 0.0) + (w / col if col else 0.0)) * float(norms[j]) ** 0.5
+    return out
+
+
+def test_ria_known_answer_keeps_an_input_wanda_drops():
+    W = torch.tensor([[4.0, 1.0], [4.0, 3.0]])
+    ria = get_method("ria").prune(W, {COLUMN_NORMS: torch.ones(2)}, opts(group="row"))
+    wanda = get_method("wanda").prune(W, {COLUMN_NORMS: torch.ones(2)}, opts(group="row"))
+    assert ria.weight.tolist() == [[4.0, 0.0], [0.0, 3.0]]
+    assert wanda.weight.tolist() == [[4.0, 0.0], [4.0, 0.0]]
+    # The activation factor √‖X‖ = [2, 1] turns row 1 back to column 0.
+    assert get_method("ria").prune(W, {COLUMN_NORMS: torch.tensor([4.0, 1.0])}, opts(group="row")).weight.tolist() \
+        == [[4.0, 0.0], [4.0, 0.0]]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_ria_scores_match_the_formula_and_masks_keep_their_pattern(pattern):
+    from llmprune.methods.ria import scores
+
+    torch.manual_seed(0)
+    W, norms = torch.randn(6, 8), torch.rand(8) * 10
+    W[2] = 0.0  # an all-zero row scores 0, not NaN
+    assert torch.allclose(scores(W, norms), naive_ria(W, norms), rtol=1e-5, atol=1e-7)
+    result = get_method("ria").prune(W, {COLUMN_NORMS: norms}, opts(pattern=pattern, group="row"))
+    assert int((~result.keep).sum()) == 24 and torch.equal(result.weight, W * result.keep)
+    if pattern == "2:4":
+        assert (result.keep.reshape(6, 2, 4).sum(-1) == 2).all()
+    else:
+        assert (result.keep.sum(1) == 4).all()

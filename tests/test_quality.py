@@ -5,7 +5,7 @@ evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0).
 Wanda and SparseGPT 2:4 are checked against the reference implementations' numbers, measured
 with the stdlib pydoc text as calibration, and the orderings reuse those runs; SparseGPT 50% is
 checked with the Wikipedia calibration split (llmprune's default, disjoint from the evaluation
-split); the default recipe must beat the best reference at 2:4 and 70%. Six real-model prunes
+split); the default recipe must reach 0.85x of the best reference at 2:4 and 70%. Six real-model prunes
 in all. Slow (minutes):
 deselect with -m "not slow" in a quick loop; CI runs it.
 """
@@ -98,14 +98,15 @@ def test_the_default_recipe_beats_the_best_reference_at_2of4_and_70_percent(resu
     for pattern, sparsity, recipe in (
             (Pattern.parse("2:4"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.25}),
             (Pattern.parse("4:8"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.4}),
-            (Pattern(), 0.5, {"method": "wanda", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.4}),
-            (Pattern(), 0.6, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.1}),
+            (Pattern(), 0.5, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.4}),
+            (Pattern(), 0.6, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.1}),
             (Pattern(), 0.7, {"method": "sparsegpt", "allocation": "owl", "shrink": 0.1})):
         assert default_recipe(pattern, sparsity) == {**recipe, **refit}
-    assert results["default-2:4-pydoc"][0] < REFERENCE["sparsegpt-2:4"]
-    assert results["default-70-pydoc"][0] < REFERENCE["sparsegpt-70"]
-    # Measured: 2:4 117.37, 70% 538.45. The refit (and at 2:4 the shrinkage) is what the default
-    # adds to SparseGPT: it must not lose to it.
+    # The issue's training-free target, at most 0.85x the best reference (measured: 2:4 117.37 =
+    # 0.75x, 70% 538.45 = 0.82x).
+    assert results["default-2:4-pydoc"][0] <= 0.85 * REFERENCE["sparsegpt-2:4"]
+    assert results["default-70-pydoc"][0] <= 0.85 * REFERENCE["sparsegpt-70"]
+    # The refit and the shrinkage are what the default adds to SparseGPT at 2:4: it must not lose to it.
     assert results["default-2:4-pydoc"][0] <= results["sparsegpt-2:4-pydoc"][0] * 1.01
 
 

@@ -30,13 +30,12 @@ def test_every_row_is_a_valid_command(recipe, setting):
     config = job_of(recipe, setting).prune
     assert config.target_sparsity == pytest.approx(float(reproduce.SETTINGS[setting][1]) if ":" not in setting else 0.5)
     name, *pieces = recipe.split("+")
-    # The README's rule, written out: at 50% unstructured Wanda + refit, shrink 0.4; at 2:4
-    # SparseGPT + refit, shrink 0.25, at 4:8 0.4; above 50% SparseGPT + refit, shrink 0.1, with OWL
-    # from 70% unstructured.
+    # The README's rule, written out: unstructured RIA + refit, shrink 0.4 at 50% and 0.1 at 60%;
+    # from 70% SparseGPT + OWL + refit, shrink 0.1; N:M SparseGPT + refit, 0.25 at 2:4, 0.4 at 4:8.
     expect: dict[str, object] = {"method": name}
-    if name == "default" and setting == "50%":
-        expect = {"method": "wanda", "update": "admm", "admm_iterations": 0, "refine": "none", "shrink": 0.4,
-                  "allocation": "uniform"}
+    if name == "default" and setting in ("50%", "60%"):
+        expect = {"method": "ria", "update": "admm", "admm_iterations": 0, "refine": "none",
+                  "shrink": 0.4 if setting == "50%" else 0.1, "allocation": "uniform"}
     elif name == "default":
         expect = {"method": "sparsegpt", "update": "admm", "refine": "none",
                   "shrink": {"2:4": 0.25, "4:8": 0.4}.get(setting, 0.1),
@@ -45,6 +44,8 @@ def test_every_row_is_a_valid_command(recipe, setting):
         expect["update"] = "admm"
     if name == "wanda" and "refit" in pieces:
         expect.update(admm_iterations=0, shrink=0.7)  # the pydoc-only best at 50% and 60%
+    if name == "ria" and "refit" in pieces:
+        expect.update(admm_iterations=0, shrink=0.1)
     if "dsnot" in pieces:
         expect["refine"] = "dsnot"
     if "owl" in pieces:
@@ -57,13 +58,13 @@ def test_every_row_is_a_valid_command(recipe, setting):
     assert bool(config.schedule) == ("schedule" in pieces)
 
 
-def test_the_refit_rows_are_the_default_at_50_and_60_percent():
-    """At 60% the default is SparseGPT + refit at a named method's own shrinkage (0.1); at 50%
-    it is Wanda + refit at shrink 0.4, which the wanda+refit row runs at 0.7 (the pydoc-only best)."""
+def test_the_ria_refit_row_is_the_default_at_60_percent_and_differs_at_50_only_in_shrinkage():
+    """At 60% the default is RIA + refit at a named method's own shrinkage (0.1); at 50% it
+    shrinks by 0.4, so the rows differ there in that alone."""
     keys = ("method", "update", "admm_iterations", "refine", "allocation")
-    for setting, row_name in (("60%", "sparsegpt+refit"), ("50%", "wanda+refit")):
-        default, row = job_of("default", setting).prune, job_of(row_name, setting).prune
+    for setting in ("60%", "50%"):
+        default, row = job_of("default", setting).prune, job_of("ria+refit", setting).prune
         for key in keys:
             assert getattr(row, key) == getattr(default, key), (setting, key)
-    assert job_of("default", "60%").prune.shrink == job_of("sparsegpt+refit", "60%").prune.shrink == 0.1
-    assert job_of("default", "50%").prune.shrink == 0.4 != job_of("wanda+refit", "50%").prune.shrink
+    assert job_of("default", "60%").prune.shrink == job_of("ria+refit", "60%").prune.shrink == 0.1
+    assert job_of("default", "50%").prune.shrink == 0.4 != job_of("ria+refit", "50%").prune.shrink

@@ -49,8 +49,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set calibration.samples=64 (repeatable)")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=None,
-                   help="magnitude | wanda | sparsegpt (default) | admm (mask chosen inside ADMM least-squares "
+                   help="magnitude | wanda | ria (Wanda's input norms, |W| relative to its row and column) | "
+                   "sparsegpt | admm (mask chosen inside ADMM least-squares "
                    "iterations) | obd (1/2 F w^2, diagonal Fisher of the calibration loss) | taylor (|g w|); "
+                   "none named: the default recipe for the pattern and sparsity (README); "
                    "structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor | obd; "
                    "--pattern experts: reap (default) | frequency | random")
     g.add_argument("--sparsity", type=float, default=None,

@@ -15,7 +15,7 @@ from llmprune.methods import METHODS, Options, get_method
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 SHRINK = 0.1  # a named method's Hessian shrinkage (the default recipe sets its own)
 LOW_SHRINK = 0.25  # the default recipe's at 2:4 (N:M with M < 8, at 50% sparsity and below)
-WIDE_SHRINK = 0.4  # the default recipe's at 4:8 (M >= 8) and for Wanda's mask at 50% and below
+WIDE_SHRINK = 0.4  # the default recipe's at 4:8 (M >= 8) and for RIA's mask at 50% and below
 HIGH_SPARSITY = 0.7  # the default recipe adds OWL from here (measured at 70% only)
 
 
@@ -27,32 +27,29 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
     """What a configuration that names no method gets: the best training-free recipe measured
     for the pattern and sparsity (README, "The default recipe"). Keys it sets itself win.
 
-    * Unstructured at 50% and below: Wanda's mask, then the least-squares refit of its kept
-      weights (``update`` admm, conjugate gradients from the masked weights), on the Hessian
-      shrunk toward its diagonal by 0.4.
-    * N:M at 50% and below: SparseGPT, then the refit from SparseGPT's answer, shrink 0.25 at
-      2:4 and 0.4 at 4:8 (M of 8 and more: a wider group leaves the update more freedom to
-      over-fit the calibration text).
-    * Above 50%: SparseGPT, then the refit, shrink 0.1; from 70% unstructured, OWL's layer
-      sparsities too.
+    * Unstructured below 70%: RIA's mask (:mod:`llmprune.methods.ria`), then the least-squares
+      refit of its kept weights (``update`` admm: conjugate gradients from the masked weights),
+      on the Hessian shrunk toward its diagonal by 0.4 at 50% and below, 0.1 above.
+    * Unstructured from 70%: SparseGPT with OWL's layer sparsities, then the refit from
+      SparseGPT's answer, shrink 0.1 (RIA's mask won off-domain there but lost more in-domain).
+    * N:M: SparseGPT, then the refit, shrink 0.25 at 2:4 and 0.4 at 4:8 (M of 8 and more: a
+      wider group leaves the update more freedom to over-fit the calibration text), 0.1 above
+      50% (1:4, say). RIA's mask lost to SparseGPT's at 2:4 and 4:8.
 
     Chosen on a validation text (Wikipedia bucket 4) by the geometric mean of its perplexity
     after calibration on pydoc (off-domain) and on the Wikipedia calibration split (in-domain),
     32 x 512 tokens each; where two were within 1%, the off-domain number decided. Only 50%,
     2:4, 4:8, 60% and 70% were measured; other settings take the nearest rule.
     """
-    if pattern.kind == "unstructured" and sparsity <= 0.5 + 1e-9:
-        # admm_iterations 0: from Wanda's masked weights, conjugate gradients alone (as measured).
-        return {"method": "wanda", "update": "admm", "admm_iterations": 0, "refine": "none",
-                "allocation": "uniform", "shrink": WIDE_SHRINK}
-    if sparsity > 0.5 + 1e-9:
-        shrink = SHRINK
-    else:
-        shrink = WIDE_SHRINK if pattern.m >= 8 else LOW_SHRINK
-    owl = pattern.kind == "unstructured" and sparsity >= HIGH_SPARSITY - 1e-9
+    high = sparsity >= HIGH_SPARSITY - 1e-9
+    if pattern.kind == "unstructured" and not high:
+        # admm_iterations 0: from RIA's masked weights, conjugate gradients alone (as measured).
+        return {"method": "ria", "update": "admm", "admm_iterations": 0, "refine": "none", "allocation": "uniform",
+                "shrink": WIDE_SHRINK if sparsity <= 0.5 + 1e-9 else SHRINK}
+    shrink = SHRINK if sparsity > 0.5 + 1e-9 else WIDE_SHRINK if pattern.m >= 8 else LOW_SHRINK
     # admm_iterations stays None: 0 from SparseGPT's answer, 20 where a refinement moved the mask.
-    return {"method": "sparsegpt", "update": "admm", "refine": "none", "allocation": "owl" if owl else "uniform",
-            "shrink": shrink}
+    return {"method": "sparsegpt", "update": "admm", "refine": "none",
+            "allocation": "owl" if pattern.kind == "unstructured" and high else "uniform", "shrink": shrink}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 from llmprune.core.patterns import Group
 from llmprune.errors import LlmpruneError
-from llmprune.methods import admm, loss, magnitude, sparsegpt, wanda
+from llmprune.methods import admm, loss, magnitude, ria, sparsegpt, wanda
 from llmprune.methods.base import COLUMN_NORMS, FISHER, GRADIENT, HESSIAN, PER_WEIGHT, Options, Result, Stats
 
 
@@ -39,6 +39,8 @@ METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", magnitude.needs, magnitude.prepare_stats, magnitude.prune, "layer",
                         saliency=lambda W, stats: W.abs().float()),
     "wanda": Method("wanda", wanda.needs, wanda.prepare_stats, wanda.prune, "row"),
+    # Wanda's statistics, a score relative to the weight's row and column (llmprune.methods.ria).
+    "ria": Method("ria", wanda.needs, wanda.prepare_stats, ria.prune, "row"),
     "sparsegpt": Method("sparsegpt", sparsegpt.needs, sparsegpt.prepare_stats, sparsegpt.prune, "layer", "obs"),
     # Boža 2024's gradual ADMM: the mask chosen inside the least-squares iterations.
     "admm": Method("admm", admm.needs, admm.prepare, admm.prune, "layer", "admm"),

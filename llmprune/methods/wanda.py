@@ -28,7 +28,13 @@ def prepare_stats(stats: Stats, options: Options) -> Stats:
 
 
 def prune(W: torch.Tensor, stats: Stats, options: Options) -> Result:
-    keep = select_keep(scores(W, stats[COLUMN_NORMS]), options.pattern, options.sparsity, options.group)
+    return prune_by(scores(W, stats[COLUMN_NORMS]), W, stats, options)
+
+
+def prune_by(weight_scores: torch.Tensor, W: torch.Tensor, stats: Stats, options: Options) -> Result:
+    """The mask of the highest ``weight_scores`` (Wanda's or another score read from the same
+    input norms), then the OBS update if asked."""
+    keep = select_keep(weight_scores, options.pattern, options.sparsity, options.group)
     if options.update == "obs":
         return obs_update(W, stats, keep, options)
     return Result(W.float() * keep, keep)

@@ -37,7 +37,7 @@ from llmprune.service.views import job_summary
 COOKIE = "llmprune_session"
 SESSION_LIFETIME_S = 12 * 3600
 CSRF_HEADER = "x-csrf-token"
-METHODS = ("sparsegpt", "wanda", "magnitude", "admm", "obd", "taylor")
+METHODS = ("sparsegpt", "wanda", "ria", "magnitude", "admm", "obd", "taylor")
 PATTERNS = ("unstructured", "2:4", "4:8")
 # Form field -> the recipe key its errors name.
 FIELDS = {"model": "model", "method": "prune.method", "pattern": "prune.pattern", "sparsity": "prune.sparsity",
