@@ -104,8 +104,8 @@ out: x
     # Defaults agree too: the bare command line and the bare recipe.
     assert from_cli(["--model", "m"]) == job_from_dict({"model": "m"})
     assert from_cli(["--model", "m", "--shrink", "0"]) == job_from_dict({"model": "m", "prune": {"shrink": 0.0}})
-    # The default recipe's shrinkage at 50% (Wanda's mask and the refit), a named method's own (0.1) otherwise.
-    assert from_cli(["--model", "m"]).prune.shrink == 0.4
+    # The default recipe's shrinkage at 50% (RIA's mask and the refit), a named method's own (0.1) otherwise.
+    assert from_cli(["--model", "m"]).prune.shrink == 0.55
     assert from_cli(["--model", "m", "--method", "sparsegpt"]).prune.shrink == 0.1
     structured = ["--model", "m", "--pattern", "structured", "--params", "0.2"]
     assert from_cli(structured) == job_from_dict({"model": "m", "prune": {"pattern": "structured", "params": 0.2}})

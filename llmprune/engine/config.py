@@ -15,7 +15,8 @@ from llmprune.methods import METHODS, Options, get_method
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 SHRINK = 0.1  # a named method's Hessian shrinkage (the default recipe sets its own)
 LOW_SHRINK = 0.25  # the default recipe's at 2:4 (N:M with M < 8, at 50% sparsity and below)
-WIDE_SHRINK = 0.4  # the default recipe's at 4:8 (M >= 8) and for RIA's mask at 50% and below
+WIDE_SHRINK = 0.4  # the default recipe's at 4:8 (N:M with M >= 8, at 50% sparsity and below)
+RIA_SHRINK = 0.55  # the default recipe's for RIA's mask at 50% unstructured sparsity and below
 HIGH_SPARSITY = 0.7  # the default recipe adds OWL from here (measured at 70% only)
 
 
@@ -29,7 +30,7 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
 
     * Unstructured below 70%: RIA's mask (:mod:`llmprune.methods.ria`), then the least-squares
       refit of its kept weights (``update`` admm: conjugate gradients from the masked weights),
-      on the Hessian shrunk toward its diagonal by 0.4 at 50% and below, 0.1 above.
+      on the Hessian shrunk toward its diagonal by 0.55 at 50% and below, 0.1 above.
     * Unstructured from 70%: SparseGPT with OWL's layer sparsities, then the refit from
       SparseGPT's answer, shrink 0.1 (RIA's mask won off-domain there but lost more in-domain).
     * N:M: SparseGPT, then the refit, shrink 0.25 at 2:4 and 0.4 at 4:8 (M of 8 and more: a
@@ -45,7 +46,7 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
     if pattern.kind == "unstructured" and not high:
         # admm_iterations 0: from RIA's masked weights, conjugate gradients alone (as measured).
         return {"method": "ria", "update": "admm", "admm_iterations": 0, "refine": "none", "allocation": "uniform",
-                "shrink": WIDE_SHRINK if sparsity <= 0.5 + 1e-9 else SHRINK}
+                "shrink": RIA_SHRINK if sparsity <= 0.5 + 1e-9 else SHRINK}
     shrink = SHRINK if sparsity > 0.5 + 1e-9 else WIDE_SHRINK if pattern.m >= 8 else LOW_SHRINK
     # admm_iterations stays None: 0 from SparseGPT's answer, 20 where a refinement moved the mask.
     return {"method": "sparsegpt", "update": "admm", "refine": "none",
