@@ -187,7 +187,7 @@ class Placed:
     stored: int = 0  # the last relayed call committed to the database
     answered: bool = False  # the actor has answered a drain (it was placed and runs)
     since: float = field(default_factory=time.monotonic)  # sent to the cluster (or adopted) at
-    asked: str = ""  # what it asked the cluster for, in words
+    request: tuple[int, bool] | None = None  # the CPUs and GPU it asked for (None: adopted, not known)
 
 
 @dataclass
@@ -206,14 +206,13 @@ class RayScheduler:
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
-    @property
-    def prefix(self) -> str:
-        return actor_prefix(self.layout.workdir)
+    prefix: str = ""  # of this service's actor names (actor_prefix of the workdir, set by start)
 
     def start(self) -> None:
         import ray
 
         connect(self.address)
+        self.prefix = actor_prefix(self.layout.workdir)
         gpus = float(ray.cluster_resources().get("GPU", 0))
         for slot in self.slots:  # --workers N: one GPU a job on a cluster that has GPUs
             if slot.device == "auto":
@@ -286,7 +285,7 @@ class RayScheduler:
             lifetime="detached", max_concurrency=2, max_restarts=0, num_cpus=slot.threads, num_gpus=1 if gpu else 0)
         actor: Any = remote.remote(str(self.layout.workdir), job_id, row, "cuda" if gpu else "cpu", slot.threads)
         slot.job = job_id
-        self.placed[job_id] = Placed(job_id, actor, asked=asks(slot.threads, gpu))
+        self.placed[job_id] = Placed(job_id, actor, request=(slot.threads, gpu))
         self.db.add_event(job_id, "log", {"level": "INFO", "message": f"sent to the Ray cluster: "
                                           f"{asks(slot.threads, gpu)} (attempt {row.get('attempts')})"})
         short = room_for(slot.threads, gpu)
@@ -329,10 +328,11 @@ class RayScheduler:
                     return
         if (not placed.answered and self.placement_timeout
                 and time.monotonic() - placed.since > self.placement_timeout):
-            short = room_for(*self.request(placed.job))
+            short = room_for(*placed.request) if placed.request else None
             self.kill(placed)  # a pending actor's creation is called off with it
+            asked = asks(*placed.request) if placed.request else "its slot"
             self.fail(placed.job, f"the Ray cluster did not place it within {self.placement_timeout:g} s "
-                                  f"(it asks for {placed.asked or 'its slot'}" + (f"; {short})" if short else ")"))
+                                  f"(it asks for {asked}" + (f"; {short})" if short else ")"))
             return
         if placed.cancel_sent is None and self.db.cancel_requested(placed.job):
             placed.actor.cancel.remote()
@@ -342,11 +342,6 @@ class RayScheduler:
             self.db.add_event(placed.job, "log", {"level": "INFO", "message": reason})
             self.db.finish(placed.job, "cancelled", reason)
             self.kill(placed)
-
-    def request(self, job_id: str) -> tuple[int, bool]:
-        """The CPUs and GPU the job's slot asks for."""
-        slot = next((s for s in self.slots if s.job == job_id), None)
-        return (slot.threads, slot.device.startswith("cuda")) if slot else (1, False)
 
     def lost(self, job_id: str, reason: str) -> None:
         """A job whose actor died: run once more when it streams and its journal (on the shared
