@@ -1,5 +1,5 @@
 """Mixture-of-experts models: fused 3-D expert weights pruned expert by expert, from the tokens
-routed to each, on tiny random models of six families built from their transformers configs."""
+routed to each, on tiny random models of seven families built from their transformers configs."""
 
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ def expert_slices(model: nn.Module) -> dict[str, torch.Tensor]:
         if "down_proj" not in params or params["down_proj"].ndim != 3:
             continue
         up, down = params["gate_up_proj"], params["down_proj"]
+        # Llama 4's experts carry no layout flags: stored (in, out), gate then up (bmm(x, gate_up_proj)).
+        transposed, concatenated = getattr(module, "is_transposed", True), getattr(module, "is_concatenated", True)
         for e in range(up.shape[0]):
-            u, d = (up[e].T, down[e].T) if module.is_transposed else (up[e], down[e])
-            gate, upper = (u[::2], u[1::2]) if not module.is_concatenated else u.chunk(2)
+            u, d = (up[e].T, down[e].T) if transposed else (up[e], down[e])
+            gate, upper = (u[::2], u[1::2]) if not concatenated else u.chunk(2)
             found.update({f"{name}.{e}.gate": gate, f"{name}.{e}.up": upper, f"{name}.{e}.down": d})
     return found
 
@@ -73,6 +75,18 @@ def test_every_family_is_found_and_sparsity_zero_reproduces_the_model(models, ar
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert report.one_pass  # every expert runs on every batch: the lockstep holds despite routing
     assert not report.unpruned
+    # The unfused experts route exactly as the container does: each MoE block's own output.
+    hidden = torch.randn(2, SEQLEN, tiny.HIDDEN, generator=torch.Generator().manual_seed(5))
+    for i in moe:
+        for name in expert_containers(layers[i]):
+            block = layers[i].get_submodule(name.rpartition(".")[0])
+            with torch.no_grad():
+                own = block(hidden)
+                for mode in ("routed", "weighted", "all"):
+                    with unfused(layers[i], mode):
+                        mine = block(hidden)
+                    first = (own[0], mine[0]) if isinstance(own, tuple) else (own, mine)
+                    torch.testing.assert_close(first[1], first[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -189,6 +203,63 @@ def test_all_token_statistics_see_every_token_and_count_the_routed_ones():
         torch.testing.assert_close(seen[f"experts.{e}.gate_proj"].raw()[HESSIAN], 2 * x.T @ x / 12)
 
 
+class PreRouted(nn.Module):
+    """A decoder-layer stand-in around Llama 4's MoE block: every token goes to every expert,
+    scaled by its sigmoid router score (zero where the router's top-1 is another expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import Llama4TextConfig
+        from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+        config = Llama4TextConfig(hidden_size=8, intermediate_size=4, intermediate_size_mlp=16, num_local_experts=3,
+                                  num_experts_per_tok=1)
+        torch.manual_seed(0)
+        self.feed_forward = Llama4TextMoe(config)
+        for param in self.feed_forward.parameters():
+            nn.init.normal_(param)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(hidden)[0].reshape(hidden.shape)
+
+
+@pytest.mark.parametrize("mode", ["routed", "weighted", "all"])
+def test_pre_routed_experts_take_their_statistics_from_the_scaled_rows_they_see(mode):
+    block = PreRouted().eval()
+    moe = block.feed_forward
+    hidden = [torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))]
+    targets = {f"feed_forward.experts.{e}.{k}": None for e in range(3) for k in ("gate_proj", "up_proj", "down_proj")}
+    seen: dict[str, StatSet] = {}
+    with torch.no_grad():
+        expected = block(hidden[0])
+        x = hidden[0].reshape(-1, 8)
+        scores = moe.router(x)[0]  # (T, E): the sigmoid score of the chosen expert, 0 elsewhere
+        with unfused(block, mode):
+            found = {n: block.get_submodule(n) for n in targets}
+            out = visit_layer(block, hidden, [LayerCall((), {}, False)], found, {HESSIAN},
+                              lambda n, s: seen.__setitem__(n, s), False, CPU)
+    torch.testing.assert_close(out[0], expected)  # the block's own output
+    assert {len(routers(block))} == {1}  # the router is found beside the pre-routed container
+    fused = moe.experts
+    for e in range(3):
+        routed = scores[:, e] > 0
+        s = scores[routed, e][:, None]
+        rows = s * x[routed]  # what the expert's weights see: the router-scaled tokens
+        stats = seen[f"feed_forward.experts.{e}.gate_proj"]
+        assert stats.tokens == int(routed.sum())
+        if mode == "all":  # every token; the ones not routed here enter unscaled
+            rows = torch.where(routed[:, None], scores[:, e:e + 1] * x, x)
+        if rows.shape[0] == 0:
+            continue
+        scale = s if mode == "weighted" else torch.ones(rows.shape[0], 1)
+        torch.testing.assert_close(stats.raw()[HESSIAN], 2 * (rows * scale).T @ rows / rows.shape[0])
+        gate, up = (rows @ fused.gate_up_proj[e]).chunk(2, dim=-1)
+        product = fused.act_fn(gate) * up
+        torch.testing.assert_close(seen[f"feed_forward.experts.{e}.down_proj"].raw()[HESSIAN],
+                                   2 * (product * scale).T @ product / rows.shape[0])
+    assert sum(seen[f"feed_forward.experts.{e}.gate_proj"].tokens for e in range(3)) == 12
+
+
 def test_a_starving_expert_is_pruned_by_magnitude_and_recorded():
     route = torch.tensor([0, 1, 0, 0, 1, 0])
     block = FixedRouting(route).eval()
@@ -245,10 +316,10 @@ def test_streaming_an_moe_model_writes_what_the_in_memory_path_writes(arch, toke
 
     source = save(tiny.MOE_ARCHITECTURES[arch](len(tokenizer)), tokenizer, tmp_path / "src")
     stored = set(tensors(source))
-    # gpt-oss stores its experts fused; the other families one matrix per expert, which
-    # transformers fuses while loading and splits again while saving (and so does streaming).
+    # gpt-oss and Llama 4 store their experts fused; the other families one matrix per expert,
+    # which transformers fuses while loading and splits again while saving (and so does streaming).
     per_expert = any(re.search(r"\.experts\.\d+\.", n) for n in stored)
-    assert per_expert == (arch != "gpt_oss")
+    assert per_expert == (arch not in ("gpt_oss", "llama4"))
     memory = run(job(source, text_file, tmp_path / "mem", stream="off"))
     streamed = run(job(source, text_file, tmp_path / "str", stream="on"))
     assert streamed["streaming"] is not None and memory.get("streaming") is None
@@ -406,6 +477,42 @@ def test_expert_removal_from_the_command_line_and_its_bad_input(tokenizer, text_
     message = refused([*argv[:-2], "--sparsity", "0.25", "--method", "obd", "--out", str(tmp_path / "y")],
                       tmp_path, capsys)
     assert "reap, frequency, random" in message
+
+
+def test_a_multimodal_llama4_is_refused_and_its_language_model_prunes_from_the_command_line(
+        tokenizer, text_file, tmp_path, capsys):
+    """Llama 4 as released is multimodal: loading it as a causal LM would drop its vision tower, so
+    it is refused with the way out; the language model saved alone prunes, experts included."""
+    import json
+
+    from test_errors import FAST, refused
+    from test_safety import run
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = tiny.llama4(len(tokenizer)).config.to_dict()
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14, "vision_output_dim": 32, "projector_input_dim": 32,
+              "projector_output_dim": tiny.HIDDEN}
+    both = tmp_path / "scout"
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).save_pretrained(both)
+    tokenizer.save_pretrained(both)
+    message = refused(["--model", str(both), "--calib", str(text_file), *FAST, "--sparsity", "0.5",
+                       "--out", str(tmp_path / "x")], tmp_path, capsys)
+    assert "multimodal checkpoint" in message and ".language_model.save_pretrained" in message, message
+    alone = tmp_path / "text"
+    Llama4ForConditionalGeneration.from_pretrained(both).language_model.save_pretrained(alone)
+    tokenizer.save_pretrained(alone)
+    out = tmp_path / "out"
+    code, _, _ = run(["--model", str(alone), "--calib", str(text_file), *FAST, "--method", "sparsegpt",
+                      "--pattern", "2:4", "--min-expert-tokens", "0", "--out", str(out)], capsys)
+    assert code == 0
+    record = json.loads((out / "llmprune.json").read_text())
+    assert not record["unpruned_weights"] and record["sparsity_of_pruned_linears"] == pytest.approx(0.5)
+    assert set(record["experts"]["containers"]) == {f"model.layers.{i}.feed_forward.experts" for i in (0, 1)}
+    for name, weight in expert_slices(AutoModelForCausalLM.from_pretrained(out)).items():
+        rows, cols = weight.shape
+        assert int(((weight != 0).reshape(rows, cols // 4, 4).sum(-1) > 2).sum()) == 0, name
 
 
 @pytest.mark.slow

@@ -202,7 +202,8 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 # (transformers 5). Their router and expert layouts, read off the transformers sources:
 # Mixtral/Qwen3-MoE/OLMoE plain; Qwen2-MoE with a shared expert and its 1-row gate; DeepSeek-V3
 # with a dense first layer, a shared expert and a router bias buffer; gpt-oss transposed,
-# interleaved gate/up, biases everywhere.
+# interleaved gate/up, biases everywhere; Llama 4 pre-routed (every token to every expert, scaled
+# by a sigmoid router score), transposed, with a shared expert, chunked attention in one layer.
 EXPERTS = 8
 TOP_K = 2
 MOE_INTERMEDIATE = 32
@@ -273,7 +274,18 @@ def gpt_oss(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
     return _finish(GptOssForCausalLM(config), seed)
 
 
+def llama4(vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    # no_rope_layers: 1 = RoPE with chunked attention (layer 0), 0 = NoPE with full attention.
+    config = Llama4TextConfig(intermediate_size=MOE_INTERMEDIATE, intermediate_size_mlp=INTERMEDIATE,
+                              num_local_experts=EXPERTS, head_dim=HIDDEN // HEADS, no_rope_layers=[1, 0],
+                              attention_chunk_size=SLIDING_WINDOW, **_moe_common(), **_common(vocab_size))
+    return _finish(Llama4ForCausalLM(config), seed)
+
+
 MOE_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-    "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss,
+    "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss, "llama4": llama4,
 }

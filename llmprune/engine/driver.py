@@ -587,8 +587,8 @@ def check_prunable(model: nn.Module, allow_partial: bool) -> list[str]:
         raise LlmpruneError(
             f"the decoder layers hold {len(unpruned)} weight matrices that are not linear layers, "
             f"{sizes[0] / sizes[1]:.1%} of their weights (e.g. {name}, shape {'x'.join(map(str, param.shape))}, "
-            "neither linear layers nor fused experts called with routing decisions, e.g. experts that see every "
-            "token): pruning would leave them dense; "
+            "neither linear layers nor fused expert containers, e.g. a convolution kernel): pruning would "
+            "leave them dense; "
             "allow_partial (--allow-partial) prunes the linear layers anyway and reports both sparsities"
         )
     return unpruned

@@ -15,6 +15,13 @@ rebuilt from the linears in the original layout, under the original names.
 
 Containers are discovered, not listed: a module with a 3-D ``down_proj`` and a 3-D
 ``gate_up_proj`` (or ``up_proj``), whose forward takes (hidden, index, weights).
+
+A second kind is called with one tensor, every token for every expert, already scaled by its
+routing weight (Llama 4: ``experts(routed_in (E·T, H))``, the rows of expert e its tokens times
+their router score, zero where the router did not choose e; no biases). Such a container is
+*pre-routed*: its tokens are the non-zero rows of its input, and the unscaled hidden states
+(needed for router-weighted and all-token statistics) are read off the input of the router
+beside it, the sibling linear with one row per expert.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class Layout:
     has_bias: bool
     transposed: bool  # weights stored (in, out) per expert
     concatenated: bool  # gate rows then up rows; False: interleaved (gate0, up0, gate1, ...)
+    prerouted: bool = False  # called with (E·T, H) rows already scaled by the router (Llama 4)
 
     @property
     def up_name(self) -> str:
@@ -94,8 +102,9 @@ def layout_of(module: nn.Module) -> Layout | None:
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return None
-    if len(takes) < 3:  # not called with the routing decisions (e.g. every token to every expert)
-        return None
+    prerouted = len(takes) == 1  # one tensor: every token for every expert, scaled by the router
+    if (len(takes) < 3 and not prerouted) or (prerouted and "down_proj_bias" in params):
+        return None  # not called with the routing; or pre-routed with biases, whose zero rows are not silent
     transposed = getattr(module, "is_transposed", None)
     if transposed is None:  # no transformers flag: read it off the shapes, if they tell
         plain, flipped = up.shape[2] == down.shape[1], up.shape[1] == down.shape[2]
@@ -106,7 +115,8 @@ def layout_of(module: nn.Module) -> Layout | None:
     if (up.shape[2] if transposed else up.shape[1]) != (2 if has_gate else 1) * inner:
         return None
     return Layout(int(down.shape[0]), int(inner), int(hidden), has_gate,
-                  "down_proj_bias" in params, bool(transposed), bool(getattr(module, "is_concatenated", True)))
+                  "down_proj_bias" in params, bool(transposed), bool(getattr(module, "is_concatenated", True)),
+                  prerouted)
 
 
 def expert_containers(block: nn.Module) -> dict[str, nn.Module]:
@@ -177,8 +187,16 @@ class _Unfused:
     """One container, unfused: holds what refusing needs."""
 
     def __init__(self, name: str, module: nn.Module, layout: Layout, statistics: ExpertStatistics,
-                 observe: Observer | None = None) -> None:
+                 observe: Observer | None = None, parent: nn.Module | None = None) -> None:
         self.name, self.module, self.layout, self.statistics, self.observe = name, module, layout, statistics, observe
+        self.hidden: torch.Tensor | None = None  # pre-routed: the router's input, the unscaled hidden states
+        self.hook: Any = None
+        if layout.prerouted and parent is not None:
+            beside = [child for child in parent.children()
+                      if isinstance(weight := getattr(child, "weight", None), torch.Tensor)
+                      and tuple(weight.shape) == (layout.experts, layout.hidden)]
+            if len(beside) == 1:
+                self.hook = beside[0].register_forward_pre_hook(self._read_hidden)
         params = dict(module.named_parameters(recurse=False))
         self.names = list(params)
         self.requires_grad = {name: p.requires_grad for name, p in params.items()}
@@ -201,7 +219,11 @@ class _Unfused:
         for name in self.names:
             delattr(module, name)  # the copies above are now the only weights
         setattr(module, UNFUSED, layout.experts)
-        module.forward = self.forward  # an instance attribute: the class's forward is left alone
+        # An instance attribute: the class's forward is left alone.
+        module.forward = self.forward_prerouted if layout.prerouted else self.forward
+
+    def _read_hidden(self, _router: nn.Module, args: tuple[Any, ...]) -> None:
+        self.hidden = args[0].reshape(-1, self.layout.hidden) if args else None
 
     def experts(self) -> list[Expert]:
         return [self.module.get_submodule(str(e)) for e in range(self.layout.experts)]  # type: ignore[misc]
@@ -210,7 +232,6 @@ class _Unfused:
                 *args: Any, **kwargs: Any) -> torch.Tensor:
         """The container's own computation, expert by expert: each routed token's expert output,
         times its routing weight, summed (transformers' eager forward, expert order kept)."""
-        module, layout = self.module, self.layout
         out = torch.zeros_like(hidden_states)
         everyone = self.statistics == "all"
         for e, expert in enumerate(self.experts()):
@@ -219,22 +240,7 @@ class _Unfused:
             x = hidden_states if everyone else hidden_states[token]
             row_weights = weights if self.statistics == "weighted" else None
             routing = Routing(int(token.numel()), row_weights, token if everyone else None)
-            x = _mark(x.view_as(x), routing)  # a fresh tensor object per expert: statistics are not shared
-            act = getattr(module, "act_fn", None)
-            if layout.has_gate:
-                gate, up = expert.part("gate_proj")(x), expert.part("up_proj")(x)
-                apply_gate = getattr(module, "_apply_gate", None)
-                if apply_gate is not None:
-                    h = apply_gate(_join(gate, up, layout, -1))
-                else:
-                    assert act is not None
-                    h = act(gate) * up
-            else:
-                assert act is not None
-                h = act(expert.part("up_proj")(x))
-            y = expert.part("down_proj")(_mark(h, routing))
-            if getattr(module, "has_post_expert_norm", False):
-                y = module.post_expert_norm(y)  # type: ignore[operator]
+            y = self._expert_output(expert, x, routing)
             if everyone:
                 y = y[token]
             if self.observe is not None:
@@ -242,9 +248,62 @@ class _Unfused:
             out.index_add_(0, token, (y * weights[:, None]).to(out.dtype))
         return out
 
+    def forward_prerouted(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A pre-routed container's computation: expert e on its rows of (E·T, H); its tokens are
+        the non-zero rows (an unrouted row is zero, and so is its output: no biases), already
+        scaled by their router scores. Router-weighted statistics read each score off the row,
+        ‖s·h‖ / ‖h‖; all-token statistics add the tokens not routed to e at weight 1 (their
+        unscaled hidden state), while the output uses the routed rows alone."""
+        layout = self.layout
+        rows = hidden_states.view(layout.experts, -1, layout.hidden)
+        out = torch.zeros_like(rows)
+        plain = self.hidden
+        if self.statistics != "routed" and (plain is None or plain.shape[0] != rows.shape[1]):
+            raise LlmpruneError(f"{self.name}: {self.statistics} expert statistics need the hidden states the "
+                                "router beside this pre-routed container reads, and none was seen")
+        for e, expert in enumerate(self.experts()):
+            routed = rows[e].ne(0).any(dim=-1)
+            token = torch.where(routed)[0]
+            x = rows[e][token]
+            row_weights = None
+            if self.statistics == "weighted" and plain is not None:
+                row_weights = x.norm(dim=-1) / plain[token].norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
+            if self.statistics == "all" and plain is not None:
+                x = torch.where(routed[:, None], rows[e], plain.to(rows.dtype))
+            routing = Routing(int(token.numel()), row_weights, token if self.statistics == "all" else None)
+            y = self._expert_output(expert, x, routing)
+            if self.statistics == "all":
+                y = y[token]
+            if self.observe is not None:  # the output already carries the router's scale
+                self.observe(self.name, e, torch.ones(len(token), dtype=y.dtype, device=y.device), y)
+            out[e].index_copy_(0, token, y.to(out.dtype))
+        return out.view(-1, layout.hidden)
+
+    def _expert_output(self, expert: Expert, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        module, layout = self.module, self.layout
+        x = _mark(x.view_as(x), routing)  # a fresh tensor object per expert: statistics are not shared
+        act = getattr(module, "act_fn", None)
+        if layout.has_gate:
+            gate, up = expert.part("gate_proj")(x), expert.part("up_proj")(x)
+            apply_gate = getattr(module, "_apply_gate", None)
+            if apply_gate is not None:
+                h = apply_gate(_join(gate, up, layout, -1))
+            else:
+                assert act is not None
+                h = act(gate) * up
+        else:
+            assert act is not None
+            h = act(expert.part("up_proj")(x))
+        y = expert.part("down_proj")(_mark(h, routing))
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)  # type: ignore[operator]
+        return y
+
     def refuse(self) -> None:
         """Rebuild the 3-D parameters from the experts' linears, in the original layout."""
         module, layout = self.module, self.layout
+        if self.hook is not None:
+            self.hook.remove()
         experts = self.experts()
         ups: list[torch.Tensor] = []
         downs: list[torch.Tensor] = []
@@ -292,7 +351,8 @@ def unfused(block: nn.Module, statistics: ExpertStatistics = "routed",
     handles: list[_Unfused] = []
     try:
         for name, layout in found.items():
-            handles.append(_Unfused(name, block.get_submodule(name), layout, statistics, observe))
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            handles.append(_Unfused(name, block.get_submodule(name), layout, statistics, observe, parent))
         yield found
     finally:
         for handle in handles:

@@ -108,12 +108,22 @@ def check_local_folder(folder: Path, spec: str) -> None:
     check_safetensors(folder)
 
 
+# The towers a multimodal checkpoint holds beside its language model (Llama 4, Gemma 3, LLaVA).
+VISION_PREFIXES = ("vision_model.", "vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.", "model.vision_model.")
+
+
 def check_loading_info(info: dict[str, Any], spec: str) -> None:
     """Missing weights are filled with random values by transformers, unexpected ones dropped:
     either way the model is not the checkpoint. Refuse it, naming the tensors."""
     for kind, what in (("missing_keys", "missing from"), ("unexpected_keys", "unexpected in"),
                        ("mismatched_keys", "of the wrong shape in")):
         names = sorted(str(n if isinstance(n, str) else n[0]) for n in info.get(kind) or ())
+        if kind == "unexpected_keys" and names and all(n.startswith(VISION_PREFIXES) for n in names):
+            raise LlmpruneError(f"{spec} is a multimodal checkpoint: its vision weights ({names[0]} and "
+                                f"{len(names) - 1} more) would be dropped; llmprune prunes causal language models, "
+                                "so save the language model alone first (Llama 4: "
+                                "Llama4ForConditionalGeneration.from_pretrained(SRC).language_model.save_pretrained(DIR))")
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
             raise LlmpruneError(f"weight {names[0]}{more} {what} the checkpoint of {spec}; the checkpoint is "
