@@ -10,8 +10,8 @@ Wikipedia evaluation split:
 * SparseGPT 50% and 2:4 with per-expert statistics from the routed tokens, against the same
   with every expert's statistics from all tokens (calibrate-all-experts), router-weighted, and
   against magnitude;
-* expert removal at 25% by REAP, routing frequency and random: perplexity, parameters,
-  safetensors bytes and decode tokens/s before and after.
+* expert removal at 25% by REAP, REAP summed over the routed tokens, routing frequency and
+  random: perplexity, parameters, safetensors bytes and decode tokens/s before and after.
 
     .venv/bin/python scripts/bench_moe.py --threads 2 --json out/bench-moe.json
 
@@ -47,7 +47,7 @@ SPARSE = [  # name, method, pattern, sparsity, expert statistics
     ("sparsegpt 2:4 routed", "sparsegpt", "2:4", None, "routed"),
     ("sparsegpt 2:4 all tokens", "sparsegpt", "2:4", None, "all"),
 ]
-SCORES = ("reap", "frequency", "random")
+SCORES = ("reap", "reap-sum", "frequency", "random")
 
 
 def folder_bytes(model: Any) -> int:

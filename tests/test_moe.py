@@ -430,14 +430,17 @@ def test_expert_removal_gives_a_smaller_stock_loadable_model(models, arch, tmp_p
 
 
 def test_expert_scores_know_their_answers():
-    """REAP: mean over routed tokens of routing weight × output norm; frequency: token counts."""
+    """REAP: mean over routed tokens of routing weight × output norm; REAP-sum: their sum;
+    frequency: token counts. Expert 1 has the higher mean but half the tokens: the two REAPs order
+    experts 0 and 1 differently."""
     from llmprune.structured.experts import _Tally
 
     tally = _Tally(3)
     tally.observe("m", 0, torch.tensor([0.5, 0.5]), torch.tensor([[3.0, 4.0], [0.0, 2.0]]))  # 0.5*5 + 0.5*2
-    tally.observe("m", 1, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]))
+    tally.observe("m", 1, torch.tensor([1.0]), torch.tensor([[0.0, 2.0]]))
     reap, tokens = tally.scores("m", "reap", torch.Generator())
-    assert reap.tolist() == [1.75, 1.0, 0.0] and tokens.tolist() == [2, 1, 0]
+    assert reap.tolist() == [1.75, 2.0, 0.0] and tokens.tolist() == [2, 1, 0]
+    assert tally.scores("m", "reap-sum", torch.Generator())[0].tolist() == [3.5, 2.0, 0.0]
     assert tally.scores("m", "frequency", torch.Generator())[0].tolist() == [2, 1, 0]
 
 
@@ -476,7 +479,7 @@ def test_expert_removal_from_the_command_line_and_its_bad_input(tokenizer, text_
         assert words in message, message
     message = refused([*argv[:-2], "--sparsity", "0.25", "--method", "obd", "--out", str(tmp_path / "y")],
                       tmp_path, capsys)
-    assert "reap, frequency, random" in message
+    assert "reap, reap-sum, frequency, random" in message
 
 
 def test_a_multimodal_llama4_is_refused_and_its_language_model_prunes_from_the_command_line(

@@ -3,10 +3,10 @@
 Perplexity on the first 20 non-overlapping 512-token windows of the offline Wikipedia
 evaluation split; calibration 32 windows of 512 tokens (random offsets, seed 0). Magnitude,
 Wanda and SparseGPT 2:4 are checked against the reference implementations' numbers, measured
-with the stdlib pydoc text as calibration, and the orderings reuse those runs; SparseGPT 50% is
-checked with the Wikipedia calibration split (llmprune's default, disjoint from the evaluation
-split); the default recipe must reach 0.85x of the best reference at 2:4 and 70%. Six real-model prunes
-in all. Slow (minutes):
+with the stdlib pydoc text as calibration, and the orderings reuse those runs; the default
+recipe must reach 0.85x of the best reference at 2:4 and 70%. Five real-model prunes in all (the
+suite's largest cost: SparseGPT 50% with Wikipedia calibration, measured 27.54, is no longer run
+here). Slow (minutes):
 deselect with -m "not slow" in a quick loop; CI runs it.
 """
 
@@ -29,7 +29,6 @@ REFERENCE = {"dense": 14.07, "magnitude-50": 344.2, "wanda-50": 41.49, "sparsegp
 
 RUNS = [  # name, method, pattern, sparsity, calibration
     ("magnitude-50", "magnitude", "unstructured", 0.5, "wikipedia"),
-    ("sparsegpt-50", "sparsegpt", "unstructured", 0.5, "wikipedia"),
     ("wanda-50-pydoc", "wanda", "unstructured", 0.5, "pydoc"),
     ("sparsegpt-2:4-pydoc", "sparsegpt", "2:4", None, "pydoc"),
     # No method named: the default recipe (README, "The default recipe").
@@ -68,11 +67,10 @@ def test_dense_matches_reference(results):
 
 def test_orderings(results):
     ppl = {k: v[0] for k, v in results.items()}
-    # Measured (dense 14.07): magnitude 342.05; Wikipedia calibration: SparseGPT 27.54; pydoc
-    # calibration: Wanda 40.23. Each bound fails on a method that lost a real share of its
-    # quality. (SparseGPT 2:4 is held to the reference below; Wanda 2:4, measured 156.51, is no
-    # longer run: one real-model prune less in CI.)
-    assert ppl["sparsegpt-50"] < 2.1 * ppl["dense"]
+    # Measured (dense 14.07): magnitude 342.05; pydoc calibration: Wanda 40.23. Each bound fails
+    # on a method that lost a real share of its quality. (SparseGPT 2:4 is held to the reference
+    # below; Wanda 2:4, measured 156.51, and SparseGPT 50% with Wikipedia calibration, 27.54, are
+    # no longer run: a real-model prune less in CI each.)
     assert ppl["wanda-50-pydoc"] < 3.2 * ppl["dense"]
     assert ppl["wanda-50-pydoc"] * 5 < ppl["magnitude-50"]
 

@@ -20,7 +20,7 @@ from llmprune.progress import Event
 
 PATTERN_HELP = ("'unstructured', N:M = N weights KEPT in every M consecutive ones (2:4 = 50%% zeros), or a structure "
                 "that makes the model smaller: heads, channels (MLP), structured (both, by --params), layers, "
-                "experts (whole experts of every MoE layer; --method reap, frequency or random)")
+                "experts (whole experts of every MoE layer; --method reap, reap-sum, frequency or random)")
 SUBCOMMANDS = """subcommands:
   llmprune eval MODEL    perplexity and lm-eval tasks of a saved (or any) model
   llmprune push DIR      upload a pruned checkpoint to the Hugging Face Hub
@@ -54,7 +54,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "iterations) | obd (1/2 F w^2, diagonal Fisher of the calibration loss) | taylor (|g w|); "
                    "none named: the default recipe for the pattern and sparsity (README); "
                    "structured patterns: obs (default) | magnitude | wanda-sp | flap | taylor | obd; "
-                   "--pattern experts: reap (default) | frequency | random")
+                   "--pattern experts: reap (default) | reap-sum (summed, not averaged, over routed tokens) | "
+                   "frequency | random")
     g.add_argument("--sparsity", type=float, default=None,
                    help="fraction of zeros in [0, 1) (default 0.5; implied by an N:M pattern); for heads, "
                    "channels and layers the fraction of them to remove")

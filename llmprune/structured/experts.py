@@ -7,6 +7,9 @@ the layers before it, already reduced):
 * ``reap`` (default; Lasby et al. 2025, REAP): the mean over the tokens routed to expert e of
   g_e(x)·‖f_e(x)‖₂, its routing weight times the norm of its output: what the layer's output
   loses on average when e is gone, as the router weights it.
+* ``reap-sum``: the same products summed over the routed tokens instead (REAP times the
+  routed-token count; the REAP authors' ``weighted_ean_sum``): what the layer's output loses
+  over the whole calibration text, so a rarely chosen expert counts for little.
 * ``frequency``: how many tokens are routed to e.
 * ``random``: a seeded random order (the baseline).
 
@@ -105,9 +108,9 @@ class _Tally:
     def scores(self, container: str, kind: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, routed tokens) of one container's experts; low scores go first."""
         tokens = self.tokens.get(container, torch.zeros(self.experts, dtype=torch.float64))
-        if kind == "reap":
+        if kind in ("reap", "reap-sum"):
             weighted = self.weighted.get(container, torch.zeros(self.experts, dtype=torch.float64))
-            return weighted / tokens.clamp_min(1), tokens
+            return (weighted / tokens.clamp_min(1) if kind == "reap" else weighted.clone()), tokens
         if kind == "frequency":
             return tokens.clone(), tokens
         return torch.rand(self.experts, generator=generator, dtype=torch.float64), tokens

@@ -27,7 +27,7 @@ from llmprune.methods.base import COLUMN_NORMS
 
 SCORES = ("obs", "magnitude", "wanda-sp", "flap", "taylor", "obd")
 GRADIENT_SCORES = ("taylor", "obd")  # from gradients of the network loss (llmprune.engine.gradients)
-EXPERT_SCORES = ("reap", "frequency", "random")  # pattern experts (llmprune.structured.experts)
+EXPERT_SCORES = ("reap", "reap-sum", "frequency", "random")  # pattern experts (llmprune.structured.experts)
 STATS_OF = {"obs": {"hessian"}, "magnitude": set(), "wanda-sp": {COLUMN_NORMS}, "flap": {MEAN_VAR}, "taylor": set(),
             "obd": set()}
 
