@@ -29,6 +29,7 @@ from typing import Any
 
 SETTINGS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"], "4:8": ["--pattern", "4:8"],
             "60%": ["--sparsity", "0.6"], "70%": ["--sparsity", "0.7"]}
+CURVES = Path(__file__).resolve().parent.parent / "docs" / "results" / "sensitivity-smollm2-wanda.json"
 REFERENCE = {"50%": 41.49, "2:4": 155.49, "4:8": 81.42, "60%": 140.55, "70%": 656.4}
 # Recipe name -> extra flags. "default" names nothing: what `llmprune --sparsity S` does.
 RECIPES: dict[str, list[str]] = {
@@ -47,8 +48,11 @@ RECIPES: dict[str, list[str]] = {
     "default": [],
     "default+recover": ["--recover", "blockwise"],
     "default+schedule": ["--recover", "blockwise", "--schedule", "SCHEDULE"],
+    # Layer sparsities from the measured curves of `llmprune analyze sensitivity` (README: "With a
+    # sensitivity analysis first"; they read Wikipedia text, beyond the pydoc rows' budget).
+    "default+sensitivity": ["--allocation", "sensitivity", "--sensitivity", str(CURVES)],
 }
-UNSTRUCTURED_ONLY = {"sparsegpt+owl", "default+schedule"}
+UNSTRUCTURED_ONLY = {"sparsegpt+owl", "default+schedule", "default+sensitivity"}
 
 
 def command(recipe: str, setting: str, calib: str, threads: int, record: Path) -> list[str]:

@@ -50,6 +50,9 @@ def test_every_row_is_a_valid_command(recipe, setting):
         expect["refine"] = "dsnot"
     if "owl" in pieces:
         expect["allocation"] = "owl"
+    if "sensitivity" in pieces:
+        expect["allocation"] = "sensitivity"
+        assert config.sensitivity is not None and Path(config.sensitivity).is_file()
     if name == "wanda" and "admm" in pieces:
         expect["update"] = "admm"
     for key, value in expect.items():
