@@ -5,6 +5,7 @@ Importing the package has no side effects (no threads set, no downloads, no logg
     import llmprune
     model, tok = llmprune.load_model("smollm2-135m")
     calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
+    calib = llmprune.generated_windows(model, tok, calib, 8, 0, "cpu")  # as the CLI's default
     report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
     smaller, report = llmprune.prune_structured(model, llmprune.StructuredConfig("heads", sparsity=0.3), calib)
     curves = llmprune.sensitivity(model, llmprune.SensitivityConfig("wanda"), calib, held_out_ids)
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "calibration_data",
     "decode_speed",
+    "generated_windows",
     "load_model",
     "load_recipe",
     "loss_gradients",

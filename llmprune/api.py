@@ -14,6 +14,7 @@ from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.eval.perplexity import perplexity as _perplexity
 from llmprune.eval.speed import decode_speed
 from llmprune.io.data import calibration_data, evaluation_data
+from llmprune.io.generated import generated_windows
 from llmprune.io.loading import load as load_model
 from llmprune.jobs.pipeline import run as run_job
 from llmprune.jobs.recipe import load_recipe
@@ -50,6 +51,7 @@ __all__ = [
     "TasksConfig",
     "calibration_data",
     "decode_speed",
+    "generated_windows",
     "load_model",
     "load_recipe",
     "loss_gradients",

@@ -46,6 +46,8 @@ RECIPES: dict[str, list[str]] = {
     "wanda+dsnot": ["--method", "wanda", "--refine", "dsnot"],
     "sparsegpt+owl": ["--method", "sparsegpt", "--allocation", "owl"],
     "default": [],
+    # The default without its self-generated windows: all 32 from the calibration text.
+    "default+real": ["--generated", "0"],
     "default+recover": ["--recover", "blockwise"],
     "default+schedule": ["--recover", "blockwise", "--schedule", "SCHEDULE"],
     # Layer sparsities from the measured curves of `llmprune analyze sensitivity` (README: "With a
@@ -75,7 +77,8 @@ def run_row(recipe: str, setting: str, calib: str, threads: int, validation: str
             return row
         record = json.loads(record_path.read_text())
     row.update(ppl=record["evaluation"]["ppl_pruned"], ppl_dense=record["evaluation"]["ppl_dense"],
-               prune_s=record["timings"]["prune_s"], sparsity=record["sparsity_achieved"],
+               prune_s=record["timings"]["prune_s"], generate_s=record["timings"].get("generate_s", 0.0),
+               sparsity=record["sparsity_achieved"],
                options=record["resolved_options"], method=record["method"])
     if validation:
         row["ppl_validation"] = validation_ppl(cmd, validation, threads)
@@ -160,7 +163,8 @@ def main() -> None:
                     continue
                 row = run_row(recipe, setting, calib, args.threads, args.validation)
                 rows.append(row)
-                shown = row.get("error") or f"ppl {row['ppl']:.2f}, {row['prune_s']:.0f} s"
+                made = f" + {row['generate_s']:.0f} s generating" if row.get("generate_s") else ""
+                shown = row.get("error") or f"ppl {row['ppl']:.2f}, {row['prune_s']:.0f} s{made}"
                 print(f"{recipe:<17} {setting:<4} {calib:<9} {shown}   # {row['command']}", flush=True)
                 if args.json:
                     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

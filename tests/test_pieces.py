@@ -247,7 +247,7 @@ def test_the_default_recipe_follows_a_schedules_end():
     scheduled, direct = PruneConfig(schedule=(0.35, 0.7)), PruneConfig(sparsity=0.7)
     assert scheduled.target_sparsity == 0.7
     assert (scheduled.shrink, scheduled.allocation) == (direct.shrink, direct.allocation) == (0.1, "owl")
-    assert (PruneConfig(schedule=(0.25, 0.5)).method, PruneConfig(schedule=(0.25, 0.5)).shrink) == ("ria", 0.55)
+    assert (PruneConfig(schedule=(0.25, 0.5)).method, PruneConfig(schedule=(0.25, 0.5)).shrink) == ("ria", 0.4)
 
 
 def test_the_admm_method_keeps_earlier_zeros_pruned_in_a_later_step():

@@ -105,7 +105,7 @@ out: x
     assert from_cli(["--model", "m"]) == job_from_dict({"model": "m"})
     assert from_cli(["--model", "m", "--shrink", "0"]) == job_from_dict({"model": "m", "prune": {"shrink": 0.0}})
     # The default recipe's shrinkage at 50% (RIA's mask and the refit), a named method's own (0.1) otherwise.
-    assert from_cli(["--model", "m"]).prune.shrink == 0.55
+    assert from_cli(["--model", "m"]).prune.shrink == 0.4
     assert from_cli(["--model", "m", "--method", "sparsegpt"]).prune.shrink == 0.1
     structured = ["--model", "m", "--pattern", "structured", "--params", "0.2"]
     assert from_cli(structured) == job_from_dict({"model": "m", "prune": {"pattern": "structured", "params": 0.2}})

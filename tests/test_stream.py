@@ -105,7 +105,8 @@ def test_streaming_without_lockstep_still_writes_what_the_in_memory_path_writes(
     from llmprune.engine.driver import LOCKSTEP_BUDGET
 
     source = save(tiny.llama(len(tokenizer)), tokenizer, tmp_path / "src")
-    calibration = CalibrationConfig(str(text_file), 24, 64)
+    # generated 0: the default would sample windows in memory and not when streamed.
+    calibration = CalibrationConfig(str(text_file), 24, 64, generated=0)
     assert 24 * 64 * tiny.INTERMEDIATE < LOCKSTEP_BUDGET
     memory = run(Job(model=str(source), calibration=calibration, evaluation=EvalConfig(None),
                      out=str(tmp_path / "mem"), device="cpu", batch_size=4, stream="off"))

@@ -72,6 +72,22 @@ def test_sweep_points_equal_standalone_runs(finished, llama_dir, text_file):
         assert record["dense_ppl"] == alone["evaluation"]["ppl_dense"]
 
 
+def test_a_sweep_with_generated_windows_equals_the_same_single_run(llama_dir, text_file, tmp_path):
+    cal = CalibrationConfig(str(text_file), 4, 32, 0, 2)
+    config = SweepConfig(model=str(llama_dir), methods=("wanda",), sparsities=(0.5,), patterns=(), calibration=cal,
+                         evaluation=EvalConfig(str(text_file), 32, 2), device="cpu")
+    record = run_sweep(config, tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["setup"]["calibration"]["generated"] == 2
+    alone = run(Job(model=str(llama_dir), prune=PruneConfig("wanda", "unstructured", 0.5), calibration=cal,
+                    evaluation=EvalConfig(str(text_file), 32, 2), device="cpu"))
+    assert alone["calibration"]["generated"] == 2
+    assert record["points"][0]["ppl"] == alone["evaluation"]["ppl_pruned"]
+    real = run(Job(model=str(llama_dir), prune=PruneConfig("wanda", "unstructured", 0.5),
+                   calibration=CalibrationConfig(str(text_file), 4, 32), evaluation=EvalConfig(str(text_file), 32, 2),
+                   device="cpu"))
+    assert real["evaluation"]["ppl_pruned"] != alone["evaluation"]["ppl_pruned"]  # the windows mattered
+
+
 def test_interrupted_sweep_resumes_with_the_same_results(finished, llama_dir, text_file, tmp_path):
     _, complete = finished
     out = tmp_path / "s"

@@ -121,6 +121,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="wikipedia",
                    help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--generated", type=int, default=None, metavar="K",
+                   help="replace the first K windows with text the dense model samples from their first 4 tokens "
+                   "(default: a quarter of them with the default recipe in memory, else 0)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(2048, model limit))")
     c.add_argument("--seed", type=int, default=0, help="seed of the windows' random offsets")
     c.add_argument("--batch-size", type=int, default=None,
@@ -196,6 +199,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv and sweep.png")
     p.add_argument("--calib", default="wikipedia", help="calibration text")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--generated", type=int, default=None, metavar="K",
+                   help="calibration windows the dense model writes itself (default: as a single run)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows' random offsets")
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default, or 0: auto)")
@@ -222,7 +227,8 @@ FLAG_KEYS = {
     "update": "prune.update", "blocksize": "prune.blocksize",
     "shrink": "prune.shrink",
     "damp": "prune.damp", "sequential": "prune.sequential", "calib": "calibration.source",
-    "nsamples": "calibration.samples", "seqlen": "calibration.seqlen", "seed": "calibration.seed",
+    "nsamples": "calibration.samples", "generated": "calibration.generated",
+    "seqlen": "calibration.seqlen", "seed": "calibration.seed",
     "batch_size": "batch_size", "eval": "evaluation.source", "eval_seqlen": "evaluation.seqlen",
     "eval_windows": "evaluation.windows", "eval_batch_size": "evaluation.batch_size", "out": "out",
     "overwrite": "overwrite", "device": "device", "dtype": "dtype", "decode_tokens": "decode_tokens",
@@ -402,7 +408,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     config = SweepConfig(
         model=args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         sparsities=floats(args.sparsities), patterns=tuple(p.strip() for p in args.patterns.split(",") if p.strip()),
-        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
+        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed, args.generated),
         evaluation=EvalConfig(None if str(args.eval).lower() == "none" else args.eval, args.eval_seqlen,
                               args.eval_windows, args.eval_batch_size),
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -452,10 +458,12 @@ def summary(record: dict[str, Any]) -> str:
                              f"{len(record['unpruned_weights'])} weight matrices left dense)"
                              if record.get("unpruned_weights") else "")),
             ("calibration", f"{record['calibration']['source']}, {record['calibration']['samples']} x "
-                            f"{record['calibration']['seqlen']} tokens, seed {record['calibration']['seed']}")]
+                            f"{record['calibration']['seqlen']} tokens, seed {record['calibration']['seed']}"
+                            + _generated(record["calibration"]))]
     rows += _ppl_rows(record.get("evaluation"))
     t = record["timings"]
-    rows.append(("pruning time", f"{t['prune_s']:.1f} s on {record['device']}, {record['threads']} threads"))
+    rows.append(("pruning time", f"{t['prune_s']:.1f} s on {record['device']}, {record['threads']} threads" + (
+        f" (and {t['generate_s']:.1f} s sampling the generated windows)" if "generate_s" in t else "")))
     if record.get("streaming"):
         st = record["streaming"]
         rows.append(("streaming", f"layers read from {st['source']}" + (
@@ -465,6 +473,11 @@ def summary(record: dict[str, Any]) -> str:
     rows.append(("saved to", record.get("out") or "nothing: no --out was given"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _generated(calibration: dict[str, Any]) -> str:
+    count = calibration.get("generated") or 0
+    return f"; {count} of the windows written by the dense model" if count else ""
 
 
 def _memory(memory: dict[str, Any]) -> str:

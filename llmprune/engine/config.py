@@ -14,9 +14,9 @@ from llmprune.methods import METHODS, Options, get_method
 
 DEFAULT_SPARSITY = 0.5  # unstructured pruning without a sparsity
 SHRINK = 0.1  # a named method's Hessian shrinkage (the default recipe sets its own)
-LOW_SHRINK = 0.25  # the default recipe's at 2:4 (N:M with M < 8, at 50% sparsity and below)
-WIDE_SHRINK = 0.4  # the default recipe's at 4:8 (N:M with M >= 8, at 50% sparsity and below)
-RIA_SHRINK = 0.55  # the default recipe's for RIA's mask at 50% unstructured sparsity and below
+LOW_SHRINK = 0.1  # the default recipe's at 2:4 (N:M with M < 8, at 50% sparsity and below)
+WIDE_SHRINK = 0.25  # the default recipe's at 4:8 (N:M with M >= 8, at 50% sparsity and below)
+RIA_SHRINK = 0.4  # the default recipe's for RIA's mask at 50% unstructured sparsity and below
 HIGH_SPARSITY = 0.7  # the default recipe adds OWL from here (measured at 70% only)
 
 
@@ -30,16 +30,18 @@ def default_recipe(pattern: Pattern, sparsity: float) -> dict[str, object]:
 
     * Unstructured below 70%: RIA's mask (:mod:`llmprune.methods.ria`), then the least-squares
       refit of its kept weights (``update`` admm: conjugate gradients from the masked weights),
-      on the Hessian shrunk toward its diagonal by 0.55 at 50% and below, 0.1 above.
+      on the Hessian shrunk toward its diagonal by 0.4 at 50% and below, 0.1 above.
     * Unstructured from 70%: SparseGPT with OWL's layer sparsities, then the refit from
       SparseGPT's answer, shrink 0.1 (RIA's mask won off-domain there but lost more in-domain).
-    * N:M: SparseGPT, then the refit, shrink 0.25 at 2:4 and 0.4 at 4:8 (M of 8 and more: a
+    * N:M: SparseGPT, then the refit, shrink 0.1 at 2:4 and 0.25 at 4:8 (M of 8 and more: a
       wider group leaves the update more freedom to over-fit the calibration text), 0.1 above
       50% (1:4, say). RIA's mask lost to SparseGPT's at 2:4 and 4:8.
 
     Chosen on a validation text (Wikipedia bucket 4) by the geometric mean of its perplexity
     after calibration on pydoc (off-domain) and on the Wikipedia calibration split (in-domain),
-    32 x 512 tokens each; where two were within 1%, the off-domain number decided. Only 50%,
+    32 x 512 tokens each, a quarter of the windows written by the dense model (what the pipeline
+    adds to the default recipe: :func:`llmprune.jobs.pipeline.generated_count`); where two were
+    within 1%, the off-domain number decided. Only 50%,
     2:4, 4:8, 60% and 70% were measured; other settings take the nearest rule.
     """
     high = sparsity >= HIGH_SPARSITY - 1e-9
@@ -151,6 +153,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         pattern = Pattern.parse(self.pattern)
+        # Not a field (records and recipes keep the filled-in method): the pipeline asks it
+        # whether the default recipe runs (its self-generated calibration windows).
+        object.__setattr__(self, "_default", self.method is None)
         if self.method is None:  # the default recipe, for what the caller left unsaid
             target = pattern.implied_sparsity
             if target is None and isinstance(self.sparsity, (int, float)):
@@ -260,6 +265,11 @@ class PruneConfig:
             raise LlmpruneError(f"nm_select must be 'joint' or 'score', got {self.nm_select!r}")
 
     @property
+    def uses_default(self) -> bool:
+        """Whether no method was named, so :func:`default_recipe` chose it."""
+        return bool(getattr(self, "_default", False))
+
+    @property
     def method_name(self) -> str:
         """The method (after the default recipe filled it in)."""
         assert self.method is not None
@@ -302,15 +312,25 @@ class PruneConfig:
 @dataclass(frozen=True)
 class CalibrationConfig:
     """``source``: a built-in text (``wikipedia``, ``pydoc``), a datasets name (``wikitext2``,
-    ``c4``, ``ptb``) or a local ``.txt``/``.jsonl`` file. ``seqlen`` None = min(2048, model limit)."""
+    ``c4``, ``ptb``) or a local ``.txt``/``.jsonl`` file. ``seqlen`` None = min(2048, model limit).
+    ``generated``: how many of the windows the dense model writes itself from their first tokens
+    (:mod:`llmprune.io.generated`); None = the default, a quarter of them when the default recipe
+    prunes a model held in memory, none otherwise (see :func:`llmprune.jobs.pipeline.generated_count`)."""
 
     source: str = "wikipedia"
     samples: int = 128
     seqlen: int | None = None
     seed: int = 0
+    generated: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.samples, int) and self.samples > 0):
             raise LlmpruneError(f"calibration samples must be a positive integer, got {self.samples}")
         if self.seqlen is not None and not (isinstance(self.seqlen, int) and self.seqlen > 1):
             raise LlmpruneError(f"seqlen must be an integer > 1, got {self.seqlen}")
+        if self.generated is not None:
+            if not (isinstance(self.generated, int) and not isinstance(self.generated, bool) and self.generated >= 0):
+                raise LlmpruneError(f"calibration generated must be an integer >= 0, got {self.generated!r}")
+            if self.generated > self.samples:
+                raise LlmpruneError(f"calibration generated={self.generated} is more than the {self.samples} "
+                                    "calibration samples")

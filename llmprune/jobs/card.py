@@ -50,7 +50,8 @@ def model_card(record: dict[str, Any]) -> str:
                      f"every expert pruned from its own statistics ({how}); {starving} with fewer than "
                      f"{experts['min_tokens']} tokens pruned by magnitude instead (routers never pruned) |")
     cal = record["calibration"]
-    lines.append(f"| calibration | {cal['source']}: {cal['samples']} × {cal['seqlen']} tokens, seed {cal['seed']} |")
+    lines.append(f"| calibration | {cal['source']}: {cal['samples']} × {cal['seqlen']} tokens, seed {cal['seed']}"
+                 f"{generated_note(cal)} |")
     ev = record.get("evaluation")
     if ev:
         lines += [
@@ -87,6 +88,13 @@ def reproduce(record: dict[str, Any]) -> list[str]:
     recipe = yaml.safe_dump(record["recipe"], sort_keys=False).rstrip()
     return ["", "Reproduce (made from Python; the same job as a recipe for `llmprune --recipe FILE`):", "",
             "```yaml", recipe, "```", ""]
+
+
+def generated_note(cal: dict[str, Any]) -> str:
+    """How many calibration windows the dense model wrote (empty when none)."""
+    count = cal.get("generated") or 0
+    return (f"; the first {count} written by the dense model itself, sampled (temperature 1) from each "
+            "window's first 4 tokens" if count else "")
 
 
 def text_name(ev: dict[str, Any]) -> str:
@@ -177,7 +185,7 @@ def structured_card(record: dict[str, Any]) -> str:
         lines += ["", f"Dropped decoder layers (original indices): {', '.join(f'layer {i}' for i in dropped)}."]
     what = "Layers ranked by block influence" if record["pattern"] == "layers" else f"Score: {record['method']}"
     lines += ["", f"{what}; calibration: {cal['source']}, {cal['samples']} × {cal['seqlen']} "
-              f"tokens, seed {cal['seed']}; FLAP bias compensation: {st['bias_compensation']}."]
+              f"tokens, seed {cal['seed']}{generated_note(cal)}; FLAP bias compensation: {st['bias_compensation']}."]
     lines += saliency_section(record.get("saliency"))
     lines += tasks_table(record)
     lines += reproduce(record)

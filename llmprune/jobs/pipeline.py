@@ -13,6 +13,8 @@ needs). A new stage (recovery, expert pruning) is one function added to :data:`S
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from llmprune.eval.perplexity import perplexity
 from llmprune.eval.speed import decode_speed, weights_bytes
 from llmprune.io.data import calibration_data, check_text_source, evaluation_data, wants_bos
 from llmprune.io.export import OutputLock, check_output, publish_folder
+from llmprune.io.generated import PREFIX
 from llmprune.io.loading import BUILTIN_MODELS
 from llmprune.io.memory import reset_peaks
 from llmprune.jobs.card import model_card, read_saliency, structured_card
@@ -42,6 +45,8 @@ from llmprune.jobs.stores import streaming_source as streaming_source
 from llmprune.progress import Cancel, Event, Progress, Steps, check_cancel
 from llmprune.structured.experts import remove_experts
 from llmprune.structured.run import StructuredConfig, StructuredReport, prune_structured
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,9 +103,37 @@ def calibrate(state: State) -> None:
                                         window_length(job.evaluation.seqlen, store.model),
                                         job.evaluation.windows or None)
     state.timed("calibration_data_s", tick)
+    count = generated_count(job, store, state.calibration.shape[1])
+    if count:
+        tick = time.perf_counter()
+        state.calibration = store.generate(state.calibration, count, cal.seed, state.device, state.progress,
+                                           state.cancel)
+        state.timed("generate_s", tick)
+    state.job = job = dataclasses.replace(job, calibration=dataclasses.replace(cal, generated=count))
     warn_before_work(job)
     store.prepare(state.calibration, state.device)
     steps(1)
+
+
+def generated_count(job: Job, store: ModelStore, seqlen: int | None = None) -> int:
+    """How many calibration windows the dense model writes itself (:mod:`llmprune.io.generated`).
+    Asked for: that many. Left unsaid: a quarter of the samples when the default recipe (no
+    method named) prunes unstructured or N:M on a model held whole in memory; none when a method
+    is named (the reference methods' own protocol) or the model is streamed or device-mapped
+    (sampling needs the whole model in one place), or the windows (``seqlen`` tokens) are too
+    short to continue."""
+    asked = job.calibration.generated
+    if asked is not None:
+        return asked
+    if not (isinstance(job.prune, PruneConfig) and job.prune.uses_default):
+        return 0
+    if not store.can_generate():
+        log.info("the default recipe's self-generated calibration windows are left out: the model is not "
+                 "held whole in memory (streamed or device-mapped)")
+        return 0
+    if seqlen is not None and seqlen <= PREFIX + 1:
+        return 0
+    return job.calibration.samples // 4
 
 
 def _evaluate(state: State, which: str) -> dict[str, Any] | None:
@@ -291,6 +324,9 @@ def check_job(job: Job) -> Path | None:
     output folder (None: nothing is saved)."""
     if job.push_to_hub and not job.out:
         raise LlmpruneError("push_to_hub (--push-to-hub) uploads the saved checkpoint; give an output folder (--out)")
+    if job.device_map and job.calibration.generated:
+        raise LlmpruneError("calibration.generated (--generated) samples from the whole model on one device; "
+                            "drop --device-map or give --generated 0")
     if job.device_map and isinstance(job.prune, StructuredConfig):
         raise LlmpruneError("device_map (--device-map) applies to unstructured and N:M pruning; structured pruning "
                             "runs each layer on device (--device)")

@@ -36,6 +36,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.eval.perplexity import MemoryLayers, layerwise_perplexity, perplexity, streamed_perplexity
 from llmprune.io.converted import ModelCheckpoint
 from llmprune.io.export import make_staging, signals_held, write_metadata
+from llmprune.io.generated import generated_windows
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
 from llmprune.io.loading import BUILTIN_MODELS, check_local_folder, load, parse_dtype, resolve
@@ -67,6 +68,15 @@ class ModelStore:
     def perplexity(self, windows: torch.Tensor, device: torch.device, batch_size: int, stage: str,
                    progress: Progress | None, cancel: Cancel | None) -> float:
         raise NotImplementedError
+
+    def can_generate(self) -> bool:
+        """Whether the whole model is in one place to sample calibration windows from."""
+        return False
+
+    def generate(self, calibration: torch.Tensor, count: int, seed: int, device: torch.device,
+                 progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
+        """``calibration`` with its first ``count`` windows written by the dense model."""
+        raise LlmpruneError(f"{type(self).__name__} cannot sample calibration windows")
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
@@ -127,6 +137,13 @@ class MemoryStore(ModelStore):
                               cancel=cancel)
         finally:
             self.model.to(home)
+
+    def can_generate(self) -> bool:
+        return self.devices is None
+
+    def generate(self, calibration: torch.Tensor, count: int, seed: int, device: torch.device,
+                 progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
+        return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
@@ -296,6 +313,9 @@ def open_store(job: Job, out: Path | None) -> ModelStore:
     folder = streaming_source(job)
     if folder is None:
         return MemoryStore(job)
+    if job.calibration.generated:
+        raise LlmpruneError("calibration.generated (--generated) samples from the whole model in memory, which a "
+                            "streaming run never holds; give --stream off or --generated 0")
     if job.tasks.names:
         raise LlmpruneError("lm-eval tasks need the whole model in memory, which a streaming run never "
                             "holds; evaluate the result with `llmprune eval OUT --tasks ...`")

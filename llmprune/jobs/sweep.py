@@ -61,7 +61,10 @@ class SweepConfig:
 
     def setup(self) -> dict[str, Any]:
         """What must match for finished points to be reused."""
-        return {"model": self.model, "calibration": asdict(self.calibration), "evaluation": asdict(self.evaluation),
+        calibration = asdict(self.calibration)
+        if not calibration["generated"]:  # sweeps from before the key existed match one without it
+            del calibration["generated"]
+        return {"model": self.model, "calibration": calibration, "evaluation": asdict(self.evaluation),
                 "dtype": self.dtype, "batch_size": self.batch_size}
 
 
@@ -123,6 +126,10 @@ def _sweep(config: SweepConfig, folder: Path, progress: Progress | None,
     folder.mkdir(parents=True, exist_ok=True)
     cal = config.calibration
     calibration = calibration_data(tokenizer, cal.source, cal.samples, window_length(cal.seqlen, model), cal.seed)
+    if cal.generated:  # every point names its method: windows are generated only when asked for
+        from llmprune.io.generated import generated_windows
+
+        calibration = generated_windows(model, tokenizer, calibration, cal.generated, cal.seed, device, progress)
     if record["dense_ppl"] is None:
         record["dense_ppl"] = evaluate_ppl(model, tokenizer, config.evaluation, device)["ppl"]
         write_json(record_path, record)

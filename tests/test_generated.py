@@ -1,0 +1,159 @@
+"""Self-generated calibration windows: the sampling against a slow naive reference, what is kept
+and replaced, determinism, refusals, and how a job resolves the count (the default recipe's
+quarter in memory, none with a named method, streamed or device-mapped)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+
+from llmprune.cli.commands import main
+from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.errors import Cancelled, LlmpruneError
+from llmprune.io import generated
+from llmprune.io.generated import PREFIX, generated_windows
+from llmprune.jobs.pipeline import EvalConfig, Job, run
+from llmprune.progress import Event
+
+CPU = torch.device("cpu")
+
+
+def naive(model, prompts: torch.Tensor, new: int, eos: int) -> torch.Tensor:
+    """Sampling at temperature 1 with no truncation, one full forward per token, EOS forbidden
+    until the window is full: what generate with a key/value cache must reproduce."""
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(ids).logits[:, -1, :].float()
+            logits[:, eos] = -float("inf")
+            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1)], 1)
+    return ids
+
+
+def test_windows_equal_the_naive_sampler_batch_by_batch(tokenizer):
+    model = tiny.llama(len(tokenizer))
+    calibration = tiny.random_ids(12, 20, len(tokenizer), seed=1)
+    count = generated.BATCH + 2  # two batches: the second continues the same random stream
+    out = generated_windows(model, tokenizer, calibration, count, 5, CPU)
+    torch.manual_seed(5)
+    first = naive(model, calibration[:generated.BATCH, :PREFIX], 20 - PREFIX, tokenizer.eos_token_id)
+    second = naive(model, calibration[generated.BATCH:count, :PREFIX], 20 - PREFIX, tokenizer.eos_token_id)
+    assert torch.equal(out[:count], torch.cat([first, second]))
+    assert torch.equal(out[count:], calibration[count:])  # the rest stay real text
+    assert out.shape == calibration.shape and out.dtype == calibration.dtype
+
+
+def test_prefixes_kept_the_rest_replaced_and_seeded(tokenizer):
+    model = tiny.llama(len(tokenizer))
+    calibration = tiny.random_ids(6, 24, len(tokenizer))
+    before = torch.random.get_rng_state()
+    out = generated_windows(model, tokenizer, calibration, 4, 0, CPU)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is untouched
+    assert torch.equal(out[:4, :PREFIX], calibration[:4, :PREFIX])
+    assert (out[:4, PREFIX:] != calibration[:4, PREFIX:]).float().mean() > 0.9
+    assert not (out[:4, PREFIX:] == tokenizer.eos_token_id).any()  # no early end: every window full
+    assert torch.equal(out, generated_windows(model, tokenizer, calibration, 4, 0, CPU))
+    assert not torch.equal(out, generated_windows(model, tokenizer, calibration, 4, 1, CPU))
+    assert generated_windows(model, tokenizer, calibration, 0, 0, CPU) is calibration
+    assert not model.training
+
+
+def test_progress_counts_windows_and_cancel_stops_it(tokenizer):
+    model = tiny.llama(len(tokenizer))
+    calibration = tiny.random_ids(10, 80, len(tokenizer))
+    events: list[Event] = []
+    generated_windows(model, tokenizer, calibration, 10, 0, CPU, progress=events.append)
+    assert events[0] == Event("generate calibration", 0, 10, "windows")
+    assert events[-1] == Event("generate calibration", 10, 10, "windows")
+    assert [e.done for e in events] == sorted(e.done for e in events)
+    polls = []
+    with pytest.raises(Cancelled, match="generate calibration"):
+        generated_windows(model, tokenizer, calibration, 10, 0, CPU, cancel=lambda: bool(polls.append(1)) or
+                          len(polls) > 2)
+    assert len(polls) == 3  # stopped inside the first batch, at its second token poll
+
+
+@pytest.mark.parametrize("value, message", [(-1, "integer >= 0"), (True, "integer >= 0"), (1.5, "integer >= 0"),
+                                            (9, "more than the 8 calibration samples")])
+def test_bad_counts_are_refused_in_one_line(value, message):
+    with pytest.raises(LlmpruneError, match=message):
+        CalibrationConfig("pydoc", 8, 64, 0, value)
+
+
+def test_windows_too_short_to_continue_are_refused(tokenizer):
+    with pytest.raises(LlmpruneError, match="longer than 5 tokens"):
+        generated_windows(tiny.llama(len(tokenizer)), tokenizer, tiny.random_ids(4, 5, len(tokenizer)), 2, 0, CPU)
+
+
+def job(model: Path, text: Path, out: Path | None, prune: PruneConfig, generated_count=None, **kw) -> Job:
+    return Job(model=str(model), prune=prune, calibration=CalibrationConfig(str(text), 8, 32, 0, generated_count),
+               evaluation=EvalConfig(None), out=str(out) if out else None, device="cpu", batch_size=4, **kw)
+
+
+def test_the_default_recipe_generates_a_quarter_and_says_so(llama_dir, text_file, tmp_path):
+    events: list[Event] = []
+    record = run(job(llama_dir, text_file, tmp_path / "out", PruneConfig(sparsity=0.5)), progress=events.append)
+    assert record["calibration"]["generated"] == 2  # 8 samples // 4
+    assert record["recipe"]["calibration"]["generated"] == 2  # the recipe replays the same windows
+    assert "generate_s" in record["timings"]
+    assert events[-1].stage == "save" and Event("generate calibration", 2, 2, "windows") in events
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "the first 2 written by the dense model itself" in card
+    # The same windows as asked for explicitly: the default is exactly generated=2.
+    named = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.5), 2))
+    assert named["layers"] == record["layers"]
+
+
+def test_a_named_method_generates_nothing_unless_asked(llama_dir, text_file):
+    plain = run(job(llama_dir, text_file, None, PruneConfig("wanda", sparsity=0.5)))
+    assert plain["calibration"]["generated"] == 0 and "generate_s" not in plain["timings"]
+    asked = run(job(llama_dir, text_file, None, PruneConfig("wanda", sparsity=0.5), 3))
+    assert asked["calibration"]["generated"] == 3
+    assert asked["layers"] != plain["layers"]  # other windows, other statistics, another mask
+
+
+def test_streaming_refuses_an_explicit_count_and_skips_the_default(llama_dir, text_file, tmp_path, caplog):
+    with pytest.raises(LlmpruneError, match="streaming run never holds"):
+        run(job(llama_dir, text_file, tmp_path / "a", PruneConfig(sparsity=0.5), 2, stream="on"))
+    assert not (tmp_path / "a").exists()
+    with caplog.at_level(logging.INFO, logger="llmprune.jobs.pipeline"):
+        record = run(job(llama_dir, text_file, tmp_path / "b", PruneConfig(sparsity=0.5), stream="on"))
+    assert record["calibration"]["generated"] == 0 and record["streaming"]
+    assert "self-generated calibration windows are left out" in caplog.text
+    with pytest.raises(LlmpruneError, match="drop --device-map"):
+        run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.5), 2, device_map="auto"))
+
+
+def test_the_cli_takes_generated_and_prints_it(llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(llama_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(text_file),
+            "--nsamples", "4", "--seqlen", "32", "--eval", "none", "--device", "cpu"]
+    assert main([*args, "--generated", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "3 of the windows written by the dense model" in capsys.readouterr().out
+    assert json.loads((out / "llmprune.json").read_text())["calibration"]["generated"] == 3
+    assert main([*args, "--generated", "5", "--out", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err
+    assert "calibration generated=5 is more than the 4 calibration samples" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3", "opt", "gpt2", "phi3", "mixtral", "qwen2_moe",
+                                  "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4"])
+def test_every_tiny_architecture_writes_full_windows(tokenizer, arch):
+    # The default recipe samples from whatever decoder it is given, dense or mixture-of-experts.
+    model = getattr(tiny, arch)(len(tokenizer))
+    calibration = tiny.random_ids(3, 24, len(tokenizer))
+    out = generated_windows(model, tokenizer, calibration, 2, 0, CPU)
+    assert out.shape == calibration.shape and torch.equal(out[:2, :PREFIX], calibration[:2, :PREFIX])
+    assert torch.equal(out[2:], calibration[2:]) and not torch.equal(out[:2], calibration[:2])
+
+
+def test_the_default_skips_windows_too_short_to_continue(llama_dir, text_file):
+    short = Job(model=str(llama_dir), prune=PruneConfig(sparsity=0.5),
+                calibration=CalibrationConfig(str(text_file), 8, 5), evaluation=EvalConfig(None), device="cpu")
+    assert run(short)["calibration"]["generated"] == 0
