@@ -11,9 +11,11 @@ settings are chosen on it, never on the evaluation split).
     .venv/bin/python scripts/reproduce.py --only default,admm --settings 50%,2:4 --calib pydoc
 
 The table: one row per recipe and calibration text, one column per setting; each cell the
-perplexity and, in brackets, the pruning seconds. The plot: perplexity against setting, one line
-per recipe (pydoc calibration). The reference numbers are the best reference implementation per
-setting on the same protocol with pydoc calibration (the issue's table).
+perplexity and, in brackets, the pruning seconds (plus the seconds sampling generated windows,
+where the recipe has them); a last row gives the default's whole time over plain SparseGPT's.
+The plot: perplexity against setting, one line per recipe (pydoc calibration). The reference
+numbers are the best reference implementation per setting on the same protocol with pydoc
+calibration (the issue's table).
 """
 
 from __future__ import annotations
@@ -113,9 +115,28 @@ def table(rows: list[dict[str, Any]], settings: list[str]) -> str:
                 cells.append("failed")
             else:
                 ratio = f", {row['ppl'] / REFERENCE[setting]:.2f}x" if calib == "pydoc" else ""
-                cells.append(f"{row['ppl']:.2f} ({row['prune_s']:.0f} s{ratio})")
+                cells.append(f"{row['ppl']:.2f} ({seconds(row)}{ratio})")
         lines.append(f"| {recipe} | {calib} | " + " | ".join(cells) + " |")
+    # The default's whole time (pruning and sampling) against plain SparseGPT's, from this run.
+    for calib in sorted({r["calib"] for r in rows}):
+        ratios = [time_ratio(rows, calib, s) for s in settings]
+        if any(ratios):
+            lines.append(f"| default time / sparsegpt time | {calib} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
+
+
+def seconds(row: dict[str, Any]) -> str:
+    """Pruning seconds, plus the sampling of generated windows where there was any."""
+    made = f" + {row['generate_s']:.0f}" if row.get("generate_s") else ""
+    return f"{row['prune_s']:.0f}{made} s"
+
+
+def time_ratio(rows: list[dict[str, Any]], calib: str, setting: str) -> str:
+    pick = {r["recipe"]: r for r in rows if r["calib"] == calib and r["setting"] == setting and "ppl" in r}
+    if "default" not in pick or "sparsegpt" not in pick:
+        return ""
+    whole = pick["default"]["prune_s"] + pick["default"].get("generate_s", 0.0)
+    return f"{whole / pick['sparsegpt']['prune_s']:.2f}x"
 
 
 def plot(rows: list[dict[str, Any]], settings: list[str], path: Path) -> None:

@@ -23,22 +23,69 @@ from llmprune.progress import Event
 CPU = torch.device("cpu")
 
 
+def naive_draw(scores: torch.Tensor, forbidden: list[int]) -> torch.Tensor:
+    """generated.draw written out: one uniform per row, then a walk along the vocabulary adding
+    probabilities until the sum passes it."""
+    probs = torch.softmax(scores.float(), -1)
+    probs[:, forbidden] = 0.0
+    u = torch.rand(scores.shape[0], 1) * probs.sum(-1, keepdim=True)
+    tokens = []
+    for row in range(scores.shape[0]):
+        total, pick = 0.0, None
+        for token, p in enumerate(probs[row].tolist()):
+            total += p
+            if total > u[row].item() and p > 0:
+                pick = token
+                break
+        tokens.append(pick if pick is not None else int(probs[row].argmax()))
+    return torch.tensor(tokens)
+
+
 def naive(model, prompts: torch.Tensor, new: int, eos: int) -> torch.Tensor:
-    """Sampling at temperature 1 with no truncation, one full forward per token, EOS forbidden
-    until the window is full: what generate with a key/value cache must reproduce."""
+    """Sampling at temperature 1 with no truncation, one full forward per token, EOS never drawn:
+    what generate with a key/value cache must reproduce."""
     ids = prompts
     with torch.no_grad():
         for _ in range(new):
-            logits = model(ids).logits[:, -1, :].float()
-            logits[:, eos] = -float("inf")
-            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1)], 1)
+            logits = model(ids).logits[:, -1, :]
+            ids = torch.cat([ids, generated.draw(logits, [eos])[:, None]], 1)
     return ids
+
+
+def test_draw_known_answers(monkeypatch):
+    scores = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.0, 0.5]]))
+    real_rand = torch.rand
+    for u, expect in [(0.0, [0, 0]), (0.05, [0, 0]), (0.15, [1, 0]), (0.29, [1, 0]), (0.31, [2, 0]),
+                      (0.5, [2, 2]), (0.55, [2, 2]), (0.999, [2, 2])]:
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
+        # Cumulative probabilities 0.1, 0.3, 1.0 and 0.5, 0.5, 1.0: the first above u; an id of
+        # probability 0 (row 2, id 1) is never the answer, even at u = 0.5 exactly.
+        assert generated.draw(scores, []).tolist() == expect, u
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, 0.5))
+    assert generated.draw(scores, [0]).tolist() == [2, 2]  # row 1 renormalised to 2/9, 7/9
+    monkeypatch.setattr(torch, "rand", real_rand)
+    torch.manual_seed(1)
+    assert (generated.draw(scores.repeat(50, 1), [2]) != 2).all()  # a forbidden id is never drawn
+
+
+def test_draw_equals_the_slow_walk_and_has_the_right_frequencies():
+    torch.manual_seed(3)
+    scores = torch.randn(40, 50) * 3
+    torch.manual_seed(9)
+    fast = generated.draw(scores, [4, 7])
+    torch.manual_seed(9)
+    slow = naive_draw(scores, [4, 7])
+    assert torch.equal(fast, slow)
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.manual_seed(0)
+    counts = torch.bincount(generated.draw(probs.log().repeat(20000, 1), []), minlength=4) / 20000
+    assert torch.allclose(counts, probs, atol=0.01)  # 20000 draws: standard error under 0.0035
 
 
 def test_windows_equal_the_naive_sampler_batch_by_batch(tokenizer):
     model = tiny.llama(len(tokenizer))
-    calibration = tiny.random_ids(12, 20, len(tokenizer), seed=1)
-    count = generated.BATCH + 2  # two batches: the second continues the same random stream
+    calibration = tiny.random_ids(generated.BATCH + 4, 20, len(tokenizer), seed=1)
+    count = generated.BATCH + 2  # one piece a window (20 < CHUNK); two batches, one random stream
     out = generated_windows(model, tokenizer, calibration, count, 5, CPU)
     torch.manual_seed(5)
     first = naive(model, calibration[:generated.BATCH, :PREFIX], 20 - PREFIX, tokenizer.eos_token_id)
@@ -46,6 +93,42 @@ def test_windows_equal_the_naive_sampler_batch_by_batch(tokenizer):
     assert torch.equal(out[:count], torch.cat([first, second]))
     assert torch.equal(out[count:], calibration[count:])  # the rest stay real text
     assert out.shape == calibration.shape and out.dtype == calibration.dtype
+
+
+def test_the_card_says_how_the_windows_were_cut():
+    from llmprune.jobs.card import generated_note
+
+    assert generated_note({"generated": 8, "seqlen": 512}) == (
+        "; the first 8 written by the dense model itself, sampled (temperature 1) in 4 pieces of 128 tokens "
+        "a window, each from the real window's first 4 tokens there")
+    assert "in 2 pieces of 150 tokens" in generated_note({"generated": 1, "seqlen": 300})
+    assert "in 3 pieces of 170-171 tokens" in generated_note({"generated": 1, "seqlen": 511})
+    assert generated_note({"generated": 0, "seqlen": 512}) == ""
+
+
+def test_pieces_are_near_equal_and_at_least_a_chunk():
+    assert generated.CHUNK == 128
+    assert generated.piece_bounds(512) == [0, 128, 256, 384, 512]
+    assert generated.piece_bounds(2048) == list(range(0, 2049, 128))
+    assert generated.piece_bounds(300) == [0, 150, 300]  # 2 pieces of 150, not 128 + 128 + 44
+    assert generated.piece_bounds(100) == [0, 100]  # shorter than a chunk: sampled whole
+    assert generated.piece_bounds(6) == [0, 6]
+
+
+def test_long_windows_are_pieces_each_sampled_from_its_own_real_prefix(tokenizer, monkeypatch):
+    monkeypatch.setattr(generated, "CHUNK", 8)
+    monkeypatch.setattr(generated, "BATCH", 3)  # batches that cut across windows
+    model = tiny.llama(len(tokenizer))
+    calibration = tiny.random_ids(4, 21, len(tokenizer), seed=2)
+    assert generated.piece_bounds(21) == [0, 10, 21]  # pieces of 10 and 11: 7 tokens sampled for each
+    out = generated_windows(model, tokenizer, calibration, 3, 7, CPU)
+    prompts = torch.stack([calibration[w, a:a + PREFIX] for w in range(3) for a in (0, 10)])
+    torch.manual_seed(7)
+    pieces = torch.cat([naive(model, prompts[i:i + 3], 7, tokenizer.eos_token_id) for i in range(0, 6, 3)])
+    expected = torch.stack([torch.cat([pieces[2 * w, :10], pieces[2 * w + 1]]) for w in range(3)])
+    assert torch.equal(out[:3], expected)
+    assert torch.equal(out[:3, 10:10 + PREFIX], calibration[:3, 10:10 + PREFIX])  # each piece starts real
+    assert torch.equal(out[3], calibration[3])
 
 
 def test_prefixes_kept_the_rest_replaced_and_seeded(tokenizer):
@@ -103,7 +186,7 @@ def test_the_default_recipe_generates_a_quarter_and_says_so(llama_dir, text_file
     assert "generate_s" in record["timings"]
     assert events[-1].stage == "save" and Event("generate calibration", 2, 2, "windows") in events
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "the first 2 written by the dense model itself" in card
+    assert "the first 2 written by the dense model itself" in card and "in one piece a window" in card
     # The same windows as asked for explicitly: the default is exactly generated=2.
     named = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.5), 2))
     assert named["layers"] == record["layers"]
@@ -144,12 +227,15 @@ def test_the_cli_takes_generated_and_prints_it(llama_dir, text_file, tmp_path, c
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3", "opt", "gpt2", "phi3", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4"])
-def test_every_tiny_architecture_writes_full_windows(tokenizer, arch):
-    # The default recipe samples from whatever decoder it is given, dense or mixture-of-experts.
+def test_every_tiny_architecture_writes_full_windows(tokenizer, arch, monkeypatch):
+    # The default recipe samples from whatever decoder it is given, dense or mixture-of-experts,
+    # in pieces as it does with real window lengths (two of 12 here).
+    monkeypatch.setattr(generated, "CHUNK", 12)
     model = getattr(tiny, arch)(len(tokenizer))
     calibration = tiny.random_ids(3, 24, len(tokenizer))
     out = generated_windows(model, tokenizer, calibration, 2, 0, CPU)
     assert out.shape == calibration.shape and torch.equal(out[:2, :PREFIX], calibration[:2, :PREFIX])
+    assert torch.equal(out[:2, 12:12 + PREFIX], calibration[:2, 12:12 + PREFIX])
     assert torch.equal(out[2:], calibration[2:]) and not torch.equal(out[:2], calibration[:2])
 
 

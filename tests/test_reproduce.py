@@ -79,3 +79,13 @@ def test_the_ria_refit_row_is_the_default_at_60_percent_and_differs_at_50_only_i
             assert getattr(row, key) == getattr(default, key), (setting, key)
     assert job_of("default", "60%").prune.shrink == job_of("ria+refit", "60%").prune.shrink == 0.1
     assert job_of("default", "50%").prune.shrink == 0.4 != job_of("ria+refit", "50%").prune.shrink
+
+
+def test_the_table_counts_the_sampling_in_the_defaults_time():
+    rows = [{"recipe": "sparsegpt", "setting": "2:4", "calib": "pydoc", "ppl": 155.49, "prune_s": 80.0},
+            {"recipe": "default", "setting": "2:4", "calib": "pydoc", "ppl": 108.84, "prune_s": 90.0,
+             "generate_s": 30.0}]
+    text = reproduce.table(rows, ["2:4"])
+    assert "| default | pydoc | 108.84 (90 + 30 s, 0.70x) |" in text
+    assert "| sparsegpt | pydoc | 155.49 (80 s, 1.00x) |" in text
+    assert text.endswith("| default time / sparsegpt time | pydoc | 1.50x |")  # (90 + 30) / 80

@@ -122,7 +122,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    help="wikipedia (offline), pydoc, wikitext2, c4, ptb, or a .txt/.jsonl")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--generated", type=int, default=None, metavar="K",
-                   help="replace the first K windows with text the dense model samples from their first 4 tokens "
+                   help="replace the first K windows with text the dense model samples, in pieces of about 128 tokens "
+                   "each started from 4 real tokens "
                    "(default: a quarter of them with the default recipe in memory, else 0)")
     c.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(2048, model limit))")
     c.add_argument("--seed", type=int, default=0, help="seed of the windows' random offsets")

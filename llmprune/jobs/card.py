@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from llmprune.errors import LlmpruneError
 from llmprune.io.data import SPLIT_SOURCES
 from llmprune.io.export import read_analysis
+from llmprune.io.generated import PREFIX, piece_bounds
 
 
 def model_card(record: dict[str, Any]) -> str:
@@ -93,8 +95,14 @@ def reproduce(record: dict[str, Any]) -> list[str]:
 def generated_note(cal: dict[str, Any]) -> str:
     """How many calibration windows the dense model wrote (empty when none)."""
     count = cal.get("generated") or 0
-    return (f"; the first {count} written by the dense model itself, sampled (temperature 1) from each "
-            "window's first 4 tokens" if count else "")
+    if not count:
+        return ""
+    bounds = piece_bounds(int(cal["seqlen"]))
+    sizes = sorted({b - a for a, b in itertools.pairwise(bounds)})
+    size = "-".join(str(n) for n in sizes)
+    pieces = f"{len(bounds) - 1} pieces of {size} tokens" if len(bounds) > 2 else "one piece"
+    return (f"; the first {count} written by the dense model itself, sampled (temperature 1) in {pieces} "
+            f"a window, each from the real window's first {PREFIX} tokens there")
 
 
 def text_name(ev: dict[str, Any]) -> str:
