@@ -41,14 +41,14 @@ def naive_draw(scores: torch.Tensor, forbidden: list[int]) -> torch.Tensor:
     return torch.tensor(tokens)
 
 
-def naive(model, prompts: torch.Tensor, new: int, eos: int) -> torch.Tensor:
+def naive(model, prompts: torch.Tensor, new: int, eos: int | list[int]) -> torch.Tensor:
     """Sampling at temperature 1 with no truncation, one full forward per token, EOS never drawn:
     what generate with a key/value cache must reproduce."""
     ids = prompts
     with torch.no_grad():
         for _ in range(new):
             logits = model(ids).logits[:, -1, :]
-            ids = torch.cat([ids, generated.draw(logits, [eos])[:, None]], 1)
+            ids = torch.cat([ids, generated.draw(logits, eos if isinstance(eos, list) else [eos])[:, None]], 1)
     return ids
 
 
@@ -129,6 +129,31 @@ def test_long_windows_are_pieces_each_sampled_from_its_own_real_prefix(tokenizer
     assert torch.equal(out[:3], expected)
     assert torch.equal(out[:3, 10:10 + PREFIX], calibration[:3, 10:10 + PREFIX])  # each piece starts real
     assert torch.equal(out[3], calibration[3])
+
+
+def test_the_models_own_generation_settings_do_not_bend_the_distribution(tokenizer):
+    # A checkpoint's generation_config may carry penalties and banned or forced tokens; the
+    # windows must still be drawn from the model's plain distribution (the naive sampler's).
+    from transformers import GenerationConfig
+
+    model = tiny.llama(len(tokenizer))
+    own = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, suppress_tokens=list(range(100, 300)),
+                           forced_eos_token_id=3, temperature=0.3, top_k=2, do_sample=True,
+                           eos_token_id=[tokenizer.eos_token_id, 7])
+    model.generation_config = own
+    calibration = tiny.random_ids(3, 20, len(tokenizer), seed=4)
+    out = generated_windows(model, tokenizer, calibration, 3, 2, CPU)
+    torch.manual_seed(2)
+    expected = naive(model, calibration[:, :PREFIX], 20 - PREFIX, [tokenizer.eos_token_id, 7])
+    assert torch.equal(out, expected)
+    assert model.generation_config is own  # handed back as it was
+    assert not (out[:, PREFIX:] == 7).any()  # the model's other end-of-text id is never drawn
+
+
+def test_draw_leaves_the_callers_scores_alone():
+    scores = torch.zeros(2, 5)
+    generated.draw(scores, [1, 3])
+    assert torch.equal(scores, torch.zeros(2, 5))
 
 
 def test_prefixes_kept_the_rest_replaced_and_seeded(tokenizer):

@@ -51,10 +51,10 @@ def draw(scores: torch.Tensor, forbidden: list[int]) -> torch.Tensor:
     ``forbidden`` ids never drawn: the first id whose cumulative probability exceeds one uniform
     draw per row. The same distribution as ``torch.multinomial``, which draws an exponential
     variate for every vocabulary entry instead: about a quarter of the sampling time on a CPU at
-    SmolLM2's 49k vocabulary (README, "Self-generated calibration")."""
+    SmolLM2's 49k vocabulary (README, "Why pieces of 128")."""
     scores = scores.float()
-    if forbidden:
-        scores[:, forbidden] = -float("inf")
+    if forbidden:  # a copy: the caller's scores stay as they were
+        scores = scores.index_fill(1, torch.tensor(forbidden, device=scores.device), -float("inf"))
     cdf = torch.softmax(scores, -1).cumsum(-1)
     u = torch.rand(scores.shape[0], 1, device=scores.device) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(1)
@@ -133,6 +133,10 @@ def generated_windows(model: Any, tokenizer: Any, calibration: torch.Tensor, cou
     home = next(model.parameters()).device
     was_training = model.training
     model.to(device).eval()
+    # generate fills what a configuration leaves unset from the model's own generation settings;
+    # penalties, banned or forced tokens there would bend the distribution, so they sit out.
+    settings = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
     parts = []
     try:
         devices = [device.index or 0] if device.type == "cuda" else []
@@ -148,6 +152,7 @@ def generated_windows(model: Any, tokenizer: Any, calibration: torch.Tensor, cou
                 parts.append(out.to(calibration.device, calibration.dtype))
                 steps((start + len(prompt)) // per_window)
     finally:
+        model.generation_config = settings
         model.to(home)
         model.train(was_training)
     pieces = torch.cat(parts).view(count, per_window, longest)
