@@ -63,6 +63,9 @@ def test_draw_known_answers(monkeypatch):
         assert generated.draw(scores, []).tolist() == expect, u
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, 0.5))
     assert generated.draw(scores, [0]).tolist() == [2, 2]  # row 1 renormalised to 2/9, 7/9
+    # A uniform at the very total (rounding): past the last id, so the most likely allowed id.
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(shape))
+    assert generated.draw(scores, []).tolist() == [2, 0]
     monkeypatch.setattr(torch, "rand", real_rand)
     torch.manual_seed(1)
     assert (generated.draw(scores.repeat(50, 1), [2]) != 2).all()  # a forbidden id is never drawn
