@@ -177,9 +177,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"reproduce.py: unknown recipe or setting {unknown[0]!r}")
     rows: list[dict[str, Any]] = []
+    # Setting by setting, the recipes back to back: on a machine whose speed drifts, the time
+    # ratios compare runs made minutes apart, not a whole pass of the grid apart.
     for calib in args.calib.split(","):
-        for recipe in recipes:
-            for setting in settings:
+        for setting in settings:
+            for recipe in recipes:
                 if recipe in UNSTRUCTURED_ONLY and ":" in setting:
                     continue
                 row = run_row(recipe, setting, calib, args.threads, args.validation)

@@ -63,7 +63,9 @@ def test_prune_run_writes_a_record(pruned_run, text_file):
     saved = json.loads((pruned_run["out"] / "llmprune.json").read_text())
     assert saved["evaluation"] == record["evaluation"]
     assert saved["layers"] == record["layers"]
-    assert "shrink: 0.1" in (pruned_run["out"] / "README.md").read_text()  # the model card says it too
+    card = (pruned_run["out"] / "README.md").read_text()
+    assert "shrink: 0.1" in card  # the model card says it too
+    assert "conjugate-gradient" not in card  # the OBS update alone: no refit steps to report
 
 
 def test_prune_run_output_loads_in_stock_transformers(pruned_run, llama_dir):

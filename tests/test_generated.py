@@ -215,6 +215,8 @@ def test_the_default_recipe_generates_a_quarter_and_says_so(llama_dir, text_file
     assert events[-1].stage == "save" and Event("generate calibration", 2, 2, "windows") in events
     card = (tmp_path / "out" / "README.md").read_text()
     assert "the first 2 written by the dense model itself" in card and "in one piece a window" in card
+    # The default's refit stops after 4 conjugate-gradient steps: said in the record and the card.
+    assert record["resolved_options"]["cg_iterations"] == 4 and "4 conjugate-gradient steps" in card
     # The same windows as asked for explicitly: the default is exactly generated=2.
     named = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.5), 2))
     assert named["layers"] == record["layers"]

@@ -98,11 +98,15 @@ def test_the_default_recipe_beats_the_best_reference_at_2of4_and_70_percent(resu
     # What the README says the default is, and what it does.
     refit = {"update": "admm", "refine": "none"}
     for pattern, sparsity, recipe in (
-            (Pattern.parse("2:4"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.1}),
-            (Pattern.parse("4:8"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.25}),
-            (Pattern(), 0.5, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.4}),
-            (Pattern(), 0.6, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.1}),
-            (Pattern(), 0.7, {"method": "sparsegpt", "allocation": "owl", "shrink": 0.1})):
+            (Pattern.parse("2:4"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.1,
+                                         "cg_iterations": 4}),
+            (Pattern.parse("4:8"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.25,
+                                         "cg_iterations": 4}),
+            (Pattern(), 0.5, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.4,
+                              "cg_iterations": 4}),
+            (Pattern(), 0.6, {"method": "ria", "admm_iterations": 0, "allocation": "uniform", "shrink": 0.1,
+                              "cg_iterations": 4}),
+            (Pattern(), 0.7, {"method": "sparsegpt", "allocation": "owl", "shrink": 0.1, "cg_iterations": 4})):
         assert default_recipe(pattern, sparsity) == {**recipe, **refit}
     # The training-free target, at most 0.85x the best reference (measured through the CLI
     # with its 8 generated windows: 2:4 109.62 = 0.70x, 70% 354.15 = 0.54x).

@@ -13,11 +13,12 @@ from test_stream import save, shard_bytes, tensors
 
 from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.config import CalibrationConfig, PruneConfig
-from llmprune.engine.driver import prune
+from llmprune.engine.driver import prune, visit_layer
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.errors import Cancelled
 from llmprune.jobs.pipeline import EvalConfig, Job, run
+from llmprune.methods.base import COLUMN_NORMS, HESSIAN
 
 
 def ids(samples=16, seqlen=32, seed=0):
@@ -99,6 +100,58 @@ def test_owl_in_the_loop_gives_each_layer_its_share_and_the_mean_the_target():
     assert max(allocation["sparsity"]) - min(allocation["sparsity"]) == pytest.approx(0.2)
     for (zeros, total), target in zip(report.weight_counts, allocation["sparsity"], strict=True):
         assert zeros / total == pytest.approx(target, abs=1 / 64)  # per-row rounding of 64 columns
+
+
+def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model():
+    # Slow reference for the dense pre-pass: the whole model run once on the first 8 samples,
+    # each linear's input norms taken by a hook, the outlier ratio counted weight by weight.
+    model = tiny.llama(200, layers=3)
+    batches = ids()
+    squares: dict[tuple[int, str], torch.Tensor] = {}
+    _, layers = find_decoder_layers(model)
+    handles = []
+    for index, layer in enumerate(layers):
+        for name, linear in find_linears(layer).items():
+            def hook(module, args, key=(index, name)):
+                x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+                squares[key] = squares.get(key, 0) + (x * x).sum(0)
+            handles.append(linear.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(batches[:8])
+    for handle in handles:
+        handle.remove()
+    expected = []
+    for index, layer in enumerate(layers):
+        scores = [float(w) * float(n) for name, linear in find_linears(layer).items()
+                  for row in get_weight(linear).detach().double().abs()
+                  for w, n in zip(row, squares[(index, name)].sqrt(), strict=True)]
+        mean = sum(scores) / len(scores)
+        expected.append(sum(score > 5 * mean for score in scores) / len(scores))
+    report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), batches, batch_size=4)
+    assert report.allocation is not None
+    assert report.allocation["outlier_ratio"] == pytest.approx(expected, abs=1e-9)
+    assert min(expected) > 0  # the test has outliers to count
+
+
+def test_a_dense_pass_that_only_observes_gives_the_general_paths_statistics_and_outputs():
+    # visit_layer(observe=True) runs each batch once; the general path stops early, then runs
+    # the layer again for its outputs. Same numbers, one pass fewer.
+    model = tiny.llama(200, layers=2)
+    layer, hidden, calls = first_layer_inputs(model, ids())
+    linears = find_linears(layer)
+    seen: dict[bool, dict[str, dict[str, torch.Tensor]]] = {True: {}, False: {}}
+    outputs = {}
+    for observe in (False, True):
+        def keep(name, stats, into=seen[observe]):
+            into[name] = stats.raw()
+        outputs[observe] = visit_layer(layer, hidden, calls, linears, {HESSIAN, COLUMN_NORMS}, keep, False,
+                                       torch.device("cpu"), observe=observe)
+    assert set(seen[True]) == set(seen[False]) == set(linears)
+    for name in linears:
+        for kind in (HESSIAN, COLUMN_NORMS):
+            assert torch.equal(seen[True][name][kind], seen[False][name][kind]), (name, kind)
+    assert len(outputs[True]) == len(hidden) == len(outputs[False])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False], strict=True))
 
 
 def test_recovery_trains_conv1d_weights_and_leaves_every_flag_as_it_was():

@@ -42,11 +42,14 @@ def test_every_row_is_a_valid_command(recipe, setting):
     expect: dict[str, object] = {"method": name}
     if name == "default" and setting in ("50%", "60%"):
         expect = {"method": "ria", "update": "admm", "admm_iterations": 0, "refine": "none",
-                  "shrink": 0.4 if setting == "50%" else 0.1, "allocation": "uniform"}
+                  "shrink": 0.4 if setting == "50%" else 0.1, "allocation": "uniform",
+                  "cg_iterations": 4}
     elif name == "default":
         expect = {"method": "sparsegpt", "update": "admm", "refine": "none",
                   "shrink": {"2:4": 0.1, "4:8": 0.25}.get(setting, 0.1),
-                  "allocation": "owl" if setting == "70%" else "uniform"}
+                  "allocation": "owl" if setting == "70%" else "uniform", "cg_iterations": 4}
+    else:
+        expect["cg_iterations"] = 10  # a named method's refit runs to the least-squares answer
     if "refit" in pieces:
         expect["update"] = "admm"
     if name == "wanda" and "refit" in pieces:
@@ -68,10 +71,11 @@ def test_every_row_is_a_valid_command(recipe, setting):
     assert bool(config.schedule) == ("schedule" in pieces)
 
 
-def test_the_ria_refit_row_is_the_default_at_60_percent_and_differs_at_50_only_in_shrinkage():
-    """At 60% the default is RIA + refit at a named method's own shrinkage (0.1); at 50% it
-    shrinks by 0.4, so the rows differ there in that alone (and, when run, in the default's
-    generated calibration windows, checked above)."""
+def test_the_ria_refit_row_differs_from_the_default_in_refit_steps_and_at_50_percent_in_shrinkage():
+    """The default stops its refit after 4 conjugate-gradient steps where the named RIA + refit
+    runs 10; at 60% that is all (both shrink by a named method's 0.1), at 50% the default also
+    shrinks by 0.4 (and, when run, the default adds its generated calibration windows, checked
+    above)."""
     keys = ("method", "update", "admm_iterations", "refine", "allocation")
     for setting in ("60%", "50%"):
         default, row = job_of("default", setting).prune, job_of("ria+refit", setting).prune
@@ -79,6 +83,8 @@ def test_the_ria_refit_row_is_the_default_at_60_percent_and_differs_at_50_only_i
             assert getattr(row, key) == getattr(default, key), (setting, key)
     assert job_of("default", "60%").prune.shrink == job_of("ria+refit", "60%").prune.shrink == 0.1
     assert job_of("default", "50%").prune.shrink == 0.4 != job_of("ria+refit", "50%").prune.shrink
+    for setting in ("50%", "60%"):
+        assert job_of("default", setting).prune.cg_iterations == 4 != job_of("ria+refit", setting).prune.cg_iterations
 
 
 def test_the_table_counts_the_sampling_in_the_defaults_time():

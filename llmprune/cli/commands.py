@@ -94,7 +94,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                    "(magnitude, obd, taylor) (default: the method's reference choice)")
     g.add_argument("--update", choices=["none", "obs", "admm"], default=None,
                    help="refit the kept weights after any mask: 'obs' (SparseGPT's one-pass update) or 'admm' "
-                   "(the exact least-squares refit on the mask: ADMM, then conjugate gradients)")
+                   "(the least-squares refit on the mask: ADMM, then conjugate gradients, 10 steps; "
+                   "the default recipe's stops at 4; --set prune.cg_iterations=N)")
     g.add_argument("--refine", choices=["none", "dsnot"], default=None,
                    help="'dsnot': refine the mask by DSnoT's training-free prune-and-grow before the update")
     g.add_argument("--recover", choices=["none", "blockwise"], default=None,

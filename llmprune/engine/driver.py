@@ -251,6 +251,8 @@ class _Watcher:
 
     * ``"all"``: record every linear; stop once all have been seen in the batch.
     * ``"first_group"``: record only the first input group reached; stop at the next group.
+    * ``"observe"``: record every linear and run each batch to the end, so the pass also gives
+      the layer's outputs (for callers that change nothing).
     """
 
     def __init__(
@@ -340,14 +342,24 @@ def run_batches(
 def visit_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
     kinds: set[str], on_ready: Callable[[str, StatSet], None], sequential: bool, device: torch.device,
-    lockstep: bool = False, out: Sink | None = None,
+    lockstep: bool = False, out: Sink | None = None, observe: bool = False,
 ) -> Sink:
     """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
     each of ``targets`` once its input statistics are complete (``on_ready`` may change the
     linear; with ``sequential`` later linears then see its effect). Returns the layer's outputs
-    after all changes, appended to ``out`` (default: a new list) one batch at a time."""
+    after all changes, appended to ``out`` (default: a new list) one batch at a time.
+    ``observe``: ``on_ready`` changes nothing, so one pass gives the statistics and the outputs
+    (a dense pre-pass: half the forward passes of the general path)."""
     pending = dict(targets)
     sink: Sink = [] if out is None else out
+    if observe and not isinstance(sink, Discard):
+        watcher = _Watcher(pending, kinds, device, "observe")
+        for output in watcher.run(layer, hidden, calls):
+            sink.append(output)
+        for name in watcher.order:
+            if name in pending and watcher.leader[name] in watcher.stats:
+                on_ready(name, watcher.stats[watcher.leader[name]])
+        return sink
     if sequential and lockstep:
         # Every batch waits at each linear until all batches have reached it; the linear's
         # statistics are then complete, so it is handled right there, before it is applied.
@@ -481,7 +493,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
             linears = find_linears(layer)
             norms.clear()
             hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
-                                      False, devices[index]))
+                                      False, devices[index], observe=True))
             scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
             ratios.append(outlier_ratio(scores, config.owl_m))
             sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))

@@ -30,7 +30,10 @@ def model_card(record: dict[str, Any]) -> str:
         f"| method | {method} (update: {record['resolved_options']['update']}, "
         f"sequential: {record['config']['sequential']}"
         + (f", damp: {record['resolved_options']['damp']:g}, shrink: {record['resolved_options'].get('shrink', 0):g}"
-           if record["resolved_options"]["update"] in ("obs", "admm") else "") + ") |",
+           if record["resolved_options"]["update"] in ("obs", "admm") else "")
+        + (f", {record['config']['cg_iterations']} conjugate-gradient steps"
+           if record["resolved_options"]["update"] == "admm" and record["config"].get("cg_iterations") is not None
+           else "") + ") |",
         f"| pieces | {pieces_line(record)} |",
         f"| pattern | {pattern}" + (" (N kept in every M)" if ":" in pattern else "") + " |",
         f"| sparsity of the decoder layers' weights | target {record['sparsity_target']:.1%}, "

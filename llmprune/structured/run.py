@@ -572,7 +572,8 @@ def allocate(config: StructuredConfig, widths: Widths, anatomy: LayerAnatomy, la
         linears = find_linears(layer)
         collected.clear()
         targets = {n: m for n, m in linears.items() if n in (anatomy.o, anatomy.down)}
-        outputs = list(visit_layer(layer, hidden, calls[index], targets, {HESSIAN}, keep, False, device, False))
+        outputs = list(visit_layer(layer, hidden, calls[index], targets, {HESSIAN}, keep, False, device, False,
+                                    observe=True))
         layer.to(home)
         H_o, H_d = collected[anatomy.o], collected[anatomy.down]  # on the execution device
         W_o = get_weight(linears[anatomy.o]).detach().float().to(H_o.device)
