@@ -31,8 +31,8 @@ def model_card(record: dict[str, Any]) -> str:
         f"sequential: {record['config']['sequential']}"
         + (f", damp: {record['resolved_options']['damp']:g}, shrink: {record['resolved_options'].get('shrink', 0):g}"
            if record["resolved_options"]["update"] in ("obs", "admm") else "")
-        + (f", {record['config']['cg_iterations']} conjugate-gradient steps"
-           if record["resolved_options"]["update"] == "admm" and record["config"].get("cg_iterations") is not None
+        + (f", {record['resolved_options']['cg_iterations']} conjugate-gradient steps"
+           if record["resolved_options"]["update"] == "admm" and "cg_iterations" in record["resolved_options"]
            else "") + ") |",
         f"| pieces | {pieces_line(record)} |",
         f"| pattern | {pattern}" + (" (N kept in every M)" if ":" in pattern else "") + " |",
