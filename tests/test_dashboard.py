@@ -68,13 +68,19 @@ def browser(request, tmp_path) -> Iterator[Any]:
 
 
 def until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             value = condition()
         except StaleElementReferenceException:  # the live update replaced the element just read: look again
+            value = None
+        except NoSuchElementException:  # the page is reloading (a finished job's page reloads itself)
             value = None
         except WebDriverException as error:  # Chromium's wording of the same race, when the node went mid-read
             if "does not belong to the document" not in str(error):
