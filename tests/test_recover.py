@@ -12,11 +12,11 @@ from test_pipeline import cancel_at
 from test_stream import save, shard_bytes, tensors
 
 from llmprune.engine.capture import capture_layer_calls
-from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.engine.config import RECOVER_BATCH, RECOVER_LR, CalibrationConfig, PruneConfig
 from llmprune.engine.driver import prune, visit_layer
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
-from llmprune.errors import Cancelled
+from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.jobs.pipeline import EvalConfig, Job, run
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN
 
@@ -166,6 +166,23 @@ def test_recovery_trains_conv1d_weights_and_leaves_every_flag_as_it_was():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_recovery_takes_a_step_per_batch_of_recover_batch_samples_whatever_the_memory():
+    # The auto batch of this tiny model holds all 16 samples (one batch: nothing held out, one
+    # step an epoch); with recovery on it is capped at recover_batch, and an explicit batch wins.
+    model = tiny.llama(200)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prune(model, PruneConfig("wanda", sparsity=0.5), ids()).batch_size == 16
+    for config, given, expected in ((PruneConfig("wanda", sparsity=0.5, recover="blockwise"), None, 4),
+                                    (PruneConfig("wanda", sparsity=0.5, recover="blockwise", recover_batch=3), None, 3),
+                                    (PruneConfig("wanda", sparsity=0.5, recover="blockwise"), 8, 8)):
+        model.load_state_dict(dense)
+        assert prune(model, config, ids(), batch_size=given).batch_size == expected
+    assert PruneConfig().recover_lr == RECOVER_LR and PruneConfig().recover_batch == RECOVER_BATCH == 4
+    for bad in (0, 1.5, True):
+        with pytest.raises(LlmpruneError, match="recover_batch must be a whole number >= 1"):
+            PruneConfig(recover="blockwise", recover_batch=bad)
+
+
 def pieces_job(model, text, out, **kwargs):
     prune_config = PruneConfig("sparsegpt", sparsity=0.5, allocation="owl", owl_lambda=0.05, refine="dsnot",
                                recover="blockwise", recover_lr=1e-3, schedule=(0.25, 0.5))
@@ -215,7 +232,7 @@ def test_every_piece_from_the_command_line_lands_in_the_record_and_the_card(llam
     assert steps == pytest.approx([first_layer / 2, first_layer])
     card = (out / "README.md").read_text()
     assert "mask refinement: dsnot" in card and "layer sparsity: OWL" in card and "schedule: 0.25, 0.5" in card
-    assert "block-wise recovery: 2 epochs" in card
+    assert "block-wise recovery: 2 epochs at lr 0.003 in batches of 2 samples" in card
     capsys.readouterr()
     assert main([*argv[:-4], "--pattern", "2:4", "--allocation", "uniform"]) == 2
     assert "pattern 2:4 has one step only" in capsys.readouterr().err

@@ -20,6 +20,8 @@ RIA_SHRINK = 0.4  # the default recipe's for RIA's mask at 50% unstructured spar
 CG_ITERATIONS = 10  # conjugate-gradient steps of a named method's least-squares refit (--update admm)
 DEFAULT_CG = 4  # the default recipe's: stopped early, the refit leans less on the calibration text
 HIGH_SPARSITY = 0.7  # the default recipe adds OWL from here (measured at 70% only)
+RECOVER_LR = 3e-3  # block-wise recovery's Adam step (README, "Recovery settings": 1e-4 barely moved the weights)
+RECOVER_BATCH = 4  # calibration samples per recovery step: 32 samples give 7 steps an epoch and a held-out 4
 
 
 def _number(value: object) -> bool:
@@ -104,7 +106,9 @@ class PruneConfig:
     * ``recover``: ``"blockwise"`` trains each pruned decoder layer's kept weights (Adam,
       ``recover_epochs`` over the calibration batches at ``recover_lr``) to reproduce the dense
       layer's outputs, attention then MLP, zeros kept; kept only if the held-out calibration
-      batch's error drops (:mod:`llmprune.engine.recover`).
+      batch's error drops (:mod:`llmprune.engine.recover`). A step per batch: with recovery on
+      and no ``batch_size`` given, the forward batch is at most ``recover_batch`` samples, so the
+      number of steps does not follow the device's memory (a GPU's auto batch holds all 32).
     * ``schedule``: iterative pruning (Han et al. 2015's prune-then-retrain, one layer at a time):
       each layer is pruned to these rising sparsities in turn (the last is the target), with
       recovery after each step when ``recover`` is on.
@@ -156,7 +160,8 @@ class PruneConfig:
     dsnot_cycles: int = 50
     recover: Literal["none", "blockwise"] | None = None
     recover_epochs: int = 2
-    recover_lr: float = 1e-4
+    recover_lr: float = RECOVER_LR
+    recover_batch: int = RECOVER_BATCH
     schedule: tuple[float, ...] | None = None
     expert_statistics: ExpertStatistics = "routed"
     min_expert_tokens: int = 32
@@ -250,6 +255,9 @@ class PruneConfig:
             raise LlmpruneError(f"recover must be 'none' or 'blockwise', got {self.recover!r}")
         if not (_number(self.recover_lr) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
             raise LlmpruneError(f"recover_lr must be a positive learning rate, got {self.recover_lr}")
+        if not (isinstance(self.recover_batch, int) and not isinstance(self.recover_batch, bool)
+                and self.recover_batch >= 1):
+            raise LlmpruneError(f"recover_batch must be a whole number >= 1, got {self.recover_batch!r}")
         for key in ("admm_iterations", "cg_iterations", "dsnot_cycles", "recover_epochs"):
             value = getattr(self, key)
             if value is None and key == "admm_iterations":

@@ -724,6 +724,8 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                   start: float, gradients: LossGradients | None, kinds: set[str]) -> PruneReport:
     widest = max(widest_width(layer) for layer in layers)  # DeepSeek's first layers are dense
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
+    if config.recover == "blockwise" and not batch_size:  # recovery takes an Adam step per batch
+        size = min(size, config.recover_batch)
     budget = host.lockstep_budget()
     if budget is None:  # the tightest of the devices the layers run on
         budget = min(lockstep_budget(d) for d in set(devices))

@@ -38,8 +38,8 @@ ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 
 @dataclass(frozen=True)
 class RecoverSettings:
-    epochs: int = 2
-    lr: float = 1e-4
+    epochs: int
+    lr: float
 
 
 def attention_block(layer: nn.Module) -> tuple[str, nn.Module] | None:

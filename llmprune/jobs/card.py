@@ -267,8 +267,10 @@ def pieces_line(record: dict[str, Any]) -> str:
     recovery = record.get("recovery") or []
     if recovery:
         kept = sum(1 for r in recovery if r["kept"])
-        parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}, "
-                     f"kept in {kept} of {len(recovery)} layer steps")
+        batch = (record.get("calibration") or {}).get("batch_size")
+        steps = f" in batches of {batch} samples" if batch else ""
+        parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}"
+                     f"{steps}, kept in {kept} of {len(recovery)} layer steps")
     if config.get("schedule"):
         parts.append("schedule: " + ", ".join(f"{s:g}" for s in config["schedule"]))
     return "; ".join(parts)
