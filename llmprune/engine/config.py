@@ -255,24 +255,19 @@ class PruneConfig:
             raise LlmpruneError(f"recover must be 'none' or 'blockwise', got {self.recover!r}")
         if not (_number(self.recover_lr) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
             raise LlmpruneError(f"recover_lr must be a positive learning rate, got {self.recover_lr}")
-        if not (isinstance(self.recover_batch, int) and not isinstance(self.recover_batch, bool)
-                and self.recover_batch >= 1):
-            raise LlmpruneError(f"recover_batch must be a whole number >= 1, got {self.recover_batch!r}")
-        for key in ("admm_iterations", "cg_iterations", "dsnot_cycles", "recover_epochs"):
+        for key, least in (("admm_iterations", 0), ("cg_iterations", 0), ("dsnot_cycles", 0),
+                           ("recover_epochs", 0), ("recover_batch", 1), ("min_expert_tokens", 0)):
             value = getattr(self, key)
             if value is None and key == "admm_iterations":
                 continue
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise LlmpruneError(f"{key} must be a whole number >= 0, got {value!r}")
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                raise LlmpruneError(f"{key} must be a whole number >= {least}, got {value!r}")
         if self.expert_statistics not in EXPERT_STATISTICS:
             raise LlmpruneError(f"expert_statistics must be one of {', '.join(EXPERT_STATISTICS)}, got "
                                 f"{self.expert_statistics!r}")
         if self.expert_statistics == "weighted" and self.refine == "dsnot":
             raise LlmpruneError("router-weighted expert statistics scale second moments only; DSnoT reads input "
                                 "means and variances too: use expert_statistics 'routed' with refine 'dsnot'")
-        if not (isinstance(self.min_expert_tokens, int) and not isinstance(self.min_expert_tokens, bool)
-                and self.min_expert_tokens >= 0):
-            raise LlmpruneError(f"min_expert_tokens must be a whole number >= 0, got {self.min_expert_tokens!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):
             raise LlmpruneError(f"blocksize must be a positive integer, got {self.blocksize}")
         if not (math.isfinite(self.damp) and self.damp > 0):
