@@ -15,10 +15,12 @@ from llmprune.engine.capture import capture_layer_calls
 from llmprune.engine.config import RECOVER_BATCH, RECOVER_LR, CalibrationConfig, PruneConfig
 from llmprune.engine.driver import prune, visit_layer
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
-from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
+from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer, step_size
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.jobs.pipeline import EvalConfig, Job, run
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN
+
+CPU = torch.device("cpu")
 
 
 def ids(samples=16, seqlen=32, seed=0):
@@ -56,7 +58,7 @@ def test_recovery_of_a_randomly_pruned_layer_wins_back_a_share_of_its_error_and_
     targets = dense_targets(layer, hidden, calls, torch.device("cpu"))
     prune_at_random(layer)
     zeros = {n: get_weight(m) == 0 for n, m in find_linears(layer).items()}
-    result = recover_layer(layer, hidden, calls, *targets, torch.device("cpu"), RecoverSettings(epochs=30, lr=1e-3))
+    result = recover_layer(layer, hidden, calls, *targets, CPU, RecoverSettings(30, 1e-3, "constant", "last"))
     assert result["kept"] and result["error_after"] < 0.8 * result["error_before"], result
     for name, linear in find_linears(layer).items():
         assert torch.equal(get_weight(linear) == 0, zeros[name]), name  # no zero grew back, none added
@@ -68,10 +70,40 @@ def test_a_recovery_that_does_not_help_is_undone():
     targets = dense_targets(layer, hidden, calls, torch.device("cpu"))
     prune_at_random(layer)
     before = {n: get_weight(m).clone() for n, m in find_linears(layer).items()}
-    result = recover_layer(layer, hidden, calls, *targets, torch.device("cpu"), RecoverSettings(epochs=2, lr=10.0))
+    result = recover_layer(layer, hidden, calls, *targets, CPU, RecoverSettings(2, 10.0, "constant", "last"))
     assert not result["kept"] and result["error_trained"] >= result["error_before"]
     assert result["error_after"] == result["error_before"]
     assert all(torch.equal(get_weight(m), before[n]) for n, m in find_linears(layer).items())
+
+
+def test_the_step_falls_on_a_cosine_from_the_learning_rate_to_zero():
+    cosine, constant = RecoverSettings(2, 0.004, "cosine", "last"), RecoverSettings(2, 0.004, "constant", "last")
+    # 0.004 · (1 + cos(π·k/4)) / 2 for k = 0..3
+    assert [step_size(cosine, k, 4) for k in range(4)] == pytest.approx([0.004, 0.0034142136, 0.002, 0.00058578644])
+    assert [step_size(constant, step, 4) for step in range(4)] == [0.004] * 4
+
+
+def test_with_keep_best_each_stage_ends_on_its_best_epoch_by_the_held_out_error():
+    # A constant step of 0.1 overshoots: the MLP stage's epochs all end above its start, so it
+    # must end on its starting weights (the last epoch's would be worse), and the layer's
+    # error is the lowest the stages saw. With "last" nothing is measured per epoch.
+    model = correlated(tiny.llama(200, layers=2))
+    layer, hidden, calls = first_layer_inputs(model, ids())
+    targets = dense_targets(layer, hidden, calls, torch.device("cpu"))
+    prune_at_random(layer)
+    pruned = {n: get_weight(m).clone() for n, m in find_linears(layer).items()}
+    last = recover_layer(layer, hidden, calls, *targets, CPU, RecoverSettings(6, 0.1, "constant", "last"))
+    assert last["epoch_errors"] == {"attention": [], "mlp": []}
+    with torch.no_grad():
+        for name, linear in find_linears(layer).items():
+            get_weight(linear).copy_(pruned[name])
+    result = recover_layer(layer, hidden, calls, *targets, CPU, RecoverSettings(6, 0.1, "constant", "best"))
+    attention, mlp = result["epoch_errors"]["attention"], result["epoch_errors"]["mlp"]
+    assert len(attention) == len(mlp) == 7 and attention[0] == result["error_before"]
+    assert mlp[0] == pytest.approx(min(attention), rel=1e-6)  # the MLP stage starts from the best attention
+    assert min(mlp) < mlp[-1]  # the scenario: the last epoch is not the best
+    assert result["kept"] and result["error_after"] == pytest.approx(min(mlp), rel=1e-6)
+    assert result["error_after"] < result["error_before"] and result["error_trained"] < last["error_trained"]
 
 
 @pytest.mark.parametrize(("pattern", "method"), [("2:4", "wanda"), ("unstructured", "sparsegpt")])
@@ -95,18 +127,21 @@ def test_owl_in_the_loop_gives_each_layer_its_share_and_the_mean_the_target():
     model = tiny.llama(200, layers=4)
     report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl", owl_lambda=0.1), ids(), batch_size=4)
     allocation = report.allocation
-    assert allocation is not None and allocation["kind"] == "owl" and allocation["samples"] == 8
+    assert allocation is not None and allocation["kind"] == "owl" and allocation["samples"] == 16
     assert sum(allocation["sparsity"]) / 4 == pytest.approx(0.5, abs=1e-12)  # equal-sized layers
     assert max(allocation["sparsity"]) - min(allocation["sparsity"]) == pytest.approx(0.2)
     for (zeros, total), target in zip(report.weight_counts, allocation["sparsity"], strict=True):
         assert zeros / total == pytest.approx(target, abs=1 / 64)  # per-row rounding of 64 columns
 
 
-def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model():
-    # Slow reference for the dense pre-pass: the whole model run once on the first 8 samples,
+@pytest.mark.parametrize("batch_size", [4, 5, 24])
+def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(batch_size):
+    # Slow reference for the dense pre-pass: the whole model run once on the first 16 samples,
     # each linear's input norms taken by a hook, the outlier ratio counted weight by weight.
+    # Whatever the pruning's batch size, the pre-pass reads exactly those 16 (batches of 5 or 24
+    # once made it read 20 or 24: on a GPU, whose automatic batch is larger, other statistics).
     model = tiny.llama(200, layers=3)
-    batches = ids()
+    batches = ids(samples=24)
     squares: dict[tuple[int, str], torch.Tensor] = {}
     _, layers = find_decoder_layers(model)
     handles = []
@@ -117,7 +152,7 @@ def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(
                 squares[key] = squares.get(key, 0) + (x * x).sum(0)
             handles.append(linear.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model(batches[:8])
+        model(batches[:16])
     for handle in handles:
         handle.remove()
     expected = []
@@ -127,8 +162,8 @@ def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(
                   for w, n in zip(row, squares[(index, name)].sqrt(), strict=True)]
         mean = sum(scores) / len(scores)
         expected.append(sum(score > 5 * mean for score in scores) / len(scores))
-    report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), batches, batch_size=4)
-    assert report.allocation is not None
+    report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), batches, batch_size=batch_size)
+    assert report.allocation is not None and report.allocation["samples"] == 16
     assert report.allocation["outlier_ratio"] == pytest.approx(expected, abs=1e-9)
     assert min(expected) > 0  # the test has outliers to count
 
@@ -181,6 +216,11 @@ def test_recovery_takes_a_step_per_batch_of_recover_batch_samples_whatever_the_m
     for bad in (0, 1.5, True):
         with pytest.raises(LlmpruneError, match="recover_batch must be a whole number >= 1"):
             PruneConfig(recover="blockwise", recover_batch=bad)
+    assert PruneConfig().recover_schedule == "constant" and PruneConfig().recover_keep == "last"
+    with pytest.raises(LlmpruneError, match="recover_schedule must be 'constant' or 'cosine', got 'linear'"):
+        PruneConfig(recover="blockwise", recover_schedule="linear")  # type: ignore[arg-type]
+    with pytest.raises(LlmpruneError, match="recover_keep must be 'last' or 'best', got 'first'"):
+        PruneConfig(recover="blockwise", recover_keep="first")  # type: ignore[arg-type]
 
 
 def pieces_job(model, text, out, **kwargs):
@@ -236,3 +276,14 @@ def test_every_piece_from_the_command_line_lands_in_the_record_and_the_card(llam
     capsys.readouterr()
     assert main([*argv[:-4], "--pattern", "2:4", "--allocation", "uniform"]) == 2
     assert "pattern 2:4 has one step only" in capsys.readouterr().err
+
+
+def test_the_card_says_which_recovery_options_ran():
+    from llmprune.jobs.card import pieces_line
+    config = {"recover_epochs": 2, "recover_lr": 0.003, "recover_schedule": "cosine", "recover_keep": "best"}
+    record = {"config": config, "resolved_options": {}, "calibration": {"batch_size": 4},
+              "recovery": [{"kept": True}, {"kept": False}]}
+    assert ("block-wise recovery: 2 epochs at lr 0.003 down a cosine to 0 in batches of 4 samples, each stage's "
+            "best epoch by the held-out error, kept in 1 of 2 layer steps") in pieces_line(record)
+    del record["config"]["recover_schedule"], record["config"]["recover_keep"]  # a record from before the options
+    assert "block-wise recovery: 2 epochs at lr 0.003 in batches of 4 samples, kept in 1 of 2" in pieces_line(record)

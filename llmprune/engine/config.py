@@ -104,9 +104,11 @@ class PruneConfig:
       (:mod:`llmprune.engine.curves`). Unstructured only: every layer of an N:M checkpoint keeps
       N of every M.
     * ``recover``: ``"blockwise"`` trains each pruned decoder layer's kept weights (Adam,
-      ``recover_epochs`` over the calibration batches at ``recover_lr``) to reproduce the dense
-      layer's outputs, attention then MLP, zeros kept; kept only if the held-out calibration
-      batch's error drops (:mod:`llmprune.engine.recover`). A step per batch: with recovery on
+      ``recover_epochs`` over the calibration batches at ``recover_lr``; with
+      ``recover_schedule="cosine"`` the step falls to zero over each stage) to reproduce the
+      dense layer's outputs, attention then MLP, zeros kept; kept only if the held-out
+      calibration batch's error drops (with ``recover_keep="best"`` each stage ends on its best
+      epoch by that error) (:mod:`llmprune.engine.recover`). A step per batch: with recovery on
       and no ``batch_size`` given, the forward batch is at most ``recover_batch`` samples, so the
       number of steps does not follow the device's memory (a GPU's auto batch holds all 32).
     * ``schedule``: iterative pruning (Han et al. 2015's prune-then-retrain, one layer at a time):
@@ -162,6 +164,8 @@ class PruneConfig:
     recover_epochs: int = 2
     recover_lr: float = RECOVER_LR
     recover_batch: int = RECOVER_BATCH
+    recover_schedule: Literal["constant", "cosine"] = "constant"
+    recover_keep: Literal["last", "best"] = "last"
     schedule: tuple[float, ...] | None = None
     expert_statistics: ExpertStatistics = "routed"
     min_expert_tokens: int = 32
@@ -255,6 +259,10 @@ class PruneConfig:
             raise LlmpruneError(f"recover must be 'none' or 'blockwise', got {self.recover!r}")
         if not (_number(self.recover_lr) and math.isfinite(self.recover_lr) and self.recover_lr > 0):
             raise LlmpruneError(f"recover_lr must be a positive learning rate, got {self.recover_lr}")
+        if self.recover_schedule not in ("constant", "cosine"):
+            raise LlmpruneError(f"recover_schedule must be 'constant' or 'cosine', got {self.recover_schedule!r}")
+        if self.recover_keep not in ("last", "best"):
+            raise LlmpruneError(f"recover_keep must be 'last' or 'best', got {self.recover_keep!r}")
         for key, least in (("admm_iterations", 0), ("cg_iterations", 0), ("dsnot_cycles", 0),
                            ("recover_epochs", 0), ("recover_batch", 1), ("min_expert_tokens", 0)):
             value = getattr(self, key)

@@ -269,8 +269,11 @@ def pieces_line(record: dict[str, Any]) -> str:
         kept = sum(1 for r in recovery if r["kept"])
         batch = (record.get("calibration") or {}).get("batch_size")
         steps = f" in batches of {batch} samples" if batch else ""
+        # Records written before these options existed trained at a constant step, last epoch.
+        decay = " down a cosine to 0" if config.get("recover_schedule") == "cosine" else ""
+        best = ", each stage's best epoch by the held-out error" if config.get("recover_keep") == "best" else ""
         parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}"
-                     f"{steps}, kept in {kept} of {len(recovery)} layer steps")
+                     f"{decay}{steps}{best}, kept in {kept} of {len(recovery)} layer steps")
     if config.get("schedule"):
         parts.append("schedule: " + ", ".join(f"{s:g}" for s in config["schedule"]))
     return "; ".join(parts)
