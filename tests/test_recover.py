@@ -123,6 +123,41 @@ def test_recovery_in_the_loop_keeps_the_pattern_and_never_raises_the_held_out_er
                 assert bool((kept.reshape(kept.shape[0], -1, 4).sum(-1) == 2).all()), name
 
 
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_recovery_targets_are_the_dense_models_own_activations_or_the_dense_layer_on_pruned_inputs(
+        target, monkeypatch):
+    # Slow reference: the dense model's hidden states from transformers itself, and each dense
+    # layer run by hand on the pruned model's inputs to that layer.
+    import llmprune.engine.driver as driver
+
+    model, tokens = tiny.llama(200, layers=3), ids()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        states = model(tokens, output_hidden_states=True).hidden_states  # the last has the final norm
+    seen, layers_in = [], []
+    real = driver.recover_layer
+
+    def watch(layer, hidden, calls, attention_targets, output_targets, *args, **kwargs):
+        seen.append(torch.cat(output_targets))
+        layers_in.append(torch.cat(list(hidden)))
+        return real(layer, hidden, calls, attention_targets, output_targets, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "recover_layer", watch)
+    prune(model, PruneConfig("wanda", sparsity=0.5, recover="blockwise", recover_target=target), tokens,
+          batch_size=4)
+    assert len(seen) == 3
+    reference = tiny.llama(200, layers=3)
+    reference.load_state_dict(dense)
+    _, dense_layers = find_decoder_layers(reference)
+    for index in range(2):  # layers 0 and 1: their outputs are hidden states 1 and 2 unnormed
+        by_hand = dense_targets(dense_layers[index], [layers_in[index]],
+                                capture_layer_calls(reference, dense_layers, [tokens])[1][index], CPU)[1][0]
+        assert torch.allclose(seen[index], by_hand if target == "layer" else states[index + 1], atol=1e-5)
+    # From layer 1 on the pruned inputs differ from the dense ones, and so do the two targets.
+    assert torch.equal(layers_in[0], states[0]) and not torch.allclose(layers_in[1], states[1], atol=1e-3)
+    assert (target == "model") == torch.allclose(seen[1], states[2], atol=1e-3)
+
+
 def test_owl_in_the_loop_gives_each_layer_its_share_and_the_mean_the_target():
     model = tiny.llama(200, layers=4)
     report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl", owl_lambda=0.1), ids(), batch_size=4)
@@ -221,6 +256,9 @@ def test_recovery_takes_a_step_per_batch_of_recover_batch_samples_whatever_the_m
         PruneConfig(recover="blockwise", recover_schedule="linear")  # type: ignore[arg-type]
     with pytest.raises(LlmpruneError, match="recover_keep must be 'last' or 'best', got 'first'"):
         PruneConfig(recover="blockwise", recover_keep="first")  # type: ignore[arg-type]
+    assert PruneConfig().recover_target == "model"
+    with pytest.raises(LlmpruneError, match="recover_target must be 'model' or 'layer', got 'dense'"):
+        PruneConfig(recover="blockwise", recover_target="dense")  # type: ignore[arg-type]
 
 
 def pieces_job(model, text, out, **kwargs):
@@ -272,7 +310,8 @@ def test_every_piece_from_the_command_line_lands_in_the_record_and_the_card(llam
     assert steps == pytest.approx([first_layer / 2, first_layer])
     card = (out / "README.md").read_text()
     assert "mask refinement: dsnot" in card and "layer sparsity: OWL" in card and "schedule: 0.25, 0.5" in card
-    assert "block-wise recovery: 2 epochs at lr 0.003 in batches of 2 samples" in card
+    assert ("block-wise recovery: 2 epochs at lr 0.003 in batches of 2 samples toward the dense model's own "
+            "activations") in card
     capsys.readouterr()
     assert main([*argv[:-4], "--pattern", "2:4", "--allocation", "uniform"]) == 2
     assert "pattern 2:4 has one step only" in capsys.readouterr().err
@@ -280,10 +319,14 @@ def test_every_piece_from_the_command_line_lands_in_the_record_and_the_card(llam
 
 def test_the_card_says_which_recovery_options_ran():
     from llmprune.jobs.card import pieces_line
-    config = {"recover_epochs": 2, "recover_lr": 0.003, "recover_schedule": "cosine", "recover_keep": "best"}
+    config = {"recover_epochs": 2, "recover_lr": 0.003, "recover_schedule": "cosine", "recover_keep": "best",
+              "recover_target": "model"}
     record = {"config": config, "resolved_options": {}, "calibration": {"batch_size": 4},
               "recovery": [{"kept": True}, {"kept": False}]}
     assert ("block-wise recovery: 2 epochs at lr 0.003 down a cosine to 0 in batches of 4 samples, each stage's "
-            "best epoch by the held-out error, kept in 1 of 2 layer steps") in pieces_line(record)
-    del record["config"]["recover_schedule"], record["config"]["recover_keep"]  # a record from before the options
-    assert "block-wise recovery: 2 epochs at lr 0.003 in batches of 4 samples, kept in 1 of 2" in pieces_line(record)
+            "best epoch by the held-out error toward the dense model's own activations, kept in 1 of 2 layer "
+            "steps") in pieces_line(record)
+    for key in ("recover_schedule", "recover_keep", "recover_target"):  # a record from before the options
+        del record["config"][key]
+    assert ("block-wise recovery: 2 epochs at lr 0.003 in batches of 4 samples toward the dense layer on the "
+            "pruned inputs, kept in 1 of 2") in pieces_line(record)

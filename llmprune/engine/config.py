@@ -106,7 +106,9 @@ class PruneConfig:
     * ``recover``: ``"blockwise"`` trains each pruned decoder layer's kept weights (Adam,
       ``recover_epochs`` over the calibration batches at ``recover_lr``; with
       ``recover_schedule="cosine"`` the step falls to zero over each stage) to reproduce the
-      dense layer's outputs, attention then MLP, zeros kept; kept only if the held-out
+      dense model's outputs at that layer (``recover_target="model"``: the dense layers run on
+      the dense model's own activations, carried beside the pruned ones; ``"layer"``: the dense
+      layer on the pruned model's inputs), attention then MLP, zeros kept; kept only if the held-out
       calibration batch's error drops (with ``recover_keep="best"`` each stage ends on its best
       epoch by that error) (:mod:`llmprune.engine.recover`). A step per batch: with recovery on
       and no ``batch_size`` given, the forward batch is at most ``recover_batch`` samples, so the
@@ -166,6 +168,7 @@ class PruneConfig:
     recover_batch: int = RECOVER_BATCH
     recover_schedule: Literal["constant", "cosine"] = "constant"
     recover_keep: Literal["last", "best"] = "last"
+    recover_target: Literal["model", "layer"] = "model"
     schedule: tuple[float, ...] | None = None
     expert_statistics: ExpertStatistics = "routed"
     min_expert_tokens: int = 32
@@ -263,6 +266,8 @@ class PruneConfig:
             raise LlmpruneError(f"recover_schedule must be 'constant' or 'cosine', got {self.recover_schedule!r}")
         if self.recover_keep not in ("last", "best"):
             raise LlmpruneError(f"recover_keep must be 'last' or 'best', got {self.recover_keep!r}")
+        if self.recover_target not in ("model", "layer"):
+            raise LlmpruneError(f"recover_target must be 'model' or 'layer', got {self.recover_target!r}")
         for key, least in (("admm_iterations", 0), ("cg_iterations", 0), ("dsnot_cycles", 0),
                            ("recover_epochs", 0), ("recover_batch", 1), ("min_expert_tokens", 0)):
             value = getattr(self, key)

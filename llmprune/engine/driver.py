@@ -517,14 +517,21 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
                     options: Options, config: PruneConfig, device: torch.device, lockstep: bool, sink: Sink,
                     index: int, report: PruneReport, storage: torch.dtype | None,
                     weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
-                    ) -> tuple[Sink, list[LinearReport]]:
+                    dense_inputs: Sequence[torch.Tensor] | None = None,
+                    ) -> tuple[Sink, list[LinearReport], list[torch.Tensor] | None]:
     """Prune one decoder layer: in one step, or through ``config.schedule`` (each step's
     sparsity scaled to this layer's target), each step followed by block-wise recovery when
-    asked. Recovery entries go to ``report.recovery``."""
+    asked. Recovery entries go to ``report.recovery``. With ``dense_inputs`` (the dense model's
+    own activations at this layer) recovery's targets are the dense layer's outputs on them, and
+    those outputs, the dense model's activations at the next layer, are returned third."""
     recovering = config.recover == "blockwise"
     final = options.sparsity
     steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
-    targets = dense_targets(layer, hidden, calls, device) if recovering else None
+    targets = dense_targets(layer, hidden if dense_inputs is None else dense_inputs, calls, device) \
+        if recovering else None
+    dense_outputs = None
+    if targets is not None and dense_inputs is not None:
+        dense_outputs = [t.to(x.dtype) for t, x in zip(targets[1], dense_inputs, strict=True)]
     settings = RecoverSettings(config.recover_epochs, config.recover_lr, config.recover_schedule, config.recover_keep)
     reports: list[LinearReport] = []
     dense = ({n: get_weight(m).detach().to("cpu", copy=True) for n, m in find_linears(layer).items()}
@@ -541,7 +548,7 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
     if not direct:
         outputs = run_batches(layer, hidden, calls, device, sink)
-    return outputs, reports
+    return outputs, reports, dense_outputs
 
 
 class Discard(list[torch.Tensor]):
@@ -628,6 +635,7 @@ class Resumed:
     layer_seconds: list[float] = field(default_factory=list)
     weight_counts: list[tuple[int, int]] = field(default_factory=list)
     recovery: list[dict[str, Any]] = field(default_factory=list)
+    dense: list[torch.Tensor] | None = None  # the dense model's activations at ``start`` (None: not stored)
 
 
 class LayerHost:
@@ -655,9 +663,11 @@ class LayerHost:
         """Where layer ``index``'s outputs go."""
         return []
 
-    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport) -> Sequence[torch.Tensor]:
+    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport,
+               dense: list[torch.Tensor] | None = None) -> Sequence[torch.Tensor]:
         """Layer ``index`` is pruned (its reports are the last in ``report``); returns the
-        next layer's inputs."""
+        next layer's inputs. ``dense``: the dense model's activations there (recovery toward
+        the dense model), kept in memory; a host that resumes stores them too."""
         return outputs
 
 
@@ -757,6 +767,13 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     resumed = host.resume(inputs)
     del inputs
     hidden: Sequence[torch.Tensor] = resumed.hidden
+    # Recovery toward the dense model carries its activations beside the pruned ones (in memory:
+    # one more copy of a layer's inputs); at the first layer both are the captured inputs.
+    dense: list[torch.Tensor] | None = None
+    if config.recover == "blockwise" and config.recover_target == "model":
+        dense = resumed.dense if resumed.start > 0 else list(hidden)
+        if dense is None:
+            raise LlmpruneError("the resume journal holds no dense activations to recover toward")
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
                          device=str(run_device), batch_size=size, one_pass=lockstep,
                          weight_counts=list(resumed.weight_counts), unpruned=unpruned, allocation=allocation,
@@ -788,10 +805,10 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                                if name.startswith(prefix + ".")}
         with unfused(layer, config.expert_statistics):  # fused experts as linears of their own, meanwhile
             weight_stats = layer_weight_stats(gradients, kinds, prefix, layer, devices[index])
-            outputs, linear_reports = _prune_in_steps(layer, hidden, calls[index], method, layer_options, config,
-                                                      devices[index], lockstep, host.sink(index), index, report,
-                                                      storage if compute != storage else None, weight_stats,
-                                                      linear_sparsity)
+            outputs, linear_reports, dense = _prune_in_steps(
+                layer, hidden, calls[index], method, layer_options, config, devices[index], lockstep,
+                host.sink(index), index, report, storage if compute != storage else None, weight_stats,
+                linear_sparsity, dense)
         layer.to(home)
         restore_dtypes(layer, dtypes)
         report.weight_counts.append(count_zeros(layer))
@@ -799,7 +816,7 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
             item.name = f"{layers_path}.{index}.{item.name}"
         report.linears.extend(linear_reports)
         report.layer_seconds.append(time.perf_counter() - tick)
-        hidden = host.finish(index, layer, outputs, report)
+        hidden = host.finish(index, layer, outputs, report, dense)
         if progress is not None:
             progress(Event("prune", index + 1, len(layers), "layers"))
     report.seconds = time.perf_counter() - start

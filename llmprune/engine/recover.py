@@ -1,10 +1,13 @@
 """Mask-preserving block-wise recovery: after a decoder layer is pruned, its kept weights are
-trained so the pruned layer reproduces the dense layer's outputs on the same inputs.
+trained so the pruned layer, on the inputs the pruning saw (already passed through the pruned
+earlier layers), reproduces the dense targets, as in EBFT (Guo et al. 2024) and Wanda++'s
+regional optimisation (Yang et al. 2025).
 
-The inputs are the ones the pruning saw (already passed through the pruned earlier layers), so
-the layer also learns to undo some of the error it receives, as in EBFT (Guo et al. 2024) and
-Wanda++'s regional optimisation (Yang et al. 2025). Two stages, each with Adam over the
-calibration batches:
+The targets (:func:`dense_targets`) are the dense layer's outputs on the dense model's own
+activations (``recover_target="model"``, the default: the driver carries them beside the pruned
+ones), so the layer learns to undo the error it receives as well as its own; or, with
+``"layer"``, the dense layer's outputs on the pruned inputs (its own error only). Two stages,
+each with Adam over the calibration batches:
 
 1. the attention block's linears, to match the dense attention block's output (the forward
    stops right after it: the MLP is not run);
@@ -105,8 +108,9 @@ def _forward(layer: nn.Module, attention: nn.Module | None, call: LayerCall, sta
 @torch.no_grad()
 def dense_targets(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
                   device: torch.device) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
-    """The dense layer's attention outputs (None without an attention block) and outputs, per
-    batch, on the CPU in float32."""
+    """The dense layer's attention outputs (None without an attention block) and outputs on
+    ``hidden`` (the dense model's activations, or the pruned model's), per batch, on the CPU in
+    float32."""
     found = attention_block(layer)
     attention_out: list[torch.Tensor] | None = [] if found else None
     outputs = []

@@ -139,6 +139,7 @@ class StreamHost(LayerHost):
                      if not name.startswith(self.layers_path + ".")}
         self.parameters = {name for name, _ in model.named_parameters()}
         self.previous: BatchFile | None = None
+        self.previous_dense: BatchFile | None = None  # the dense model's activations (recovery)
 
     # -- the front: embeddings, final norm, lm_head ---------------------------------------
     def load_rest(self, head: bool = True) -> None:
@@ -223,11 +224,15 @@ class StreamHost(LayerHost):
             raise LlmpruneError(f"resume journal in {self.staging} holds activations of another shape")
         self.previous = stored
         inputs: Sequence[torch.Tensor] = stored if self.offload_dir else list(stored)
+        dense = None
+        if "dense_activations" in last:
+            self.previous_dense = BatchFile.reopen(self.journal.folder, last["dense_activations"])
+            dense = list(self.previous_dense)
         linears = [LinearReport(**{**item, "shape": tuple(item["shape"])}) for e in done for item in e["linears"]]
         log.info("resuming after decoder layer %d of %d", last["index"] + 1, len(self.layers))
         return Resumed(last["index"] + 1, inputs, linears, [e["seconds"] for e in done],
                        [(int(e["weights"][0]), int(e["weights"][1])) for e in done],
-                       [r for e in done for r in e.get("recovery") or []])
+                       [r for e in done for r in e.get("recovery") or []], dense)
 
     def _prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
@@ -254,7 +259,8 @@ class StreamHost(LayerHost):
             return []
         return BatchFile(self.offload_dir / f"activations-{index:05d}.bin")
 
-    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport) -> Sequence[torch.Tensor]:
+    def finish(self, index: int, layer: nn.Module, outputs: Sink, report: PruneReport,
+               dense: list[torch.Tensor] | None = None) -> Sequence[torch.Tensor]:
         tensors = stored_layout(self.model, _own_tensors(layer, self._prefix(index)))
         name = shard_name(index + 2, self.total)
         path = write_shard(self.staging, name, tensors)
@@ -265,6 +271,12 @@ class StreamHost(LayerHost):
             for batch in outputs:
                 stored.append(batch)
             stored.close()
+        dense_file = None
+        if dense is not None:  # recovery toward the dense model resumes from its activations too
+            dense_file = BatchFile(self.journal.folder / f"dense-{index:05d}.bin")
+            for batch in dense:
+                dense_file.append(batch)
+            dense_file.close()
         prefix = self._prefix(index)
         self.journal.record_layer({
             "index": index, "shard": name, "sha256": file_sha256(path), "tensors": sorted(tensors),
@@ -273,10 +285,13 @@ class StreamHost(LayerHost):
             "seconds": report.layer_seconds[-1], "activations": stored.describe(),
             "weights": list(report.weight_counts[-1]),
             "recovery": [r for r in report.recovery if r["layer"] == index],
+            **({"dense_activations": dense_file.describe()} if dense_file is not None else {}),
         })
         if self.previous is not None:
             self.previous.path.unlink(missing_ok=True)
-        self.previous = stored
+        if self.previous_dense is not None:
+            self.previous_dense.path.unlink(missing_ok=True)
+        self.previous, self.previous_dense = stored, dense_file
         layer.to("meta")
         return stored if isinstance(outputs, BatchFile) else outputs
 
@@ -290,8 +305,9 @@ class StreamHost(LayerHost):
 
     def drop_journal(self) -> None:
         """Remove the journal and the last activations: the folder is about to be published."""
-        if self.previous is not None:
-            self.previous.path.unlink(missing_ok=True)
+        for previous in (self.previous, self.previous_dense):
+            if previous is not None:
+                previous.path.unlink(missing_ok=True)
         shutil.rmtree(self.staging / JOURNAL_FOLDER, ignore_errors=True)
 
 

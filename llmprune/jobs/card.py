@@ -272,8 +272,11 @@ def pieces_line(record: dict[str, Any]) -> str:
         # Records written before these options existed trained at a constant step, last epoch.
         decay = " down a cosine to 0" if config.get("recover_schedule") == "cosine" else ""
         best = ", each stage's best epoch by the held-out error" if config.get("recover_keep") == "best" else ""
+        # Before recover_target existed the targets were the dense layer on the pruned inputs.
+        target = (" toward the dense model's own activations" if config.get("recover_target") == "model"
+                  else " toward the dense layer on the pruned inputs")
         parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}"
-                     f"{decay}{steps}{best}, kept in {kept} of {len(recovery)} layer steps")
+                     f"{decay}{steps}{best}{target}, kept in {kept} of {len(recovery)} layer steps")
     if config.get("schedule"):
         parts.append("schedule: " + ", ".join(f"{s:g}" for s in config["schedule"]))
     return "; ".join(parts)

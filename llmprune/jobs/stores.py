@@ -253,7 +253,12 @@ class StreamStore(ModelStore):
         itemsize = torch.empty((), dtype=storage).element_size()
         written = sum(e["bytes"] for e in self.journal.layers)
         expected = sum(int(t.numel()) for t in self.model.state_dict().values()) * itemsize
-        check_disk(self.staging, max(0, expected - written) + 2 * self.activations, "the pruned checkpoint")
+        # Recovery toward the dense model journals its activations too (the last layer's and the next).
+        prune = job.prune
+        toward_model = isinstance(prune, PruneConfig) and prune.recover == "blockwise" \
+            and prune.recover_target == "model"
+        dense = 2 * self.activations if toward_model else 0
+        check_disk(self.staging, max(0, expected - written) + 2 * self.activations + dense, "the pruned checkpoint")
         if offload is not None and offload != self.journal.folder:
             gigabytes = self.activations / 1e9
             check_disk(offload, 2 * self.activations, f"offloaded activations ({gigabytes:.2f} GB a layer)")
