@@ -517,13 +517,14 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
                     options: Options, config: PruneConfig, device: torch.device, lockstep: bool, sink: Sink,
                     index: int, report: PruneReport, storage: torch.dtype | None,
                     weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
-                    dense_inputs: Sequence[torch.Tensor] | None = None,
+                    dense_inputs: list[torch.Tensor] | None = None,
                     ) -> tuple[Sink, list[LinearReport], list[torch.Tensor] | None]:
     """Prune one decoder layer: in one step, or through ``config.schedule`` (each step's
     sparsity scaled to this layer's target), each step followed by block-wise recovery when
     asked. Recovery entries go to ``report.recovery``. With ``dense_inputs`` (the dense model's
     own activations at this layer) recovery's targets are the dense layer's outputs on them, and
-    those outputs, the dense model's activations at the next layer, are returned third."""
+    those outputs, the dense model's activations at the next layer, are returned third (and
+    ``dense_inputs`` is emptied once read: only one copy of the dense activations stays alive)."""
     recovering = config.recover == "blockwise"
     final = options.sparsity
     steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
@@ -531,7 +532,9 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         if recovering else None
     dense_outputs = None
     if targets is not None and dense_inputs is not None:
-        dense_outputs = [t.to(x.dtype) for t, x in zip(targets[1], dense_inputs, strict=True)]
+        dtype = dense_inputs[0].dtype
+        dense_inputs.clear()  # a half-precision model would otherwise hold two copies for the layer
+        dense_outputs = [t.to(dtype) for t in targets[1]]
     settings = RecoverSettings(config.recover_epochs, config.recover_lr, config.recover_schedule, config.recover_keep)
     reports: list[LinearReport] = []
     dense = ({n: get_weight(m).detach().to("cpu", copy=True) for n, m in find_linears(layer).items()}
