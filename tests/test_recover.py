@@ -11,11 +11,18 @@ import torch
 from test_pipeline import cancel_at
 from test_stream import save, shard_bytes, tensors
 
-from llmprune.engine.capture import capture_layer_calls
+from llmprune.engine.capture import LayerCall, capture_layer_calls
 from llmprune.engine.config import RECOVER_BATCH, RECOVER_LR, CalibrationConfig, PruneConfig
 from llmprune.engine.driver import prune, visit_layer
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
-from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer, step_size
+from llmprune.engine.recover import (
+    RecoverSettings,
+    dense_targets,
+    mlp_block,
+    mlp_regression,
+    recover_layer,
+    step_size,
+)
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.jobs.pipeline import EvalConfig, Job, run
 from llmprune.methods.base import COLUMN_NORMS, HESSIAN
@@ -224,6 +231,94 @@ def test_a_dense_pass_that_only_observes_gives_the_general_paths_statistics_and_
     assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False], strict=True))
 
 
+@pytest.mark.parametrize("build", [tiny.llama, tiny.gpt2, tiny.qwen2_moe])
+def test_the_mlp_stage_regression_reproduces_the_layer_output_token_by_token(build):
+    # The cached MLP inputs and the wanted MLP outputs turn the MLP stage into a per-token
+    # regression: MLP(input) − wanted must equal the whole layer's output − the target, token by
+    # token, for any target and any MLP weights (so the stage's loss is the layer's loss).
+    model = build(200)
+    layer, hidden, calls = first_layer_inputs(model, ids(8, 16))
+    targets = [torch.randn(h.shape, generator=torch.Generator().manual_seed(k)) for k, h in enumerate(hidden)]
+    rest = [n for n in find_linears(layer) if n.split(".")[0] not in ("self_attn", "attn")]
+    _, mlp = mlp_block(layer, rest)
+    inputs, wanted = mlp_regression(layer, mlp, hidden, calls, targets, range(2), CPU)
+    assert inputs.shape[:2] == wanted.shape[:2] == (2 * 4 * 16, 1)
+    prune_at_random(mlp, 0.5, seed=3)  # other MLP weights than the ones the inputs were read with
+    with torch.no_grad():
+        out = mlp(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        layer_gap = torch.cat([(calls[k].run(layer, hidden[k], CPU) - targets[k]).reshape(-1, 1, hidden[k].shape[-1])
+                               for k in range(2)])
+    # routers pick per token: the only difference a mixture of experts may show is none at all
+    torch.testing.assert_close(out - wanted, layer_gap, rtol=1e-4, atol=1e-5)
+
+
+class PostNorm(torch.nn.Module):
+    """A post-norm layer: LayerNorm(h + MLP(h)); its output is not additive in the MLP's."""
+
+    def __init__(self, width=8, additive=False):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, width))
+        self.norm = torch.nn.LayerNorm(width)
+        self.additive = additive
+
+    def forward(self, hidden):
+        out = hidden + self.mlp(hidden)
+        return out if self.additive else self.norm(out)
+
+
+@pytest.mark.parametrize("additive", [True, False])
+def test_a_layer_not_additive_in_its_mlp_trains_the_whole_layer_and_still_recovers(additive):
+    torch.manual_seed(0)
+    layer = PostNorm(additive=additive)
+    hidden = [torch.randn(4, 6, 8) @ torch.randn(8, 8) for _ in range(4)]
+    calls = [LayerCall((), {}, False)] * 4
+    with torch.no_grad():
+        targets = [layer(h) for h in hidden]
+    found = mlp_regression(layer, layer.mlp, hidden, calls, targets, range(3), CPU)
+    assert (found is not None) is additive
+    prune_at_random(layer)
+    zeros = {n: get_weight(m) == 0 for n, m in find_linears(layer).items()}
+    result = recover_layer(layer, hidden, calls, None, targets, CPU, RecoverSettings(40, 1e-2, "constant", "last"))
+    assert result["mlp_on_tokens"] is additive
+    assert result["kept"] and result["error_after"] < 0.8 * result["error_before"], result
+    assert all(torch.equal(get_weight(m) == 0, zeros[n]) for n, m in find_linears(layer).items())
+
+
+def test_the_mlp_stage_takes_mlp_steps_per_batch_on_tokens_of_every_batch():
+    # 16 samples in batches of 4: 3 training batches. With mlp_steps 2 and 3 epochs the MLP is
+    # trained in 3 · 2 · 3 = 18 steps of 3 · 4 · 32 / 6 = 64 tokens; with 0, in 3 · 3 steps of
+    # the whole layer, one batch each.
+    model = correlated(tiny.llama(200, layers=2))
+    layer, hidden, calls = first_layer_inputs(model, ids())
+    targets = dense_targets(layer, hidden, calls, CPU)
+    prune_at_random(layer)
+    pruned = {n: get_weight(m).clone() for n, m in find_linears(layer).items()}
+    for steps, expected in ((2, 18), (0, 9)):
+        with torch.no_grad():
+            for name, linear in find_linears(layer).items():
+                get_weight(linear).copy_(pruned[name])
+        seen: list[torch.Size] = []
+
+        def step(module, args, out, seen=seen):
+            if torch.is_grad_enabled():
+                seen.append(args[0].shape)
+
+        handle = layer.mlp.register_forward_hook(step)
+        try:
+            settings = RecoverSettings(3, 1e-3, "constant", "last", steps)
+            result = recover_layer(layer, hidden, calls, *targets, CPU, settings)
+        finally:
+            handle.remove()
+        assert result["mlp_on_tokens"] is (steps > 0)
+        # the attention stage stops before the MLP: every MLP forward with gradients is a step
+        assert len(seen) == expected, seen
+        assert all(shape == ((64, 1, tiny.HIDDEN) if steps else (4, 32, tiny.HIDDEN)) for shape in seen), seen
+    with pytest.raises(LlmpruneError, match="recover_mlp_steps must be a whole number >= 0"):
+        PruneConfig(recover="blockwise", recover_mlp_steps=-1)
+    assert PruneConfig().recover_mlp_steps == 2
+
+
 def test_recovery_trains_conv1d_weights_and_leaves_every_flag_as_it_was():
     # GPT-2's linears are Conv1D, their weight stored (in, out): the parameter itself is trained.
     model = tiny.gpt2(200)
@@ -330,3 +425,7 @@ def test_the_card_says_which_recovery_options_ran():
         del record["config"][key]
     assert ("block-wise recovery: 2 epochs at lr 0.003 in batches of 4 samples toward the dense layer on the "
             "pruned inputs, kept in 1 of 2") in pieces_line(record)
+    record["config"]["recover_mlp_steps"] = 2
+    record["recovery"] = [{"kept": True, "mlp_on_tokens": True}, {"kept": True, "mlp_on_tokens": False}]
+    assert ("toward the dense layer on the pruned inputs, the MLP alone on tokens shuffled across the batches "
+            "(2 steps a batch) in 1 of 2, kept in 2 of 2 layer steps") in pieces_line(record)

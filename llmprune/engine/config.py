@@ -108,7 +108,9 @@ class PruneConfig:
       ``recover_schedule="cosine"`` the step falls to zero over each stage) to reproduce the
       dense model's outputs at that layer (``recover_target="model"``: the dense layers run on
       the dense model's own activations, carried beside the pruned ones; ``"layer"``: the dense
-      layer on the pruned model's inputs), attention then MLP, zeros kept; kept only if the held-out
+      layer on the pruned model's inputs), attention then MLP (the MLP alone, on its cached
+      inputs, in ``recover_mlp_steps`` steps per batch of tokens shuffled across the batches; 0:
+      the whole layer, a step per batch), zeros kept; kept only if the held-out
       calibration batch's error drops (with ``recover_keep="best"`` each stage ends on its best
       epoch by that error) (:mod:`llmprune.engine.recover`). A step per batch: with recovery on
       and no ``batch_size`` given, the forward batch is at most ``recover_batch`` samples, so the
@@ -169,6 +171,7 @@ class PruneConfig:
     recover_schedule: Literal["constant", "cosine"] = "constant"
     recover_keep: Literal["last", "best"] = "last"
     recover_target: Literal["model", "layer"] = "model"
+    recover_mlp_steps: int = 2
     schedule: tuple[float, ...] | None = None
     expert_statistics: ExpertStatistics = "routed"
     min_expert_tokens: int = 32
@@ -269,7 +272,8 @@ class PruneConfig:
         if self.recover_target not in ("model", "layer"):
             raise LlmpruneError(f"recover_target must be 'model' or 'layer', got {self.recover_target!r}")
         for key, least in (("admm_iterations", 0), ("cg_iterations", 0), ("dsnot_cycles", 0),
-                           ("recover_epochs", 0), ("recover_batch", 1), ("min_expert_tokens", 0)):
+                           ("recover_epochs", 0), ("recover_batch", 1), ("recover_mlp_steps", 0),
+                           ("min_expert_tokens", 0)):
             value = getattr(self, key)
             if value is None and key == "admm_iterations":
                 continue

@@ -535,7 +535,8 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         dtype = dense_inputs[0].dtype
         dense_inputs.clear()  # a half-precision model would otherwise hold two copies for the layer
         dense_outputs = [t.to(dtype) for t in targets[1]]
-    settings = RecoverSettings(config.recover_epochs, config.recover_lr, config.recover_schedule, config.recover_keep)
+    settings = RecoverSettings(config.recover_epochs, config.recover_lr, config.recover_schedule, config.recover_keep,
+                               config.recover_mlp_steps)
     reports: list[LinearReport] = []
     dense = ({n: get_weight(m).detach().to("cpu", copy=True) for n, m in find_linears(layer).items()}
              if len(steps) > 1 else None)
