@@ -14,6 +14,7 @@ from test_stream import save, shard_bytes, tensors
 from llmprune.engine.capture import LayerCall, capture_layer_calls
 from llmprune.engine.config import RECOVER_BATCH, RECOVER_LR, CalibrationConfig, PruneConfig
 from llmprune.engine.driver import prune, visit_layer
+from llmprune.engine.experts import unfused
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
 from llmprune.engine.recover import (
     RecoverSettings,
@@ -231,58 +232,126 @@ def test_a_dense_pass_that_only_observes_gives_the_general_paths_statistics_and_
     assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False], strict=True))
 
 
-@pytest.mark.parametrize("build", [tiny.llama, tiny.gpt2, tiny.qwen2_moe])
+@pytest.mark.parametrize("build", [tiny.llama, tiny.gpt2, tiny.phi3, *tiny.MOE_ARCHITECTURES.values()],
+                         ids=["llama", "gpt2", "phi3", *tiny.MOE_ARCHITECTURES])
 def test_the_mlp_stage_regression_reproduces_the_layer_output_token_by_token(build):
     # The cached MLP inputs and the wanted MLP outputs turn the MLP stage into a per-token
     # regression: MLP(input) − wanted must equal the whole layer's output − the target, token by
-    # token, for any target and any MLP weights (so the stage's loss is the layer's loss).
+    # token, for any target and any MLP weights (so the stage's loss is the layer's loss). Mixtures
+    # of experts as recovery trains them: unfused, each routed expert a linear of its own.
     model = build(200)
     layer, hidden, calls = first_layer_inputs(model, ids(8, 16))
     targets = [torch.randn(h.shape, generator=torch.Generator().manual_seed(k)) for k, h in enumerate(hidden)]
-    rest = [n for n in find_linears(layer) if n.split(".")[0] not in ("self_attn", "attn")]
-    _, mlp = mlp_block(layer, rest)
-    inputs, wanted = mlp_regression(layer, mlp, hidden, calls, targets, range(2), CPU)
-    assert inputs.shape[:2] == wanted.shape[:2] == (2 * 4 * 16, 1)
-    prune_at_random(mlp, 0.5, seed=3)  # other MLP weights than the ones the inputs were read with
-    with torch.no_grad():
-        out = mlp(inputs)
-        out = out[0] if isinstance(out, tuple) else out
-        layer_gap = torch.cat([(calls[k].run(layer, hidden[k], CPU) - targets[k]).reshape(-1, 1, hidden[k].shape[-1])
-                               for k in range(2)])
-    # routers pick per token: the only difference a mixture of experts may show is none at all
+    with unfused(layer, "routed"):
+        rest = [n for n in find_linears(layer) if n.split(".")[0] not in ("self_attn", "attn")]
+        _, mlp = mlp_block(layer, rest)
+        inputs, wanted = mlp_regression(layer, mlp, hidden, calls, targets, range(2), CPU)
+        assert inputs.shape[:2] == (2 * 4 * 16, 1) and wanted.shape == (2 * 4 * 16, tiny.HIDDEN)
+        prune_at_random(mlp, 0.5, seed=3)  # other MLP weights than the ones the inputs were read with
+        with torch.no_grad():
+            out = mlp(inputs)
+            out = (out[0] if isinstance(out, tuple) else out).reshape(wanted.shape)
+            layer_gap = torch.cat([(calls[k].run(layer, hidden[k], CPU) - targets[k]).reshape(-1, tiny.HIDDEN)
+                                   for k in range(2)])
     torch.testing.assert_close(out - wanted, layer_gap, rtol=1e-4, atol=1e-5)
 
 
-class PostNorm(torch.nn.Module):
-    """A post-norm layer: LayerNorm(h + MLP(h)); its output is not additive in the MLP's."""
+class TokenMix(torch.nn.Module):
+    """An MLP that mixes each token with the sequence's mean: not token by token."""
 
-    def __init__(self, width=8, additive=False):
+    def __init__(self, width):
         super().__init__()
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, width))
+        self.inner = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, width))
+
+    def forward(self, hidden):
+        return self.inner(hidden + hidden.mean(dim=-2, keepdim=True))
+
+
+class ToyLayer(torch.nn.Module):
+    """h + MLP(h) (``kind`` "additive"), LayerNorm(h + MLP(h)) ("post-norm": not additive in the
+    MLP's output), or h + MLP(h) with an MLP mixing tokens ("mixing")."""
+
+    def __init__(self, kind, width=8):
+        super().__init__()
+        self.kind = kind
+        self.mlp = TokenMix(width) if kind == "mixing" else torch.nn.Sequential(
+            torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, width))
         self.norm = torch.nn.LayerNorm(width)
-        self.additive = additive
 
     def forward(self, hidden):
         out = hidden + self.mlp(hidden)
-        return out if self.additive else self.norm(out)
+        return self.norm(out) if self.kind == "post-norm" else out
 
 
-@pytest.mark.parametrize("additive", [True, False])
-def test_a_layer_not_additive_in_its_mlp_trains_the_whole_layer_and_still_recovers(additive):
+@pytest.mark.parametrize("kind", ["additive", "post-norm", "mixing"])
+def test_a_layer_not_additive_in_its_mlp_or_mixing_tokens_trains_the_whole_layer_and_still_recovers(kind):
     torch.manual_seed(0)
-    layer = PostNorm(additive=additive)
+    layer = ToyLayer(kind)
     hidden = [torch.randn(4, 6, 8) @ torch.randn(8, 8) for _ in range(4)]
     calls = [LayerCall((), {}, False)] * 4
     with torch.no_grad():
         targets = [layer(h) for h in hidden]
     found = mlp_regression(layer, layer.mlp, hidden, calls, targets, range(3), CPU)
-    assert (found is not None) is additive
+    assert (found is not None) is (kind == "additive")
     prune_at_random(layer)
     zeros = {n: get_weight(m) == 0 for n, m in find_linears(layer).items()}
     result = recover_layer(layer, hidden, calls, None, targets, CPU, RecoverSettings(40, 1e-2, "constant", "last"))
-    assert result["mlp_on_tokens"] is additive
+    assert result["mlp_on_tokens"] is (kind == "additive")
     assert result["kept"] and result["error_after"] < 0.8 * result["error_before"], result
     assert all(torch.equal(get_weight(m) == 0, zeros[n]) for n, m in find_linears(layer).items())
+
+
+def test_an_mlp_whose_output_is_zero_proves_nothing_and_the_whole_layer_trains():
+    # Doubling a zero output moves nothing, in a post-norm layer too: not a proof of additivity.
+    torch.manual_seed(0)
+    layer = ToyLayer("post-norm")
+    hidden = [torch.randn(4, 6, 8) for _ in range(2)]
+    with torch.no_grad():
+        layer.mlp[-1].weight.zero_()
+        layer.mlp[-1].bias.zero_()
+        targets = [layer(h) for h in hidden]
+    assert mlp_regression(layer, layer.mlp, hidden, [LayerCall((), {}, False)] * 2, targets, range(1), CPU) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mlp_steps_draw_tokens_from_every_batch_and_repeat_exactly(dtype):
+    # Each batch's tokens carry the batch's number in feature 0, so a step's inputs show which
+    # batches they came from: a step mixes batches. Run twice from the same weights, the
+    # recovery gives the same weights bit for bit (the order has a fixed seed: resume and
+    # streaming train the same way), in the layer's own dtype.
+    torch.manual_seed(0)
+    layer = ToyLayer("additive").to(dtype)
+    hidden = [torch.randn(4, 6, 8).to(dtype) for _ in range(4)]
+    for number, state in enumerate(hidden):
+        state[..., 0] = number
+    calls = [LayerCall((), {}, False)] * 4
+    with torch.no_grad():
+        targets = [torch.randn(h.shape) for h in hidden]
+    prune_at_random(layer)
+    pruned = {n: get_weight(m).clone() for n, m in find_linears(layer).items()}
+    runs = []
+    for _ in range(2):
+        with torch.no_grad():
+            for name, linear in find_linears(layer).items():
+                get_weight(linear).copy_(pruned[name])
+        seen: list[torch.Tensor] = []
+
+        def step(module, args, out, seen=seen):
+            if torch.is_grad_enabled():
+                seen.append(args[0][:, 0, 0].detach().clone())
+
+        handle = layer.mlp.register_forward_hook(step)
+        try:
+            settings = RecoverSettings(2, 1e-2, "constant", "last")
+            result = recover_layer(layer, hidden, calls, None, targets, CPU, settings)
+        finally:
+            handle.remove()
+        assert result["mlp_on_tokens"] and len(seen) == 2 * 2 * 3
+        assert all(len(set(batch.tolist())) > 1 for batch in seen)  # every step draws on several batches
+        assert set(torch.cat(seen[:6]).tolist()) == {0.0, 1.0, 2.0}  # an epoch covers the 3 training batches
+        runs.append({n: get_weight(m).clone() for n, m in find_linears(layer).items()})
+    assert all(runs[0][n].dtype == dtype and torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert any(not torch.equal(runs[0][n], pruned[n]) for n in pruned)  # it did train (and was kept)
 
 
 def test_the_mlp_stage_takes_mlp_steps_per_batch_on_tokens_of_every_batch():
@@ -428,4 +497,4 @@ def test_the_card_says_which_recovery_options_ran():
     record["config"]["recover_mlp_steps"] = 2
     record["recovery"] = [{"kept": True, "mlp_on_tokens": True}, {"kept": True, "mlp_on_tokens": False}]
     assert ("toward the dense layer on the pruned inputs, the MLP alone on tokens shuffled across the batches "
-            "(2 steps a batch) in 1 of 2, kept in 2 of 2 layer steps") in pieces_line(record)
+            "(2 steps per calibration batch) in 1 of 2 layer steps, kept in 2 of 2 layer steps") in pieces_line(record)

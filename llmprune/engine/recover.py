@@ -13,13 +13,14 @@ each with Adam over the calibration batches:
    stops right after it: the MLP is not run);
 2. the remaining linears (the MLP), to match the dense layer's output, with the recovered
    attention in place. The MLP acts on each token alone and the layer adds its output to a
-   residual the MLP's weights do not change (checked on the first batch by doubling the MLP's
-   output), so its inputs and that residual are computed once and the stage trains the MLP
-   alone on tokens shuffled across all training batches, ``mlp_steps`` mini-batches per
-   calibration batch: steps on tokens drawn from every sequence instead of one sequence's
-   correlated run, and no attention forward per step. A layer whose output is not additive in
-   its MLP (a post-norm layer) or whose MLP is not found by name trains on the whole layer, a
-   step per calibration batch, as the attention stage does.
+   residual the MLP's weights do not change (both checked on the first batch:
+   :func:`mlp_regression`), so its inputs and what it must add are computed once and the stage
+   trains the MLP alone on tokens shuffled across all training batches (a fixed seed),
+   ``mlp_steps`` mini-batches per calibration batch: steps on tokens drawn from every sequence
+   instead of one sequence's correlated run, and no attention forward per step. A layer that
+   fails the checks (post-norm; an MLP mixing tokens) or whose MLP is not found by name trains
+   the whole layer, a step per calibration batch, as the attention stage does (and as
+   ``mlp_steps=0`` asks everywhere).
 
 Two options, off by default (README, "Recovery settings": together, on validation, level with
 the default at 50% on the mean of both calibration texts and 3.9% worse at 60%):
@@ -50,6 +51,7 @@ from torch import nn
 
 from llmprune.engine.capture import LayerCall, StopForward
 from llmprune.engine.model import find_linears, floating_dtypes, restore_dtypes
+from llmprune.io.memory import available_bytes
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
@@ -196,32 +198,54 @@ def _tapped(layer: nn.Module, mlp: nn.Module, call: LayerCall, state: torch.Tens
     return out, tap
 
 
+def _close(found: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    """``found`` equals a nonzero ``expected`` to ``tolerance`` of its norm."""
+    gap, size = (found - expected).norm(), expected.norm()
+    return bool(torch.isfinite(gap) and size > 0 and gap <= tolerance * size)
+
+
 @torch.no_grad()
 def mlp_regression(layer: nn.Module, mlp: nn.Module, hidden: Sequence[torch.Tensor],
                    calls: Sequence[LayerCall], targets: Sequence[torch.Tensor], batches: range,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The MLP stage as a token-wise regression, or None where the layer does not allow it: the
-    MLP's inputs over the ``batches`` (tokens, 1, hidden), and what its output must be for the
-    layer to hit the targets, target − (layer output − MLP output), in the same shape, float32.
-    None unless the MLP takes one tensor and the layer's output moves by exactly
-    its MLP's output when that output doubles (a pre-norm residual layer; not a post-norm one).
-    On the CPU, as the targets are; the stage moves each mini-batch to ``device``."""
-    inputs: list[torch.Tensor] = []
-    wanted: list[torch.Tensor] = []
+    """The MLP stage as a token-wise regression: the MLP's inputs over the ``batches``
+    (tokens, 1, width) and what its output must be for the layer to hit the targets,
+    target − (layer output − MLP output), (tokens, hidden); float32, on the CPU, as the targets
+    are (the stage moves each mini-batch to ``device``).
+
+    None, and the stage trains the whole layer, unless on the first batch: the MLP takes one
+    tensor; run on the tokens one by one (a batch of sequences of one token) it gives the same
+    output (it acts on each token alone: a mixture of experts capping its experts' loads, or an
+    MLP mixing tokens, does not); and the layer's output moves by exactly the MLP's output when
+    that output doubles (a pre-norm residual layer: not a post-norm one, nor one that scales its
+    MLP's output). Also None when the batches differ in size or the two tensors would take more
+    than half the memory free."""
+    inputs = wanted = torch.empty(0)
+    rows = 0
     for position, index in enumerate(batches):
         out, tap = _tapped(layer, mlp, calls[index], hidden[index], device)
-        if tap.input is None or tap.output is None or tap.input.shape[:-1] != out.shape[:-1]:
+        width = out.shape[-1]
+        if tap.input is None or tap.output is None or tap.output.numel() != out.numel():
             return None
-        mlp_out = tap.output.float()
+        state, mlp_out = tap.input.float(), tap.output.float().reshape(out.shape)
+        count = out.numel() // width
         if position == 0:
+            alone = _first(mlp(state.reshape(count, 1, -1)))
             doubled, _ = _tapped(layer, mlp, calls[index], hidden[index], device, scale=2.0)
-            gap = (doubled - out - mlp_out).norm() / mlp_out.norm().clamp_min(1e-30)
-            if not torch.isfinite(gap) or gap > 1e-3:
+            if not (_close(alone.float().reshape(out.shape), mlp_out) and _close(doubled - out, mlp_out)):
                 return None
-        width = tap.input.shape[-1]
-        inputs.append(tap.input.float().reshape(-1, 1, width).to("cpu"))
-        wanted.append((targets[index].to(device) - (out - mlp_out)).reshape(-1, 1, out.shape[-1]).to("cpu"))
-    return torch.cat(inputs), torch.cat(wanted)
+            free = available_bytes()
+            need = 4 * count * len(batches) * (state.shape[-1] + width)
+            if free is not None and need > free // 2:
+                return None
+            inputs = torch.empty(count * len(batches), 1, state.shape[-1])
+            wanted = torch.empty(count * len(batches), width)
+        elif count * (position + 1) > inputs.shape[0] or state.shape[-1] != inputs.shape[-1]:
+            return None
+        inputs[rows:rows + count] = state.reshape(count, 1, -1).to("cpu")
+        wanted[rows:rows + count] = (targets[index].to(device) - (out - mlp_out)).reshape(count, width).to("cpu")
+        rows += count
+    return inputs[:rows], wanted[:rows]
 
 
 @contextmanager
@@ -304,7 +328,8 @@ def _train_tokens(layer: nn.Module, mlp: nn.Module, linears: dict[str, nn.Module
     """The MLP stage as a regression on the tokens of :func:`mlp_regression`, shuffled afresh
     each epoch (a fixed seed) and cut into ``steps`` mini-batches."""
     generator = torch.Generator().manual_seed(SHUFFLE_SEED)
-    scale = wanted.square().mean().clamp_min(1e-30).to(device)
+    squares = sum(float(part.square().sum()) for part in wanted.split(4096))  # no full-size temporary
+    scale = torch.tensor(max(squares / max(wanted.numel(), 1), 1e-30), device=device)
     chunks: list[torch.Tensor] = []
 
     def loss_at(epoch: int, position: int) -> torch.Tensor:
@@ -313,8 +338,9 @@ def _train_tokens(layer: nn.Module, mlp: nn.Module, linears: dict[str, nn.Module
         chunk = chunks[position]
         # (tokens, 1, hidden): each token a sequence of one, so a block that reads the batch
         # shape (a mixture of experts' router) sees a plain batch
-        out = _first(mlp(inputs[chunk].to(device))).float()
-        return (out - wanted[chunk].to(device)).square().mean() / scale
+        reference = wanted[chunk].to(device)
+        out = _first(mlp(inputs[chunk].to(device))).float().reshape(reference.shape)  # Llama 4's: (tokens, hidden)
+        return (out - reference).square().mean() / scale
 
     weights = [_parameter(linear) for linear in linears.values()]
     return _stage(layer, weights, settings, min(steps, inputs.shape[0]), loss_at, judge)

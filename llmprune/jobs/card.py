@@ -277,7 +277,7 @@ def pieces_line(record: dict[str, Any]) -> str:
                   else " toward the dense layer on the pruned inputs")
         shuffled = sum(1 for r in recovery if r.get("mlp_on_tokens"))  # the key is new in 2026-12
         tokens = (f", the MLP alone on tokens shuffled across the batches ({config.get('recover_mlp_steps')} steps "
-                  f"a batch) in {shuffled} of {len(recovery)}" if shuffled else "")
+                  f"per calibration batch) in {shuffled} of {len(recovery)} layer steps" if shuffled else "")
         parts.append(f"block-wise recovery: {config.get('recover_epochs')} epochs at lr {config.get('recover_lr'):g}"
                      f"{decay}{steps}{best}{target}{tokens}, kept in {kept} of {len(recovery)} layer steps")
     if config.get("schedule"):
