@@ -356,6 +356,28 @@ def log_lines(workdir: Path, job_id: str) -> list[str]:
     return [e["data"].get("message", "") for e in events if e["kind"] == "log"]
 
 
+def freeze(server: Server, pid: int) -> None:
+    """SIGSTOP a worker, as if it hung in its computation. A worker stopped inside one of its short
+    database writes would keep SQLite's write lock and stall every other writer, which is not the
+    hang these tests mean: then it runs on a moment and is stopped again."""
+    import sqlite3
+
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        db = sqlite3.connect(server.workdir / "service.db", timeout=1, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # the write lock: free unless someone holds it for over 1 s
+            db.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            db.close()
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"worker {pid} always held the database's write lock")
+
+
 def test_sigterm_stops_each_job_its_own_way_and_the_next_start_finishes_them(
         tmp_path, roots, four_layers, llama_dir, text_file, streamed_direct):
     """SIGTERM to the server's process group (as Ctrl-C at a terminal) with three jobs running: the
@@ -379,7 +401,7 @@ def test_sigterm_stops_each_job_its_own_way_and_the_next_start_finishes_them(
             progress = row["progress"] or {}
             ready = progress.get("stage") == "prune" and progress["done"] >= 1 if row["id"] == layered else progress
             if row["id"] not in frozen and row["status"] == "running" and ready:
-                os.kill(worker_pid(first, row["id"]), signal.SIGSTOP)
+                freeze(first, worker_pid(first, row["id"]))
                 frozen.add(row["id"])
         time.sleep(0.02)
     mid = client.job(layered)
@@ -425,7 +447,7 @@ def test_a_cancelled_job_that_does_not_stop_is_killed_after_the_grace(server, ll
     job_id = client.submit(slow)["id"]
     wait(client, job_id, ("running",), timeout=60)
     pid = worker_pid(server, job_id)
-    os.kill(pid, signal.SIGSTOP)  # hung: it can no longer see its cancel flag
+    freeze(server, pid)  # hung: it can no longer see its cancel flag
     tick = time.monotonic()
     client.cancel(job_id)
     job = wait(client, job_id, timeout=30)
