@@ -256,6 +256,32 @@ def test_the_mlp_stage_regression_reproduces_the_layer_output_token_by_token(bui
     torch.testing.assert_close(out - wanted, layer_gap, rtol=1e-4, atol=1e-5)
 
 
+def test_the_regression_runs_the_mlp_once_and_keeps_a_forward_wrapper_of_accelerate():
+    # Only the first batch runs the whole MLP (the additivity check; once more token by token);
+    # the other batches run the layer with the MLP silenced. accelerate's hooks replace a
+    # module's forward by an attribute of its own: it must survive the stand-in.
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = tiny.llama(200)
+    layer, hidden, calls = first_layer_inputs(model, ids(12, 16))
+    targets = [torch.randn(h.shape, generator=torch.Generator().manual_seed(k)) for k, h in enumerate(hidden)]
+    add_hook_to_module(layer.mlp, ModelHook())
+    wrapper = layer.mlp.__dict__["forward"]
+    runs = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda module, args, output: runs.append(args[0].shape))
+    try:
+        found = mlp_regression(layer, layer.mlp, hidden, calls, targets, range(3), CPU)
+    finally:
+        handle.remove()
+    assert found is not None and found[0].shape[0] == 3 * 4 * 16
+    assert runs == [torch.Size([4, 16, tiny.INTERMEDIATE]), torch.Size([4 * 16, 1, tiny.INTERMEDIATE])]
+    assert layer.mlp.__dict__["forward"] is wrapper
+    with torch.no_grad():  # and the wrapper still runs the MLP
+        state = torch.randn(2, 3, tiny.HIDDEN)
+        torch.testing.assert_close(layer.mlp(state), layer.mlp.down_proj(
+            layer.mlp.act_fn(layer.mlp.gate_proj(state)) * layer.mlp.up_proj(state)))
+
+
 class TokenMix(torch.nn.Module):
     """An MLP that mixes each token with the sequence's mean: not token by token."""
 

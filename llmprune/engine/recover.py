@@ -168,34 +168,69 @@ def _first(output: Any) -> torch.Tensor:
 
 
 class _MlpTap:
-    """A forward hook on the MLP: keeps its input and output; with ``scale``, returns the output
-    times that factor (the additivity check)."""
+    """A forward hook on the MLP: keeps its input, its output and the output as returned (a
+    mixture of experts may return its router's logits beside it)."""
 
-    def __init__(self, scale: float | None = None) -> None:
-        self.scale = scale
+    def __init__(self) -> None:
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self.returned: Any = None
 
-    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        extra = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-        self.input = tensors[0] if len(tensors) == 1 and not extra else None
-        self.output = found = _first(output)
-        if self.scale is None:
-            return None
-        scaled = found * self.scale
-        return (scaled, *output[1:]) if isinstance(output, (tuple, list)) else scaled
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.input = _only_tensor(args, kwargs)
+        self.output, self.returned = _first(output), output
 
 
-def _tapped(layer: nn.Module, mlp: nn.Module, call: LayerCall, state: torch.Tensor, device: torch.device,
-            scale: float | None = None) -> tuple[torch.Tensor, _MlpTap]:
-    tap = _MlpTap(scale)
+def _only_tensor(args: Any, kwargs: Any) -> torch.Tensor | None:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    extra = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return tensors[0] if len(tensors) == 1 and not extra else None
+
+
+class _Silenced:
+    """Stands in for the MLP's forward: keeps its input and returns zeros where the output was
+    (``returned``: the real return on a batch of the same shape, whose other parts, a router's
+    logits, are passed on as they were), so the layer's output is what the MLP adds to. The MLP
+    is not run: this pass costs the attention block alone."""
+
+    def __init__(self, returned: Any, shape: torch.Size) -> None:
+        self.returned, self.shape = returned, shape
+        self.input: torch.Tensor | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.input = _only_tensor(args, kwargs)
+        if self.input is None or self.input.shape != self.shape:
+            raise StopForward  # not the one-tensor call of the first batch: no regression
+        zero = torch.zeros_like(_first(self.returned))
+        return (zero, *self.returned[1:]) if isinstance(self.returned, (tuple, list)) else zero
+
+
+def _tapped(layer: nn.Module, mlp: nn.Module, call: LayerCall, state: torch.Tensor,
+            device: torch.device) -> tuple[torch.Tensor, _MlpTap]:
+    tap = _MlpTap()
     handle = mlp.register_forward_hook(tap, with_kwargs=True)
     try:  # a float32 state: the output is not rounded to a half-precision model's own dtype
         out = call.run(layer, state.float(), device).float()
     finally:
         handle.remove()
     return out, tap
+
+
+def _silenced(layer: nn.Module, mlp: nn.Module, call: LayerCall, state: torch.Tensor, device: torch.device,
+              stand_in: _Silenced) -> torch.Tensor | None:
+    """The layer's output with the MLP's output zero (None when the MLP is not called as on
+    the first batch)."""
+    own = mlp.__dict__.get("forward")  # a wrapper of accelerate's hooks, put back afterwards
+    mlp.forward = stand_in
+    try:
+        return call.run(layer, state.float(), device).float()
+    except StopForward:
+        return None
+    finally:
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own
 
 
 def _close(found: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> bool:
@@ -210,29 +245,37 @@ def mlp_regression(layer: nn.Module, mlp: nn.Module, hidden: Sequence[torch.Tens
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The MLP stage as a token-wise regression: the MLP's inputs over the ``batches``
     (tokens, 1, width) and what its output must be for the layer to hit the targets,
-    target − (layer output − MLP output), (tokens, hidden); float32, on the CPU, as the targets
-    are (the stage moves each mini-batch to ``device``).
+    target − (the layer's output with the MLP's output zero), (tokens, hidden); float32, on the
+    CPU, as the targets are (the stage moves each mini-batch to ``device``). Each batch runs the
+    layer with the MLP silenced (:class:`_Silenced`); the first also runs it whole.
 
     None, and the stage trains the whole layer, unless on the first batch: the MLP takes one
     tensor; run on the tokens one by one (a batch of sequences of one token) it gives the same
     output (it acts on each token alone: a mixture of experts capping its experts' loads, or an
-    MLP mixing tokens, does not); and the layer's output moves by exactly the MLP's output when
-    that output doubles (a pre-norm residual layer: not a post-norm one, nor one that scales its
-    MLP's output). Also None when the batches differ in size or the two tensors would take more
-    than half the memory free."""
+    MLP mixing tokens, does not); and the layer's output is the silenced layer's output plus the
+    MLP's (nonzero) output (a pre-norm residual layer: not a post-norm one, nor one that scales
+    its MLP's output). Also None when the batches differ in shape or the two tensors would take
+    more than half the memory free."""
     inputs = wanted = torch.empty(0)
     rows = 0
+    stand_in: _Silenced | None = None
     for position, index in enumerate(batches):
-        out, tap = _tapped(layer, mlp, calls[index], hidden[index], device)
-        width = out.shape[-1]
-        if tap.input is None or tap.output is None or tap.output.numel() != out.numel():
+        if stand_in is None:
+            out, tap = _tapped(layer, mlp, calls[index], hidden[index], device)
+            if tap.input is None or tap.output is None or tap.output.numel() != out.numel():
+                return None
+            stand_in = _Silenced(tap.returned, tap.input.shape)
+        rest = _silenced(layer, mlp, calls[index], hidden[index], device, stand_in)
+        if rest is None or stand_in.input is None:
             return None
-        state, mlp_out = tap.input.float(), tap.output.float().reshape(out.shape)
-        count = out.numel() // width
+        state, width = stand_in.input.float(), rest.shape[-1]
+        count = rest.numel() // width
         if position == 0:
+            assert tap.output is not None
+            mlp_out = tap.output.float().reshape(out.shape)
             alone = _first(mlp(state.reshape(count, 1, -1)))
-            doubled, _ = _tapped(layer, mlp, calls[index], hidden[index], device, scale=2.0)
-            if not (_close(alone.float().reshape(out.shape), mlp_out) and _close(doubled - out, mlp_out)):
+            if not (rest.shape == out.shape and _close(alone.float().reshape(out.shape), mlp_out)
+                    and _close(out - rest, mlp_out)):
                 return None
             free = available_bytes()
             need = 4 * count * len(batches) * (state.shape[-1] + width)
@@ -240,10 +283,8 @@ def mlp_regression(layer: nn.Module, mlp: nn.Module, hidden: Sequence[torch.Tens
                 return None
             inputs = torch.empty(count * len(batches), 1, state.shape[-1])
             wanted = torch.empty(count * len(batches), width)
-        elif count * (position + 1) > inputs.shape[0] or state.shape[-1] != inputs.shape[-1]:
-            return None
         inputs[rows:rows + count] = state.reshape(count, 1, -1).to("cpu")
-        wanted[rows:rows + count] = (targets[index].to(device) - (out - mlp_out)).reshape(count, width).to("cpu")
+        wanted[rows:rows + count] = (targets[index].to(device) - rest).reshape(count, width).to("cpu")
         rows += count
     return inputs[:rows], wanted[:rows]
 
