@@ -339,6 +339,24 @@ def test_an_mlp_whose_output_is_zero_proves_nothing_and_the_whole_layer_trains()
     assert mlp_regression(layer, layer.mlp, hidden, [LayerCall((), {}, False)] * 2, targets, range(1), CPU) is None
 
 
+class SometimesLayer(ToyLayer):
+    """h + MLP(h), but a batch whose entries reach 50 skips the MLP: the later batches do not call
+    it as the first did."""
+
+    def forward(self, hidden):
+        return hidden if hidden.abs().max() >= 50 else hidden + self.mlp(hidden)
+
+
+def test_a_batch_that_does_not_call_the_mlp_stops_the_regression_rather_than_reuse_the_last_input():
+    torch.manual_seed(0)
+    layer = SometimesLayer("additive")
+    hidden = [torch.randn(4, 6, 8), 100 * torch.randn(4, 6, 8)]
+    with torch.no_grad():
+        targets = [layer(h) for h in hidden]
+    assert mlp_regression(layer, layer.mlp, hidden, [LayerCall((), {}, False)] * 2, targets, range(1), CPU) is not None
+    assert mlp_regression(layer, layer.mlp, hidden, [LayerCall((), {}, False)] * 2, targets, range(2), CPU) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_mlp_steps_draw_tokens_from_every_batch_and_repeat_exactly(dtype):
     # Each batch's tokens carry the batch's number in feature 0, so a step's inputs show which

@@ -221,6 +221,7 @@ def _silenced(layer: nn.Module, mlp: nn.Module, call: LayerCall, state: torch.Te
     """The layer's output with the MLP's output zero (None when the MLP is not called as on
     the first batch)."""
     own = mlp.__dict__.get("forward")  # a wrapper of accelerate's hooks, put back afterwards
+    stand_in.input = None  # a batch that does not call the MLP must not reuse the last one's input
     mlp.forward = stand_in
     try:
         return call.run(layer, state.float(), device).float()
