@@ -5,7 +5,8 @@ Importing the package has no side effects (no threads set, no downloads, no logg
     import llmprune
     model, tok = llmprune.load_model("smollm2-135m")
     calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
-    calib = llmprune.generated_windows(model, tok, calib, 8, 0, "cpu")  # as the CLI's default
+    with llmprune.InputNorms(model) as norms:  # as the CLI's default; OWL (at 70%) reads the norms
+        calib = llmprune.generated_windows(model, tok, calib, 8, 0, "cpu")
     report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
     smaller, report = llmprune.prune_structured(model, llmprune.StructuredConfig("heads", sparsity=0.3), calib)
     curves = llmprune.sensitivity(model, llmprune.SensitivityConfig("wanda"), calib, held_out_ids)
@@ -23,6 +24,7 @@ __all__ = [
     "Cancelled",
     "EvalConfig",
     "Event",
+    "InputNorms",
     "Job",
     "LlmpruneError",
     "LossGradients",

@@ -10,6 +10,7 @@ from llmprune.engine.config import CalibrationConfig, PruneConfig
 from llmprune.engine.driver import PruneReport, prune
 from llmprune.engine.gradients import LossGradients, loss_gradients
 from llmprune.engine.model import window_length
+from llmprune.engine.observe import InputNorms
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.eval.perplexity import perplexity as _perplexity
 from llmprune.eval.speed import decode_speed
@@ -36,6 +37,7 @@ __all__ = [
     "Cancelled",
     "EvalConfig",
     "Event",
+    "InputNorms",
     "Job",
     "LlmpruneError",
     "LossGradients",

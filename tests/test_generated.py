@@ -222,6 +222,20 @@ def test_the_default_recipe_generates_a_quarter_and_says_so(llama_dir, text_file
     assert named["layers"] == record["layers"]
 
 
+def test_at_70_percent_owl_reads_the_norms_of_the_tokens_the_model_wrote(llama_dir, text_file, tmp_path):
+    # The default at 70% allocates by OWL: its input norms are those of the generated windows'
+    # tokens as the model read them while writing (each of the 2 windows, 32 tokens, is one piece:
+    # 4 real ones, then 27 steps each reading the token drawn before; the last is never read).
+    record = run(job(llama_dir, text_file, tmp_path / "out", PruneConfig(sparsity=0.7)))
+    allocation = record["allocation"]
+    assert record["resolved_options"]["allocation"] == "owl" and record["calibration"]["generated"] == 2
+    assert allocation["samples"] == 0 and allocation["generated_tokens"] == 2 * (32 - 1)
+    assert "input norms of the 62 tokens the dense model wrote" in (tmp_path / "out" / "README.md").read_text()
+    # Without generated windows, OWL's own pass over the first calibration samples (all 8 here).
+    real = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.7), 0))
+    assert real["allocation"]["samples"] == 8 and "generated_tokens" not in real["allocation"]
+
+
 def test_a_named_method_generates_nothing_unless_asked(llama_dir, text_file):
     plain = run(job(llama_dir, text_file, None, PruneConfig("wanda", sparsity=0.5)))
     assert plain["calibration"]["generated"] == 0 and "generate_s" not in plain["timings"]

@@ -50,8 +50,10 @@ def results(smol):
     out = {"dense": (perplexity(model, windows, batch_size=4), model)}
     calibration = {src: llmprune.calibration_data(tokenizer, src, nsamples=32, seqlen=512, seed=0)
                    for src in ("wikipedia", "pydoc")}
-    # The default recipe as `llmprune` runs it: 8 of the 32 windows written by the dense model.
-    own = llmprune.generated_windows(model, tokenizer, calibration["pydoc"], 8, 0, "cpu")
+    # The default recipe as `llmprune` runs it: 8 of the 32 windows written by the dense model,
+    # and at 70% OWL reads the input norms of the tokens it wrote.
+    with llmprune.InputNorms(model) as norms:
+        own = llmprune.generated_windows(model, tokenizer, calibration["pydoc"], 8, 0, "cpu")
     for name, method, pattern, sparsity, source in RUNS:
         pruned = copy.deepcopy(model)
         config = llmprune.PruneConfig(method=method, pattern=pattern, sparsity=sparsity)
@@ -59,7 +61,9 @@ def results(smol):
         samples = calibration[source][:4] if method == "magnitude" else calibration[source]
         if method is None:
             samples = own
-        llmprune.prune(pruned, config, samples)
+        report = llmprune.prune(pruned, config, samples, owl_norms=norms if method is None else None)
+        if config.allocation == "owl":
+            assert report.allocation is not None and report.allocation["generated_tokens"] == 32 * 127
         out[name] = (perplexity(pruned, windows, batch_size=4), pruned)
     print(json.dumps({k: round(v[0], 2) for k, v in out.items()}))
     return out

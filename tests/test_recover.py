@@ -13,9 +13,10 @@ from test_stream import save, shard_bytes, tensors
 
 from llmprune.engine.capture import LayerCall, capture_layer_calls
 from llmprune.engine.config import RECOVER_BATCH, RECOVER_LR, CalibrationConfig, PruneConfig
-from llmprune.engine.driver import prune, visit_layer
+from llmprune.engine.driver import given_norms_fit, prune, visit_layer
 from llmprune.engine.experts import unfused
 from llmprune.engine.model import find_decoder_layers, find_linears, get_weight
+from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.recover import (
     RecoverSettings,
     dense_targets,
@@ -177,14 +178,9 @@ def test_owl_in_the_loop_gives_each_layer_its_share_and_the_mean_the_target():
         assert zeros / total == pytest.approx(target, abs=1 / 64)  # per-row rounding of 64 columns
 
 
-@pytest.mark.parametrize("batch_size", [4, 5, 24])
-def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(batch_size):
-    # Slow reference for the dense pre-pass: the whole model run once on the first 16 samples,
-    # each linear's input norms taken by a hook, the outlier ratio counted weight by weight.
-    # Whatever the pruning's batch size, the pre-pass reads exactly those 16 (batches of 5 or 24
-    # once made it read 20 or 24: on a GPU, whose automatic batch is larger, other statistics).
-    model = tiny.llama(200, layers=3)
-    batches = ids(samples=24)
+def hooked_outlier_ratios(model, tokens):
+    """Slow reference for OWL's statistics: the whole model run once on ``tokens``, each linear's
+    input norms taken by a hook in float64, the outlier ratio counted weight by weight."""
     squares: dict[tuple[int, str], torch.Tensor] = {}
     _, layers = find_decoder_layers(model)
     handles = []
@@ -195,7 +191,7 @@ def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(
                 squares[key] = squares.get(key, 0) + (x * x).sum(0)
             handles.append(linear.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model(batches[:16])
+        model(tokens)
     for handle in handles:
         handle.remove()
     expected = []
@@ -205,10 +201,63 @@ def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(
                   for w, n in zip(row, squares[(index, name)].sqrt(), strict=True)]
         mean = sum(scores) / len(scores)
         expected.append(sum(score > 5 * mean for score in scores) / len(scores))
+    return expected
+
+
+@pytest.mark.parametrize("batch_size", [4, 5, 24])
+def test_owl_outlier_ratios_equal_a_plain_forward_with_hooks_on_the_dense_model(batch_size):
+    # Whatever the pruning's batch size, the pre-pass reads exactly the first 16 samples (batches
+    # of 5 or 24 once made it read 20 or 24: on a GPU, whose automatic batch is larger, other
+    # statistics).
+    model = tiny.llama(200, layers=3)
+    batches = ids(samples=24)
+    expected = hooked_outlier_ratios(model, batches[:16])
     report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), batches, batch_size=batch_size)
     assert report.allocation is not None and report.allocation["samples"] == 16
     assert report.allocation["outlier_ratio"] == pytest.approx(expected, abs=1e-9)
     assert min(expected) > 0  # the test has outliers to count
+
+
+def test_owl_reads_norms_gathered_while_the_dense_model_ran_and_makes_no_pass_of_its_own():
+    # The norms of tokens the model ran on (here a plain forward standing in for the sampling of
+    # generated windows) give the reference's outlier ratios, and layer 0 runs only in the
+    # pruning's own passes: twice fewer than with the pre-pass (its capture of the layers' calls,
+    # and the pass itself).
+    model, copy = tiny.llama(200, layers=3), tiny.llama(200, layers=3)
+    batches, other = ids(samples=16), ids(samples=8, seed=1)
+    expected = hooked_outlier_ratios(model, other)
+    with InputNorms(model) as seen, torch.no_grad():
+        model(other)
+    assert seen.tokens == 8 * 32 and not any(layer._forward_pre_hooks for layer in find_linears(model).values())
+    runs = []
+    for m in (model, copy):
+        calls = [0]
+        first = find_decoder_layers(m)[1][0]
+        first.register_forward_hook(lambda *args, calls=calls: calls.__setitem__(0, calls[0] + 1))
+        runs.append(calls)
+    config = PruneConfig("wanda", sparsity=0.5, allocation="owl")
+    given = prune(model, config, batches, batch_size=8, owl_norms=seen)
+    own = prune(copy, config, batches, batch_size=8)
+    assert given.allocation is not None and own.allocation is not None
+    assert given.allocation["samples"] == 0 and given.allocation["generated_tokens"] == 8 * 32
+    assert given.allocation["outlier_ratio"] == pytest.approx(expected, abs=1e-9)
+    assert own.allocation["samples"] == 16 and own.allocation["outlier_ratio"] != given.allocation["outlier_ratio"]
+    assert runs[1][0] == runs[0][0] + 2
+
+
+def test_norms_that_do_not_cover_the_model_and_mixtures_of_experts_get_the_dense_pass():
+    small, model = tiny.llama(200, layers=2), tiny.llama(200, layers=3)
+    with InputNorms(small) as seen, torch.no_grad():
+        small(ids(samples=4))
+    report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), ids(), batch_size=8, owl_norms=seen)
+    assert report.allocation is not None and report.allocation["samples"] == 16
+    assert not given_norms_fit(find_decoder_layers(model)[1], InputNorms(model))  # nothing counted
+    moe = tiny.mixtral(200)
+    assert not plain_layers(find_decoder_layers(moe)[1]) and plain_layers(find_decoder_layers(model)[1])
+    with InputNorms(moe) as seen, torch.no_grad():
+        moe(ids(samples=4))
+    report = prune(moe, PruneConfig("wanda", sparsity=0.5, allocation="owl"), ids(), batch_size=8, owl_norms=seen)
+    assert report.allocation is not None and report.allocation["samples"] == 16
 
 
 def test_a_dense_pass_that_only_observes_gives_the_general_paths_statistics_and_outputs():

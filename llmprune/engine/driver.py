@@ -39,6 +39,7 @@ from llmprune.engine.model import (
     unprunable_weights,
     weight_matrices,
 )
+from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.engine.saliency import check_gradients_possible, global_allocation, layer_weight_stats
 from llmprune.errors import LlmpruneError
@@ -462,15 +463,32 @@ def expert_linears(layer: nn.Module) -> set[str]:
 PREPASS_SAMPLES = 16
 
 
+def given_norms_fit(layers: nn.ModuleList, given: InputNorms | None) -> bool:
+    """Whether ``given`` input norms (gathered while the dense model wrote calibration windows)
+    cover every linear of every decoder layer, with its width, so OWL needs no pass of its own."""
+    if given is None or given.tokens == 0 or not plain_layers(layers):
+        return False
+    norms = given.norms()
+    if len(norms) != len(layers):
+        return False
+    for layer, found in zip(layers, norms, strict=True):
+        linears = find_linears(layer)
+        if set(found) != set(linears) or any(found[n].numel() != get_weight(m).shape[1] for n, m in linears.items()):
+            return False
+    return True
+
+
 @torch.no_grad()
 def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls: Sequence[Sequence[LayerCall]],
                    host: LayerHost, devices: Sequence[torch.device], config: PruneConfig, target: float,
-                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+                   given: InputNorms | None = None) -> dict[str, Any]:
     """OWL's layer sparsities from a pass over the *dense* layers on the first
     :data:`PREPASS_SAMPLES` calibration samples (``inputs`` as the pruning captures them: one
     batch of exactly those; batches a caller captured are read whole, up to at least that many):
-    each layer's outlier ratio of Wanda scores (:mod:`llmprune.core.allocation`). Progress: stage
-    "allocate", in layers."""
+    each layer's outlier ratio of Wanda scores (:mod:`llmprune.core.allocation`). With ``given``
+    norms that fit (:func:`given_norms_fit`: the dense model's while it wrote the generated
+    windows) there is no pass: the scores read them. Progress: stage "allocate", in layers."""
     take, samples = [], 0
     for batch in inputs:
         if samples >= PREPASS_SAMPLES:
@@ -480,6 +498,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     hidden: Sequence[torch.Tensor] = take
     ratios, sizes = [], []
     norms: dict[str, torch.Tensor] = {}
+    read = given.norms() if given is not None and given_norms_fit(layers, given) else None
 
     def collect(name: str, stats: StatSet) -> None:
         norms[name] = stats.raw()[COLUMN_NORMS]
@@ -496,9 +515,13 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
         with unfused(layer, config.expert_statistics):
             linears = find_linears(layer)
             norms.clear()
-            hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
-                                      False, devices[index], observe=True))
-            scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
+            if read is not None:
+                norms.update(read[index])
+            else:
+                hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
+                                          False, devices[index], observe=True))
+            scores = [get_weight(linears[n]).detach().float().abs() * norms[n].to(devices[index]).float()[None, :]
+                      for n in norms]
             ratios.append(outlier_ratio(scores, config.owl_m))
             sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
             del scores, linears
@@ -509,7 +532,9 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
             progress(Event("allocate", index + 1, len(layers), "layers"))
     sparsity = owl_sparsities(ratios, sizes, target, config.owl_lambda)
     log.info("OWL layer sparsity: %s", ", ".join(f"{s:.3f}" for s in sparsity))
-    return {"kind": "owl", "m": config.owl_m, "lambda": config.owl_lambda, "samples": samples,
+    # Where the norms came from: the first calibration samples, or the generated windows' tokens.
+    source = {"samples": samples} if read is None else {"samples": 0, "generated_tokens": given.tokens if given else 0}
+    return {"kind": "owl", "m": config.owl_m, "lambda": config.owl_lambda, **source,
             "outlier_ratio": ratios, "sparsity": sparsity}
 
 
@@ -689,6 +714,7 @@ def prune(
     host: LayerHost | None = None,
     captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None = None,
     gradients: LossGradients | None = None,
+    owl_norms: InputNorms | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, one decoder layer at a time.
 
@@ -704,6 +730,9 @@ def prune(
     ``gradients``: for the methods that read the network loss's gradients (``obd``, ``taylor``),
     those of this dense model (:func:`~llmprune.engine.gradients.loss_gradients`) if already
     computed; otherwise they are computed here first (progress stage "gradients").
+    ``owl_norms``: the dense model's input norms, gathered while it wrote generated calibration
+    windows (:class:`~llmprune.engine.observe.InputNorms`): OWL reads them instead of making a
+    dense pass of its own, where they cover every linear (no experts).
     Embeddings, norms and ``lm_head`` are never pruned.
     """
     start = time.perf_counter()
@@ -728,7 +757,8 @@ def prune(
             gradients = loss_gradients(model, calibration, run_device, layer_devices, progress, cancel)
             model.eval()
         return _prune_layers(model, config, calibration, method, options, host, layers_path, layers, run_device,
-                             devices, batch_size, progress, cancel, captured, unpruned, start, gradients, kinds)
+                             devices, batch_size, progress, cancel, captured, unpruned, start, gradients, kinds,
+                             owl_norms)
     finally:
         for module, training in modes.items():  # the caller's model keeps the modes it had
             module.training = training
@@ -739,7 +769,8 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
                   devices: list[torch.device], batch_size: int | None, progress: Progress | None,
                   cancel: Callable[[], bool] | None,
                   captured: tuple[list[torch.Tensor], list[list[LayerCall]]] | None, unpruned: list[str],
-                  start: float, gradients: LossGradients | None, kinds: set[str]) -> PruneReport:
+                  start: float, gradients: LossGradients | None, kinds: set[str],
+                  owl_norms: InputNorms | None = None) -> PruneReport:
     widest = max(widest_width(layer) for layer in layers)  # DeepSeek's first layers are dense
     size = batch_size or auto_batch_size(calibration.shape[0], calibration.shape[1], widest, run_device)
     if config.recover == "blockwise" and not batch_size:  # recovery takes an Adam step per batch
@@ -755,12 +786,15 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     inputs, calls = captured or capture_layer_calls(model, layers, batches)
     # OWL's pre-pass reads exactly its first samples, whatever the batch size (a batch of 16 would
     # cost it twice the forward); sweeps hand in their captured batches and give it whole ones.
+    # With norms from the generated windows there is no pass, and nothing to capture for it.
+    given = owl_norms if config.allocation == "owl" and given_norms_fit(layers, owl_norms) else None
     prepass = capture_layer_calls(model, layers, [calibration[:PREPASS_SAMPLES]]) \
-        if config.allocation == "owl" and captured is None else (inputs, calls)
+        if config.allocation == "owl" and captured is None and given is None else (inputs, calls)
     host.captured(model)
     allocation = None
     if config.allocation == "owl":
-        allocation = owl_allocation(layers, *prepass, host, devices, config, options.sparsity, progress, cancel)
+        allocation = owl_allocation(layers, *prepass, host, devices, config, options.sparsity, progress, cancel,
+                                    given)
     del prepass
     if config.allocation == "sensitivity":
         assert config.sensitivity is not None

@@ -261,7 +261,10 @@ def pieces_line(record: dict[str, Any]) -> str:
         elif allocation["kind"] == "sensitivity":
             parts.append(f"layer sparsity: from measured sensitivity curves ({allocation['source']}; {spread})")
         else:
-            parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; {spread})")
+            read = (f"input norms of the {allocation['generated_tokens']} tokens the dense model wrote"
+                    if allocation.get("generated_tokens") else f"a dense pass over {allocation['samples']} samples")
+            parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; {read}; "
+                         f"{spread})")
     else:
         parts.append("layer sparsity: uniform")
     recovery = record.get("recovery") or []

@@ -22,6 +22,7 @@ from llmprune.engine.config import PruneConfig
 from llmprune.engine.curves import curve_allocation
 from llmprune.engine.driver import PruneReport, check_prunable, prune
 from llmprune.engine.model import find_decoder_layers
+from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.saliency import check_gradients_possible
 from llmprune.engine.stream import (
     OFFLOAD_SHARE,
@@ -115,6 +116,7 @@ class MemoryStore(ModelStore):
     def __init__(self, job: Job) -> None:
         self.job = job
         self.staging: Path | None = None
+        self.owl_norms: InputNorms | None = None
 
     def load(self) -> None:
         self.model, self.tokenizer = load(self.job.model, self.job.dtype)
@@ -143,12 +145,18 @@ class MemoryStore(ModelStore):
 
     def generate(self, calibration: torch.Tensor, count: int, seed: int, device: torch.device,
                  progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
-        return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
+        config = self.job.prune
+        if not (isinstance(config, PruneConfig) and config.allocation == "owl"
+                and plain_layers(find_decoder_layers(self.model)[1])):
+            return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
+        # OWL reads the input norms of the tokens the dense model writes: no pass of its own.
+        with InputNorms(self.model) as self.owl_norms:
+            return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
         return prune(self.model, config, calibration, device=device, batch_size=batch_size, progress=progress,
-                     cancel=cancel, layer_devices=self.devices)
+                     cancel=cancel, layer_devices=self.devices, owl_norms=self.owl_norms)
 
     def replace(self, model: nn.Module) -> None:
         self.model = model
