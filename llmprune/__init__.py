@@ -5,9 +5,9 @@ Importing the package has no side effects (no threads set, no downloads, no logg
     import llmprune
     model, tok = llmprune.load_model("smollm2-135m")
     calib = llmprune.calibration_data(tok, "wikipedia", nsamples=32, seqlen=512)
-    with llmprune.InputNorms(model) as norms:  # as the CLI's default; OWL (at 70%) reads the norms
+    with llmprune.InputNorms(model) as norms:  # as the CLI's default: a quarter written by the model
         calib = llmprune.generated_windows(model, tok, calib, 8, 0, "cpu")
-    report = llmprune.prune(model, llmprune.PruneConfig(method="sparsegpt", pattern="2:4"), calib)
+    report = llmprune.prune(model, llmprune.PruneConfig(sparsity=0.7), calib, owl_norms=norms)  # OWL reads them
     smaller, report = llmprune.prune_structured(model, llmprune.StructuredConfig("heads", sparsity=0.3), calib)
     curves = llmprune.sensitivity(model, llmprune.SensitivityConfig("wanda"), calib, held_out_ids)
     study = llmprune.saliency(model, llmprune.SaliencyConfig(layers=(0, 14, 29)), calib)

@@ -14,9 +14,10 @@ import torch
 
 from llmprune.cli.commands import main
 from llmprune.engine.config import CalibrationConfig, PruneConfig
+from llmprune.engine.observe import InputNorms
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.io import generated
-from llmprune.io.generated import PREFIX, generated_windows
+from llmprune.io.generated import PREFIX, generated_windows, tokens_read
 from llmprune.jobs.pipeline import EvalConfig, Job, run
 from llmprune.progress import Event
 
@@ -196,6 +197,18 @@ def test_bad_counts_are_refused_in_one_line(value, message):
         CalibrationConfig("pydoc", 8, 64, 0, value)
 
 
+@pytest.mark.parametrize("seqlen", [32, 260])
+def test_the_model_reads_each_token_once_while_writing_and_tokens_read_says_how_many(tokenizer, seqlen):
+    # With its key/value cache the model reads each piece's prompt, then each drawn token but the
+    # last: 32 tokens are one piece (31 read), 260 two pieces of 130 (129 read each).
+    assert tokens_read(8, 512) == 8 * 4 * 127 and tokens_read(1, 32) == 31 and tokens_read(2, 260) == 2 * 2 * 129
+    model = tiny.llama(len(tokenizer))
+    with InputNorms(model) as seen:
+        generated_windows(model, tokenizer, tiny.random_ids(3, seqlen, len(tokenizer)), 2, 0, CPU)
+    assert seen.tokens == tokens_read(2, seqlen)
+    assert all(len(layer) == 7 for layer in seen.result)  # every linear of every layer ran
+
+
 def test_windows_too_short_to_continue_are_refused(tokenizer):
     with pytest.raises(LlmpruneError, match="longer than 5 tokens"):
         generated_windows(tiny.llama(len(tokenizer)), tokenizer, tiny.random_ids(4, 5, len(tokenizer)), 2, 0, CPU)
@@ -230,10 +243,14 @@ def test_at_70_percent_owl_reads_the_norms_of_the_tokens_the_model_wrote(llama_d
     allocation = record["allocation"]
     assert record["resolved_options"]["allocation"] == "owl" and record["calibration"]["generated"] == 2
     assert allocation["samples"] == 0 and allocation["generated_tokens"] == 2 * (32 - 1)
-    assert "input norms of the 62 tokens the dense model wrote" in (tmp_path / "out" / "README.md").read_text()
-    # Without generated windows, OWL's own pass over the first calibration samples (all 8 here).
-    real = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.7), 0))
-    assert real["allocation"]["samples"] == 8 and "generated_tokens" not in real["allocation"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "input norms of the 62 tokens the dense model read while writing calibration windows" in card
+    # Without generated windows, or with fewer than a quarter of the 8 samples its pass would
+    # read, OWL makes its own pass over the first calibration samples (all 8 here).
+    for count in (0, 1):
+        real = run(job(llama_dir, text_file, None, PruneConfig(sparsity=0.7), count))
+        assert real["calibration"]["generated"] == count
+        assert real["allocation"]["samples"] == 8 and "generated_tokens" not in real["allocation"]
 
 
 def test_a_named_method_generates_nothing_unless_asked(llama_dir, text_file):

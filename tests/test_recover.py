@@ -228,7 +228,9 @@ def test_owl_reads_norms_gathered_while_the_dense_model_ran_and_makes_no_pass_of
     expected = hooked_outlier_ratios(model, other)
     with InputNorms(model) as seen, torch.no_grad():
         model(other)
-    assert seen.tokens == 8 * 32 and not any(layer._forward_pre_hooks for layer in find_linears(model).values())
+    assert seen.tokens == 8 * 32 and not any(linear._forward_pre_hooks for linear in find_linears(model).values())
+    assert seen.layers is None and not seen.acc  # nothing of the model is kept
+    assert all(n.device.type == "cpu" for layer in seen.result for n in layer.values())
     runs = []
     for m in (model, copy):
         calls = [0]
@@ -252,6 +254,18 @@ def test_norms_that_do_not_cover_the_model_and_mixtures_of_experts_get_the_dense
     report = prune(model, PruneConfig("wanda", sparsity=0.5, allocation="owl"), ids(), batch_size=8, owl_norms=seen)
     assert report.allocation is not None and report.allocation["samples"] == 16
     assert not given_norms_fit(find_decoder_layers(model)[1], InputNorms(model))  # nothing counted
+    with InputNorms(model) as seen, torch.no_grad():
+        model(ids(samples=4))
+    layers = find_decoder_layers(model)[1]
+    assert given_norms_fit(layers, seen)
+    seen.result[1].pop("mlp.down_proj")  # a linear that never ran
+    assert not given_norms_fit(layers, seen)
+    with pytest.raises(RuntimeError, match="entered once"), seen:
+        pass
+    # Hooks go with the block, also when it fails.
+    with pytest.raises(ValueError, match="stop"), InputNorms(model):
+        raise ValueError("stop")
+    assert not any(linear._forward_pre_hooks for linear in find_linears(model).values())
     moe = tiny.mixtral(200)
     assert not plain_layers(find_decoder_layers(moe)[1]) and plain_layers(find_decoder_layers(model)[1])
     with InputNorms(moe) as seen, torch.no_grad():

@@ -466,16 +466,16 @@ PREPASS_SAMPLES = 16
 def given_norms_fit(layers: nn.ModuleList, given: InputNorms | None) -> bool:
     """Whether ``given`` input norms (gathered while the dense model wrote calibration windows)
     cover every linear of every decoder layer, with its width, so OWL needs no pass of its own."""
-    if given is None or given.tokens == 0 or not plain_layers(layers):
+    if given is None:
         return False
-    norms = given.norms()
-    if len(norms) != len(layers):
-        return False
-    for layer, found in zip(layers, norms, strict=True):
-        linears = find_linears(layer)
-        if set(found) != set(linears) or any(found[n].numel() != get_weight(m).shape[1] for n, m in linears.items()):
-            return False
-    return True
+    norms = given.result
+    fits = given.tokens > 0 and plain_layers(layers) and len(norms) == len(layers) and all(
+        set(found) == set(linears) and all(found[n].numel() == get_weight(m).shape[1] for n, m in linears.items())
+        for found, linears in ((found, find_linears(layer)) for layer, found in zip(layers, norms, strict=False)))
+    if not fits:
+        log.info("the input norms gathered while the model wrote calibration windows do not cover every "
+                 "linear; OWL makes its own dense pass")
+    return fits
 
 
 @torch.no_grad()
@@ -498,7 +498,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     hidden: Sequence[torch.Tensor] = take
     ratios, sizes = [], []
     norms: dict[str, torch.Tensor] = {}
-    read = given.norms() if given is not None and given_norms_fit(layers, given) else None
+    read = given.result if given is not None and given_norms_fit(layers, given) else None
 
     def collect(name: str, stats: StatSet) -> None:
         norms[name] = stats.raw()[COLUMN_NORMS]
@@ -508,25 +508,28 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     for index, layer in enumerate(layers):
         check_cancel(cancel, f"during allocate, after {index} of {len(layers)} layers")
         host.fetch(index, layer)
-        param = next(layer.parameters())
-        home, storage, dtypes = param.device, param.dtype, floating_dtypes(layer)
-        compute = compute_dtype(devices[index], storage)
-        layer.to(devices[index], dtype=compute)
-        with unfused(layer, config.expert_statistics):
+        if read is not None:  # no pass: the scores where the weights are (plain layers, no experts)
             linears = find_linears(layer)
-            norms.clear()
-            if read is not None:
-                norms.update(read[index])
-            else:
+            ratios.append(outlier_ratio([get_weight(linears[n]).detach().float().abs()
+                                         * read[index][n].to(get_weight(linears[n]).device)[None, :]
+                                         for n in linears], config.owl_m))
+            sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
+        else:
+            param = next(layer.parameters())
+            home, storage, dtypes = param.device, param.dtype, floating_dtypes(layer)
+            layer.to(devices[index], dtype=compute_dtype(devices[index], storage))
+            with unfused(layer, config.expert_statistics):
+                linears = find_linears(layer)
+                norms.clear()
                 hidden = list(visit_layer(layer, hidden, calls[index][: len(take)], linears, {COLUMN_NORMS}, collect,
                                           False, devices[index], observe=True))
-            scores = [get_weight(linears[n]).detach().float().abs() * norms[n].to(devices[index]).float()[None, :]
-                      for n in norms]
-            ratios.append(outlier_ratio(scores, config.owl_m))
-            sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
-            del scores, linears
-        layer.to(home)
-        restore_dtypes(layer, dtypes)
+                scores = [get_weight(linears[n]).detach().float().abs() * norms[n].float()[None, :] for n in norms]
+                ratios.append(outlier_ratio(scores, config.owl_m))
+                sizes.append(sum(get_weight(linear).numel() for linear in linears.values()))
+                del scores
+            layer.to(home)
+            restore_dtypes(layer, dtypes)
+        del linears
         host.release(index, layer)
         if progress is not None:
             progress(Event("allocate", index + 1, len(layers), "layers"))

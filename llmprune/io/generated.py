@@ -46,6 +46,14 @@ def piece_bounds(seqlen: int) -> list[int]:
     return [round(i * seqlen / pieces) for i in range(pieces + 1)]
 
 
+def tokens_read(count: int, seqlen: int) -> int:
+    """The tokens the model reads while writing ``count`` windows of ``seqlen``: every piece is
+    sampled to the longest piece's length, and its last token is drawn but never read."""
+    bounds = piece_bounds(seqlen)
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    return count * (len(bounds) - 1) * (longest - 1)
+
+
 def draw(scores: torch.Tensor, forbidden: list[int]) -> torch.Tensor:
     """One token per row, sampled from ``softmax(scores)`` (temperature 1, no truncation) with the
     ``forbidden`` ids never drawn: the first id whose cumulative probability exceeds one uniform

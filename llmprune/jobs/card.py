@@ -261,7 +261,8 @@ def pieces_line(record: dict[str, Any]) -> str:
         elif allocation["kind"] == "sensitivity":
             parts.append(f"layer sparsity: from measured sensitivity curves ({allocation['source']}; {spread})")
         else:
-            read = (f"input norms of the {allocation['generated_tokens']} tokens the dense model wrote"
+            read = (f"input norms of the {allocation['generated_tokens']} tokens the dense model read while writing "
+                    "calibration windows"
                     if allocation.get("generated_tokens") else f"a dense pass over {allocation['samples']} samples")
             parts.append(f"layer sparsity: OWL (M {allocation['m']:g}, lambda {allocation['lambda']:g}; {read}; "
                          f"{spread})")

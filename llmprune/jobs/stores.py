@@ -9,6 +9,7 @@ and tokenizer, perplexity, pruning, a finished checkpoint folder to publish.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torch import nn
 
 from llmprune.engine.config import PruneConfig
 from llmprune.engine.curves import curve_allocation
-from llmprune.engine.driver import PruneReport, check_prunable, prune
+from llmprune.engine.driver import PREPASS_SAMPLES, PruneReport, check_prunable, prune
 from llmprune.engine.model import find_decoder_layers
 from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.saliency import check_gradients_possible
@@ -37,7 +38,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.eval.perplexity import MemoryLayers, layerwise_perplexity, perplexity, streamed_perplexity
 from llmprune.io.converted import ModelCheckpoint
 from llmprune.io.export import make_staging, signals_held, write_metadata
-from llmprune.io.generated import generated_windows
+from llmprune.io.generated import generated_windows, tokens_read
 from llmprune.io.journal import FOLDER as JOURNAL_FOLDER
 from llmprune.io.journal import Journal
 from llmprune.io.loading import BUILTIN_MODELS, check_local_folder, load, parse_dtype, resolve
@@ -48,6 +49,8 @@ from llmprune.methods import get_method, pieces
 from llmprune.progress import Cancel, Progress
 from llmprune.structured.experts import plan_removal
 from llmprune.structured.run import StructuredConfig
+
+log = logging.getLogger(__name__)
 
 Card = Callable[[dict[str, Any]], str]
 
@@ -146,12 +149,23 @@ class MemoryStore(ModelStore):
     def generate(self, calibration: torch.Tensor, count: int, seed: int, device: torch.device,
                  progress: Progress | None, cancel: Cancel | None) -> torch.Tensor:
         config = self.job.prune
+        samples, seqlen = calibration.shape
+        # OWL reads the input norms of the tokens the dense model reads while writing, with no pass
+        # of its own, where they are at least a quarter of the windows its pass would read (the
+        # default's quarter of the calibration set: measured on them, README).
         if not (isinstance(config, PruneConfig) and config.allocation == "owl"
-                and plain_layers(find_decoder_layers(self.model)[1])):
+                and 4 * count >= min(samples, PREPASS_SAMPLES) and plain_layers(find_decoder_layers(self.model)[1])):
             return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
-        # OWL reads the input norms of the tokens the dense model writes: no pass of its own.
-        with InputNorms(self.model) as self.owl_norms:
-            return generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
+        with InputNorms(self.model) as norms:
+            windows = generated_windows(self.model, self.tokenizer, calibration, count, seed, device, progress, cancel)
+        # Each token once (a model that generates without its key/value cache reads the prefix again).
+        expected = tokens_read(count, seqlen)
+        if norms.tokens == expected:
+            self.owl_norms = norms
+        else:
+            log.info("the model read %d tokens while writing the calibration windows, not %d: OWL makes its own "
+                     "pass", norms.tokens, expected)
+        return windows
 
     def prune(self, config: PruneConfig, calibration: torch.Tensor, device: torch.device, batch_size: int | None,
               progress: Progress | None, cancel: Cancel | None) -> PruneReport:
