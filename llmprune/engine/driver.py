@@ -487,8 +487,9 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     :data:`PREPASS_SAMPLES` calibration samples (``inputs`` as the pruning captures them: one
     batch of exactly those; batches a caller captured are read whole, up to at least that many):
     each layer's outlier ratio of Wanda scores (:mod:`llmprune.core.allocation`). With ``given``
-    norms that fit (:func:`given_norms_fit`: the dense model's while it wrote the generated
-    windows) there is no pass: the scores read them. Progress: stage "allocate", in layers."""
+    norms (the dense model's while it wrote the generated windows, which the caller found to fit:
+    :func:`given_norms_fit`) there is no pass: the scores read them. Progress: stage "allocate",
+    in layers."""
     take, samples = [], 0
     for batch in inputs:
         if samples >= PREPASS_SAMPLES:
@@ -498,7 +499,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     hidden: Sequence[torch.Tensor] = take
     ratios, sizes = [], []
     norms: dict[str, torch.Tensor] = {}
-    read = given.result if given is not None and given_norms_fit(layers, given) else None
+    read = None if given is None else given.result
 
     def collect(name: str, stats: StatSet) -> None:
         norms[name] = stats.raw()[COLUMN_NORMS]
@@ -536,7 +537,7 @@ def owl_allocation(layers: nn.ModuleList, inputs: Sequence[torch.Tensor], calls:
     sparsity = owl_sparsities(ratios, sizes, target, config.owl_lambda)
     log.info("OWL layer sparsity: %s", ", ".join(f"{s:.3f}" for s in sparsity))
     # Where the norms came from: the first calibration samples, or the generated windows' tokens.
-    source = {"samples": samples} if read is None else {"samples": 0, "generated_tokens": given.tokens if given else 0}
+    source = {"samples": samples} if given is None else {"samples": 0, "generated_tokens": given.tokens}
     return {"kind": "owl", "m": config.owl_m, "lambda": config.owl_lambda, **source,
             "outlier_ratio": ratios, "sparsity": sparsity}
 
