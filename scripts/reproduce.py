@@ -51,6 +51,9 @@ RECIPES: dict[str, list[str]] = {
     # The default without its self-generated windows: all 32 from the calibration text.
     "default+real": ["--generated", "0"],
     "default+recover": ["--recover", "blockwise"],
+    # The refit pulled 0.3 of the way toward the dense model's outputs at each linear (README: "The
+    # refit toward the dense model"; an option: it breaks the default's time budget).
+    "default+target": ["--set", "prune.model_target=0.3"],
     "default+schedule": ["--recover", "blockwise", "--schedule", "SCHEDULE"],
     # Layer sparsities from the measured curves of `llmprune analyze sensitivity` (README: "With a
     # sensitivity analysis first"; they read Wikipedia text, beyond the pydoc rows' budget).

@@ -67,6 +67,7 @@ def test_every_row_is_a_valid_command(recipe, setting):
         expect["update"] = "admm"
     for key, value in expect.items():
         assert getattr(config, key) == value, (key, recipe, setting)
+    assert config.model_target == (0.3 if "target" in pieces else 0.0)
     assert (config.recover == "blockwise") == ("recover" in pieces or "schedule" in pieces)
     assert bool(config.schedule) == ("schedule" in pieces)
 

@@ -40,6 +40,28 @@ class Hessian:
         return (upper + torch.triu(self.sum, diagonal=1).T) * (2.0 / max(self.n, 1))
 
 
+class CrossDifference:
+    """D = 2/n · (X_d − X_p)ᵀX_p, tokens paired: X_p the linear's inputs in the pruned model, X_d
+    the dense model's inputs at the same linear for the same tokens. (in, in), not symmetric.
+    With it the least-squares refit can aim at the dense model's outputs WX_d instead of WX_p:
+    ‖ŴX_p − WX_d‖² has gradient Ŵ·H − W·(H + D), so D is the target's shift. Accumulated as a
+    difference, not as X_dᵀX_p minus H, which would cancel most of its float32 digits."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, dense: torch.Tensor) -> None:
+        rows, dense_rows = _rows(x), _rows(dense).to(self.sum.device)
+        if rows.shape != dense_rows.shape:
+            raise ValueError(f"pruned inputs {tuple(rows.shape)} and dense inputs {tuple(dense_rows.shape)} differ")
+        self.sum.addmm_((dense_rows - rows).T, rows)
+        self.n += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.n, 1))
+
+
 class ColumnNorms:
     """‖X_j‖₂ over all calibration tokens, for each input feature j (Wanda's activation norm). (in,)."""
 

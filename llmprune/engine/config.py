@@ -92,6 +92,16 @@ class PruneConfig:
       conjugate gradients, default 10; the default recipe stops at 4, short of the exact
       answer on purpose); default: the method's own (``"obs"`` for
       SparseGPT, ``"admm"`` for ADMM), ``"none"`` otherwise.
+    * ``model_target`` (0 to 1; default 0): the least-squares refit (``update="admm"``) fits
+      each pruned linear's outputs on the pruned model's inputs X_p to (1 − t)·W·X_p + t·W·X_d,
+      where X_d are the dense model's own inputs at that linear for the same tokens: t = 0 is
+      the classic layer-wise objective, t = 1 also undoes what the earlier pruned linears
+      changed (GPTAQ's asymmetric calibration, for a pruning refit). The cross statistic
+      (X_d − X_p)ᵀX_p is shrunk as H's off-diagonal part is. Costs a dense forward of each
+      layer, a second statistic as large as H, and the dense activations beside the pruned ones
+      (in memory); not in the default recipe, whose time budget it breaks (README, "The refit
+      toward the dense model"). Models with experts cannot pair tokens (the two models route
+      them differently), so it is refused there.
     * ``refine``: ``"dsnot"`` refines the chosen mask by DSnoT's prune-and-grow (at most
       ``dsnot_cycles`` swaps per row), keeping each row's count and N:M groups; the update then
       refits on the refined mask.
@@ -163,6 +173,7 @@ class PruneConfig:
     owl_lambda: float = 0.08
     admm_iterations: int | None = None
     cg_iterations: int | None = None
+    model_target: float | None = None
     dsnot_cycles: int = 50
     recover: Literal["none", "blockwise"] | None = None
     recover_epochs: int = 2
@@ -200,6 +211,8 @@ class PruneConfig:
             object.__setattr__(self, "allocation", "uniform")
         if self.cg_iterations is None:
             object.__setattr__(self, "cg_iterations", CG_ITERATIONS)
+        if self.model_target is None:
+            object.__setattr__(self, "model_target", 0.0)
         method = get_method(self.method_name)
         implied = pattern.implied_sparsity
         if self.sparsity is None:
@@ -231,6 +244,12 @@ class PruneConfig:
         if method.always_updates and self.update == "none":
             raise LlmpruneError(f"{method.name} always updates the kept weights ({method.own_update}); "
                                 "drop update='none'")
+        if not (_number(self.model_target) and 0 <= self.model_target <= 1):  # type: ignore[operator]
+            raise LlmpruneError(f"model_target must be in [0, 1] (0: the classic layer-wise refit), got "
+                                f"{self.model_target!r}")
+        if self.model_target and (self.update or method.own_update) != "admm":
+            raise LlmpruneError(f"model_target moves the least-squares refit's target; it needs update 'admm', "
+                                f"got {self.update or method.own_update or 'none'!r}")
         if self.refine not in (None, "none", "dsnot"):
             raise LlmpruneError(f"refine must be 'none' or 'dsnot', got {self.refine!r}")
         if self.allocation not in (None, "uniform", "owl", "sensitivity"):
@@ -337,6 +356,7 @@ class PruneConfig:
             refine=self.refine or "none",
             admm_iterations=self.admm_iterations,
             cg_iterations=CG_ITERATIONS if self.cg_iterations is None else self.cg_iterations,
+            model_target=float(self.model_target or 0.0),
             dsnot_cycles=self.dsnot_cycles,
         )
 

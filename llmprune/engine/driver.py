@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmprune.core.allocation import outlier_ratio, owl_sparsities
-from llmprune.core.stats import MEAN_VAR, ColumnNorms, Hessian, InputSample, MeanVar, relative_error
+from llmprune.core.stats import MEAN_VAR, ColumnNorms, CrossDifference, Hessian, InputSample, MeanVar, relative_error
 from llmprune.engine.capture import LayerCall, StopForward, capture_layer_calls
 from llmprune.engine.config import PruneConfig
 from llmprune.engine.curves import curve_allocation
@@ -40,12 +40,14 @@ from llmprune.engine.model import (
     weight_matrices,
 )
 from llmprune.engine.observe import InputNorms, plain_layers
+from llmprune.engine.paired import DenseInputs, dense_linear_inputs
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.engine.saliency import check_gradients_possible, global_allocation, layer_weight_stats
 from llmprune.errors import LlmpruneError
 from llmprune.io.activations import BatchFile
 from llmprune.io.memory import available_bytes
 from llmprune.methods import COLUMN_NORMS, HESSIAN, PER_WEIGHT, Method, Options, Stats, get_method, pieces
+from llmprune.methods.base import CROSS
 from llmprune.progress import Event, Progress, check_cancel
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class PruneReport:
     unpruned: list[str] = field(default_factory=list)  # weight matrices no method could prune
     allocation: dict[str, Any] | None = None  # per-layer sparsities when not uniform (OWL), and why
     recovery: list[dict[str, Any]] = field(default_factory=list)  # per layer: held-out error before/after
+    model_target: float = 0.0  # the refit's pull toward the dense model (options.model_target)
 
     @property
     def sparsity(self) -> float:
@@ -213,14 +216,21 @@ class StatSet:
             self.acc[COLUMN_NORMS] = ColumnNorms(dim, device)
         if MEAN_VAR in kinds:
             self.acc[MEAN_VAR] = MeanVar(dim, device)
+        # Paired with the dense model's inputs at the same linear (given to ``add``).
+        self.cross = CrossDifference(dim, device) if CROSS in kinds else None
         self.sample = InputSample(max(1, ERROR_SAMPLE_ROWS // batches))
         self.tokens = 0  # rows routed here (an expert's); every row for other linears
         self.rows = 0  # rows the statistics are made of
         self._prepared: dict[str, torch.Tensor] | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         routing = routing_of(x)  # read before detach(), which drops it
         x = x.detach()
+        if self.cross is not None:
+            if dense is None or routing is not None:
+                raise LlmpruneError("the refit toward the dense model needs the dense model's inputs at every "
+                                    "linear, token for token (no experts)")
+            self.cross.add(x, dense)
         rows = x.numel() // max(1, x.shape[-1])
         self.rows += rows
         self.tokens += routing.routed if routing is not None else rows
@@ -235,7 +245,8 @@ class StatSet:
             acc.add(x)
 
     def raw(self) -> dict[str, torch.Tensor]:
-        return {kind: acc.value() for kind, acc in self.acc.items()}
+        raw = {kind: acc.value() for kind, acc in self.acc.items()}
+        return raw if self.cross is None else {**raw, CROSS: self.cross.value()}
 
     def values(self, method: Method, options: Options) -> dict[str, torch.Tensor]:
         """Final statistics plus the method's derived ones, computed once for all sharers."""
@@ -257,9 +268,12 @@ class _Watcher:
     """
 
     def __init__(
-        self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str
+        self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str,
+        dense: DenseInputs | None = None,
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
+        self.dense = dense
+        self.index = 0  # the batch running
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, StatSet] = {}  # leader -> statistics
         self.order: list[str] = []  # linears in call order, as first seen
@@ -282,7 +296,7 @@ class _Watcher:
             if leader == name:
                 if name not in self.stats:
                     self.stats[name] = StatSet(x.shape[-1], self.kinds, self.device, self.batches)
-                self.stats[name].add(x)
+                self.stats[name].add(x, None if self.dense is None else self.dense.of(name, self.index))
             # A weak reference: identity checks stay exact (a dead tensor matches nothing)
             # without keeping every input of the layer alive.
             self._batch.append((weakref.ref(x), leader))
@@ -297,8 +311,8 @@ class _Watcher:
         outputs: list[torch.Tensor] = []
         self.batches = len(hidden)
         try:
-            for state, call in zip(hidden, calls, strict=True):
-                self._batch, self._seen = [], set()
+            for index, (state, call) in enumerate(zip(hidden, calls, strict=True)):
+                self._batch, self._seen, self.index = [], set(), index
                 try:
                     outputs.append(call.run(layer, state.to(self.device), self.device).to("cpu"))
                 except StopForward:
@@ -343,14 +357,15 @@ def run_batches(
 def visit_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
     kinds: set[str], on_ready: Callable[[str, StatSet], None], sequential: bool, device: torch.device,
-    lockstep: bool = False, out: Sink | None = None, observe: bool = False,
+    lockstep: bool = False, out: Sink | None = None, observe: bool = False, dense: DenseInputs | None = None,
 ) -> Sink:
     """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
     each of ``targets`` once its input statistics are complete (``on_ready`` may change the
     linear; with ``sequential`` later linears then see its effect). Returns the layer's outputs
     after all changes, appended to ``out`` (default: a new list) one batch at a time.
     ``observe``: ``on_ready`` changes nothing, so one pass gives the statistics and the outputs
-    (a dense pre-pass: half the forward passes of the general path)."""
+    (a dense pre-pass: half the forward passes of the general path). ``dense``: the dense model's
+    inputs at each linear, batch by batch, for statistics paired with them (:data:`CROSS`)."""
     pending = dict(targets)
     sink: Sink = [] if out is None else out
     if observe and not isinstance(sink, Discard):
@@ -377,8 +392,8 @@ def visit_layer(
                 # statistics are rebuilt from the same inputs: the same numbers, more compute.
                 shared.clear()
                 stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
-                for x in inputs:
-                    stats.add(x)
+                for number, x in enumerate(inputs):
+                    stats.add(x, None if dense is None else dense.of(name, number))
                 shared.append((weakref.ref(inputs[0]), stats))
             if name in pending:  # a linear may run twice in a layer
                 del pending[name]
@@ -393,7 +408,7 @@ def visit_layer(
             log.info("%s; handling the rest of this layer group by group", why)
             sink.clear()  # batches that finished before the run diverged saw a partly pruned layer
     while pending:
-        watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all")
+        watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all", dense)
         watcher.run(layer, hidden, calls)
         # In "first_group" mode the next group's first linear was seen but not recorded.
         ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
@@ -414,7 +429,7 @@ def prune_layer(
     out: Sink | None = None, storage: torch.dtype | None = None,
     dense: dict[str, torch.Tensor] | None = None, min_expert_tokens: int = 0,
     weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
-    only: set[str] | None = None,
+    only: set[str] | None = None, dense_inputs: DenseInputs | None = None,
 ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
     ``storage``: the checkpoint's dtype when the layer is computed in a wider one. ``dense``:
@@ -425,7 +440,8 @@ def prune_layer(
     ``weight_stats``: per-weight statistics by linear name (gradients of the network loss);
     ``linear_sparsity``: each linear's own sparsity, compared over the whole matrix (a global
     comparison group resolved beforehand). ``only``: prune just these linears (names relative to
-    the layer), the rest left as they are."""
+    the layer), the rest left as they are. ``dense_inputs``: the dense model's inputs at each
+    linear (:func:`dense_linear_inputs`), which a refit toward the dense model (``model_target``) needs."""
     linears = find_linears(layer)
     if only is not None:
         linears = {name: linear for name, linear in linears.items() if name in only}
@@ -447,7 +463,10 @@ def prune_layer(
             reports[name].tokens = stats.tokens
             reports[name].fallback = "magnitude" if starving else None
 
-    outputs = visit_layer(layer, hidden, calls, linears, needs - PER_WEIGHT, prune, sequential, device, lockstep, out)
+    if CROSS in needs and dense_inputs is None:
+        raise LlmpruneError("the refit toward the dense model needs the dense model's activations")
+    outputs = visit_layer(layer, hidden, calls, linears, needs - PER_WEIGHT, prune, sequential, device, lockstep, out,
+                          dense=dense_inputs)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 
@@ -550,20 +569,28 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
                     ) -> tuple[Sink, list[LinearReport], list[torch.Tensor] | None]:
     """Prune one decoder layer: in one step, or through ``config.schedule`` (each step's
     sparsity scaled to this layer's target), each step followed by block-wise recovery when
-    asked. Recovery entries go to ``report.recovery``. With ``dense_inputs`` (the dense model's
-    own activations at this layer) recovery's targets are the dense layer's outputs on them, and
-    those outputs, the dense model's activations at the next layer, are returned third (and
-    ``dense_inputs`` is emptied once read: only one copy of the dense activations stays alive)."""
+    asked. Recovery entries go to ``report.recovery``. ``dense_inputs``: the dense model's own
+    activations at this layer, given when recovery aims at the dense model (its targets are then
+    the dense layer's outputs on them) or the refit does (``options.model_target``: the dense
+    layer runs on them first, its linears' inputs kept); the dense layer's outputs on them, the
+    dense model's activations at the next layer, are returned third (and ``dense_inputs`` is
+    emptied once read: only one copy of the dense activations stays alive)."""
     recovering = config.recover == "blockwise"
     final = options.sparsity
     steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
-    targets = dense_targets(layer, hidden if dense_inputs is None else dense_inputs, calls, device) \
-        if recovering else None
-    dense_outputs = None
-    if targets is not None and dense_inputs is not None:
+    dense_outputs = linear_inputs = None
+    if options.model_target > 0:
+        if dense_inputs is None:
+            raise LlmpruneError("the refit toward the dense model needs the dense model's activations")
+        dense_outputs, linear_inputs = dense_linear_inputs(layer, dense_inputs, calls, device)
+    toward_model = recovering and config.recover_target == "model"
+    targets = dense_targets(layer, dense_inputs if toward_model and dense_inputs is not None else hidden, calls,
+                            device) if recovering else None
+    if dense_inputs is not None:
         dtype = dense_inputs[0].dtype
         dense_inputs.clear()  # a half-precision model would otherwise hold two copies for the layer
-        dense_outputs = [t.to(dtype) for t in targets[1]]
+        if dense_outputs is None and targets is not None:
+            dense_outputs = [t.to(dtype) for t in targets[1]]
     settings = RecoverSettings(config.recover_epochs, config.recover_lr, config.recover_schedule, config.recover_keep,
                                config.recover_mlp_steps)
     reports: list[LinearReport] = []
@@ -575,7 +602,8 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         step = replace(options, sparsity=sparsity, keep_zeros=number > 0)
         outputs, reports = prune_layer(layer, hidden, calls, method, step,
                                        config.sequential, device, lockstep, sink if direct else Discard(), storage,
-                                       dense, config.min_expert_tokens, weight_stats, linear_sparsity)
+                                       dense, config.min_expert_tokens, weight_stats, linear_sparsity,
+                                       dense_inputs=linear_inputs)
         if targets is not None:  # judged on the weights the checkpoint will hold
             item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
@@ -745,6 +773,11 @@ def prune(
     options = config.options()
     host = host or LayerHost()
     layers_path, layers = find_decoder_layers(model)
+    if options.model_target > 0 and not plain_layers(layers):
+        # The refit pairs each token's inputs in the pruned and the dense model; with experts
+        # the two route tokens differently, so there are no pairs.
+        raise LlmpruneError("model_target pairs each token's inputs in the pruned and the dense model, which a "
+                            "model with experts cannot (the two route tokens differently); drop model_target")
     unpruned = check_prunable(model, config.allow_partial)
     validate_widths(layers_path, layers, options)
     check_finite(model, skip=layers)
@@ -809,17 +842,18 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     resumed = host.resume(inputs)
     del inputs
     hidden: Sequence[torch.Tensor] = resumed.hidden
-    # Recovery toward the dense model carries its activations beside the pruned ones (in memory:
-    # one more copy of a layer's inputs); at the first layer both are the captured inputs.
+    # Recovery or the refit toward the dense model carries its activations beside the pruned
+    # ones (in memory: one more copy of a layer's inputs); at the first layer both are the
+    # captured inputs.
     dense: list[torch.Tensor] | None = None
-    if config.recover == "blockwise" and config.recover_target == "model":
+    if (config.recover == "blockwise" and config.recover_target == "model") or options.model_target > 0:
         dense = resumed.dense if resumed.start > 0 else list(hidden)
         if dense is None:
-            raise LlmpruneError("the resume journal holds no dense activations to recover toward")
+            raise LlmpruneError("the resume journal holds no dense activations to recover or refit toward")
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
                          device=str(run_device), batch_size=size, one_pass=lockstep,
                          weight_counts=list(resumed.weight_counts), unpruned=unpruned, allocation=allocation,
-                         recovery=list(resumed.recovery))
+                         recovery=list(resumed.recovery), model_target=options.model_target)
     first = resumed.start
     # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
     del resumed

@@ -251,6 +251,9 @@ def pieces_line(record: dict[str, Any]) -> str:
     """Which of the composable pieces ran, in words."""
     options, config = record["resolved_options"], record["config"]
     parts = [f"mask refinement: {options.get('refine') or 'none'}"]
+    if options.get("model_target"):  # the key is new in 2026-12
+        parts.append(f"refit target: {options['model_target']:g} of the way from the dense linear on the pruned "
+                     "inputs to the dense model's outputs at each linear")
     allocation = record.get("allocation")
     if allocation:
         sparsity = allocation["sparsity"]

@@ -156,7 +156,7 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
                              "allocation": job.prune.allocation,
                              "blocksize": options.blocksize, "damp": options.damp,
                              "nm_select": options.nm_select, "shrink": options.shrink,
-                             "cg_iterations": options.cg_iterations},
+                             "cg_iterations": options.cg_iterations, "model_target": report.model_target},
         "allocation": report.allocation,
         "recovery": report.recovery,
         "calibration": {**dataclasses.asdict(job.calibration), "seqlen": calibration.shape[1],

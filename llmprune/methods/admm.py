@@ -30,7 +30,7 @@ import torch
 
 from llmprune.core.factor import live_mean
 from llmprune.core.patterns import keep_unstructured, select_keep
-from llmprune.methods.base import DAMP_USED, DAMPED, DEAD, HESSIAN, Options, Result, Stats
+from llmprune.methods.base import CROSS, DAMP_USED, DAMPED, DEAD, HESSIAN, SHIFT, Options, Result, Stats
 from llmprune.methods.sparsegpt import shrink_to_diagonal
 
 RHO_START = 0.1  # ρ as a fraction of mean(diag H)
@@ -41,7 +41,7 @@ ITERATIONS = 20  # ADMM iterations from a plain mask (admm_iterations None)
 
 
 def needs(options: Options) -> set[str]:
-    return {HESSIAN}
+    return {HESSIAN, CROSS} if options.model_target > 0 else {HESSIAN}
 
 
 def prepare(stats: Stats, options: Options) -> Stats:
@@ -51,7 +51,12 @@ def prepare(stats: Stats, options: Options) -> Stats:
     dead, mean = live_mean(H)
     H.diagonal()[dead] = 1.0
     H.diagonal().add_(options.damp * float(mean))
-    return {**stats, DEAD: dead, DAMPED: H, DAMP_USED: torch.tensor(options.damp)}
+    shift = {}
+    if options.model_target > 0 and CROSS in stats:
+        # The cross term scaled as the shrinkage scales H's off-diagonal part: the pull toward
+        # the dense model is tempered with the correlations it rests on.
+        shift[SHIFT] = stats[CROSS].float() * (options.model_target * (1.0 - options.shrink))
+    return {**stats, DEAD: dead, DAMPED: H, DAMP_USED: torch.tensor(options.damp), **shift}
 
 
 def _inverse(H: torch.Tensor, rho: float) -> torch.Tensor:
@@ -61,12 +66,14 @@ def _inverse(H: torch.Tensor, rho: float) -> torch.Tensor:
 
 
 def admm(W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor | None, options: Options,
-         iterations: int, start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         iterations: int, start: torch.Tensor | None = None,
+         extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights on the support, the support). ``keep`` None: chosen inside the iterations
     (the sparsity rises to ``options.sparsity`` over the first ``GRADUAL_SHARE`` of them; the
     last projections use ``options.pattern``). ``start``: weights on ``keep`` to start from
-    (default: the dense ones, masked)."""
-    G = W0 @ H
+    (default: the dense ones, masked). ``extra``: added to w₀H, the objective's linear term
+    (the refit's target shift, :data:`SHIFT`, times w₀)."""
+    G = W0 @ H if extra is None else W0 @ H + extra
     scale = float(H.diagonal().mean())
     norms = H.diagonal().sqrt()[None, :]
     pinned = W0 == 0 if options.keep_zeros else None  # a later schedule step: earlier zeros stay
@@ -109,14 +116,15 @@ def _gradual_keep(scores: torch.Tensor, options: Options, progress: float) -> to
 
 
 def conjugate_gradient(W: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
-                       iterations: int) -> torch.Tensor:
-    """Minimise ½(w − w₀)H(w − w₀)ᵀ over the support of ``keep``, each row its own problem,
-    from ``W`` (already zero off the support). Preconditioned by diag(H); the search
+                       iterations: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimise ½(w − w₀)H(w − w₀)ᵀ − w·extraᵀ over the support of ``keep``, each row its own
+    problem, from ``W`` (already zero off the support). Preconditioned by diag(H); the search
     directions are masked, so the zeros stay exactly zero."""
     mask = keep.to(W.dtype)
     W = W * mask
     inverse_diagonal = 1.0 / H.diagonal()[None, :]
-    R = ((W0 - W) @ H) * mask  # the negative gradient on the support
+    R = (W0 - W) @ H if extra is None else (W0 - W) @ H + extra
+    R = R * mask  # the negative gradient on the support
     Y = R * inverse_diagonal
     D = Y.clone()
     ry = (R * Y).sum(1, keepdim=True)
@@ -150,8 +158,12 @@ def refit(W: torch.Tensor, stats: Stats, keep: torch.Tensor | None, options: Opt
     iterations = options.admm_iterations
     if iterations is None:
         iterations = 0 if warm is not None else ITERATIONS
-    Z, support = admm(W0, H, keep, options, iterations, warm)
-    final = conjugate_gradient(Z, W0, H, support, options.cg_iterations)
+    # Toward the dense model's outputs (model_target): ‖ŴX_p − WX_d‖² differs from the classic
+    # objective by the linear term w₀·D (D = 2/n·(X_d − X_p)ᵀX_p), here shrunk and scaled
+    # (see :func:`prepare`).
+    extra = W0 @ stats[SHIFT] if SHIFT in stats else None
+    Z, support = admm(W0, H, keep, options, iterations, warm, extra)
+    final = conjugate_gradient(Z, W0, H, support, options.cg_iterations, extra)
     return Result(final, support, float(stats[DAMP_USED]))
 
 

@@ -32,6 +32,10 @@ class Options:
     admm_iterations: int | None = None  # None: 20 from a plain mask, 0 from another update's answer
     cg_iterations: int = 10
     dsnot_cycles: int = 50
+    # The least-squares refit's target: 0 the dense linear on the pruned model's inputs (WX_p, the
+    # classic layer-wise objective), 1 the dense model's own outputs at the linear (WX_d), between
+    # a mix of the two. Needs the CROSS statistic (the driver's dense stream) and update "admm".
+    model_target: float = 0.0
     keep_zeros: bool = False  # the matrix's exact zeros stay pruned (a later step of a schedule)
 
 
@@ -52,6 +56,10 @@ FACTOR = "inverse_hessian_factor"
 DEAD = "dead_inputs"
 DAMP_USED = "damp_used"
 DAMPED = "damped_hessian"  # the ADMM refit's shrunk, damped H
+# 2/n·(X_d − X_p)ᵀX_p with X_d the dense model's inputs at the linear (core.stats.CrossDifference),
+# and the shift of the refit's target it gives, model_target·(1 − shrink)·that, derived by the refit.
+CROSS = "cross_hessian"
+SHIFT = "target_shift"
 # Per-weight statistics ((out, in) like W), from gradients of the network loss on the dense
 # model (:mod:`llmprune.engine.gradients`), not from a linear's inputs.
 FISHER = "fisher"

@@ -42,8 +42,10 @@ def needs(method: Method, options: Options) -> set[str]:
     kinds = set(method.needs(mask_options(method, options)))
     if options.refine == "dsnot":
         kinds |= dsnot.needs(options)
-    if options.update in ("obs", "admm"):
+    if options.update == "obs":
         kinds.add(HESSIAN)
+    if options.update == "admm":
+        kinds |= admm.needs(options)
     return kinds
 
 
