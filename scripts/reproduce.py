@@ -51,9 +51,10 @@ RECIPES: dict[str, list[str]] = {
     # The default without its self-generated windows: all 32 from the calibration text.
     "default+real": ["--generated", "0"],
     "default+recover": ["--recover", "blockwise"],
-    # The refit pulled 0.3 of the way toward the dense model's outputs at each linear (README: "The
-    # refit toward the dense model"; an option: it breaks the default's time budget).
-    "default+target": ["--set", "prune.model_target=0.3"],
+    # The default without its refit's pull toward the dense model (README: "The refit toward the
+    # dense model"), and with its calibration passes in float32 whatever the device.
+    "default+notarget": ["--set", "prune.model_target=0"],
+    "default+float32": ["--set", "prune.pass_dtype=float32"],
     "default+schedule": ["--recover", "blockwise", "--schedule", "SCHEDULE"],
     # Layer sparsities from the measured curves of `llmprune analyze sensitivity` (README: "With a
     # sensitivity analysis first"; they read Wikipedia text, beyond the pydoc rows' budget).

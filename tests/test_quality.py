@@ -98,7 +98,7 @@ def test_the_default_recipe_beats_the_best_reference_at_2of4_and_70_percent(resu
     from llmprune.engine.config import default_recipe
 
     # What the README says the default is, and what it does.
-    refit = {"update": "admm", "refine": "none"}
+    refit = {"update": "admm", "refine": "none", "model_target": 0.3, "pass_dtype": "auto"}
     for pattern, sparsity, recipe in (
             (Pattern.parse("2:4"), 0.5, {"method": "sparsegpt", "allocation": "uniform", "shrink": 0.1,
                                          "cg_iterations": 4}),
@@ -114,10 +114,12 @@ def test_the_default_recipe_beats_the_best_reference_at_2of4_and_70_percent(resu
     # (32 pieces of 128, each read up to its last token), as the CLI does; no pass of its own.
     allocation = results["default-70-pydoc"][2].allocation
     assert allocation["samples"] == 0 and allocation.get("generated_tokens") == 32 * 127
-    # The training-free target, at most 0.85x the best reference (measured through the CLI
-    # with its 8 generated windows: 2:4 109.62 = 0.70x, 70% 354.15 = 0.54x).
-    assert results["default-2:4-pydoc"][0] <= 0.85 * REFERENCE["sparsegpt-2:4"]
-    assert results["default-70-pydoc"][0] <= 0.85 * REFERENCE["sparsegpt-70"]
+    # The training-free target is at most 0.85x the best reference; with the refit pulled
+    # toward the dense model the default measured (CLI, 8 generated windows, evaluation split) 2:4
+    # 88.03 = 0.57x and 70% 176.70 = 0.27x in float32 (README), so these bounds fail on a default
+    # that lost the pull (2:4 107.99 = 0.69x, 70% 371.54 = 0.57x without it).
+    assert results["default-2:4-pydoc"][0] <= 0.65 * REFERENCE["sparsegpt-2:4"]
+    assert results["default-70-pydoc"][0] <= 0.40 * REFERENCE["sparsegpt-70"]
     # The refit and the shrinkage are what the default adds to SparseGPT at 2:4: it must not lose to it.
     assert results["default-2:4-pydoc"][0] <= results["sparsegpt-2:4-pydoc"][0] * 1.01
 

@@ -41,6 +41,7 @@ from llmprune.engine.model import (
 )
 from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.paired import DenseInputs, dense_linear_inputs
+from llmprune.engine.precision import calibration_pass, dtype_name, full_precision, pass_dtype
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.engine.saliency import check_gradients_possible, global_allocation, layer_weight_stats
 from llmprune.errors import LlmpruneError
@@ -96,6 +97,7 @@ class PruneReport:
     allocation: dict[str, Any] | None = None  # per-layer sparsities when not uniform (OWL), and why
     recovery: list[dict[str, Any]] = field(default_factory=list)  # per layer: held-out error before/after
     model_target: float = 0.0  # the refit's pull toward the dense model (options.model_target)
+    pass_dtype: str = "float32"  # the calibration passes' precision (config.pass_dtype, resolved)
 
     @property
     def sparsity(self) -> float:
@@ -208,16 +210,18 @@ def fits_lockstep(nsamples: int, seqlen: int, widest: int, budget: int | None = 
 class StatSet:
     """The statistics of one shared input tensor."""
 
-    def __init__(self, dim: int, kinds: set[str], device: torch.device, batches: int) -> None:
+    def __init__(self, dim: int, kinds: set[str], device: torch.device, batches: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        # ``dtype``: of the Hessian's and the cross statistic's products (the pass precision).
         self.acc: dict[str, Hessian | ColumnNorms | MeanVar] = {}
         if HESSIAN in kinds:
-            self.acc[HESSIAN] = Hessian(dim, device)
+            self.acc[HESSIAN] = Hessian(dim, device, dtype)
         if COLUMN_NORMS in kinds:
             self.acc[COLUMN_NORMS] = ColumnNorms(dim, device)
         if MEAN_VAR in kinds:
             self.acc[MEAN_VAR] = MeanVar(dim, device)
         # Paired with the dense model's inputs at the same linear (given to ``add``).
-        self.cross = CrossDifference(dim, device) if CROSS in kinds else None
+        self.cross = CrossDifference(dim, device, dtype) if CROSS in kinds else None
         self.sample = InputSample(max(1, ERROR_SAMPLE_ROWS // batches))
         self.tokens = 0  # rows routed here (an expert's); every row for other linears
         self.rows = 0  # rows the statistics are made of
@@ -269,10 +273,11 @@ class _Watcher:
 
     def __init__(
         self, linears: dict[str, nn.Module], kinds: set[str], device: torch.device, mode: str,
-        dense: DenseInputs | None = None,
+        dense: DenseInputs | None = None, dtype: torch.dtype = torch.float32,
     ) -> None:
         self.linears, self.kinds, self.device, self.mode = linears, kinds, device, mode
         self.dense = dense
+        self.dtype = dtype  # of the statistics' products
         self.index = 0  # the batch running
         self.leader: dict[str, str] = {}  # linear -> first linear seen with the same input
         self.stats: dict[str, StatSet] = {}  # leader -> statistics
@@ -295,8 +300,9 @@ class _Watcher:
                 raise StopForward
             if leader == name:
                 if name not in self.stats:
-                    self.stats[name] = StatSet(x.shape[-1], self.kinds, self.device, self.batches)
-                self.stats[name].add(x, None if self.dense is None else self.dense.of(name, self.index))
+                    self.stats[name] = StatSet(x.shape[-1], self.kinds, self.device, self.batches, self.dtype)
+                with full_precision(self.device):
+                    self.stats[name].add(x, None if self.dense is None else self.dense.of(name, self.index))
             # A weak reference: identity checks stay exact (a dead tensor matches nothing)
             # without keeping every input of the layer alive.
             self._batch.append((weakref.ref(x), leader))
@@ -358,6 +364,7 @@ def visit_layer(
     layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], targets: dict[str, nn.Module],
     kinds: set[str], on_ready: Callable[[str, StatSet], None], sequential: bool, device: torch.device,
     lockstep: bool = False, out: Sink | None = None, observe: bool = False, dense: DenseInputs | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Sink:
     """Run one decoder layer on the calibration batches, calling ``on_ready(name, stats)`` for
     each of ``targets`` once its input statistics are complete (``on_ready`` may change the
@@ -365,11 +372,30 @@ def visit_layer(
     after all changes, appended to ``out`` (default: a new list) one batch at a time.
     ``observe``: ``on_ready`` changes nothing, so one pass gives the statistics and the outputs
     (a dense pre-pass: half the forward passes of the general path). ``dense``: the dense model's
-    inputs at each linear, batch by batch, for statistics paired with them (:data:`CROSS`)."""
+    inputs at each linear, batch by batch, for statistics paired with them (:data:`CROSS`).
+    ``dtype``: the passes' precision (:mod:`llmprune.engine.precision`); statistics and
+    ``on_ready`` always run in full precision."""
     pending = dict(targets)
     sink: Sink = [] if out is None else out
+
+    def ready(name: str, stats: StatSet) -> None:
+        with full_precision(device):
+            on_ready(name, stats)
+
+    # One autocast region around the whole layer, not one per batch: in lockstep the batches
+    # are greenlets on one thread, and a region per batch would end under the others' feet.
+    with calibration_pass(layer, device, dtype):
+        return _visit_layer(layer, hidden, calls, pending, kinds, ready, sequential, device, lockstep, sink, observe,
+                            dense, dtype)
+
+
+def _visit_layer(
+    layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall], pending: dict[str, nn.Module],
+    kinds: set[str], on_ready: Callable[[str, StatSet], None], sequential: bool, device: torch.device,
+    lockstep: bool, sink: Sink, observe: bool, dense: DenseInputs | None, dtype: torch.dtype,
+) -> Sink:
     if observe and not isinstance(sink, Discard):
-        watcher = _Watcher(pending, kinds, device, "observe")
+        watcher = _Watcher(pending, kinds, device, "observe", dtype=dtype)
         for output in watcher.run(layer, hidden, calls):
             sink.append(output)
         for name in watcher.order:
@@ -383,6 +409,10 @@ def visit_layer(
         shared: list[tuple[weakref.ref[torch.Tensor], StatSet]] = []  # by identity of batch 0's input
 
         def on_arrival(name: str, inputs: list[torch.Tensor]) -> None:
+            with full_precision(device):
+                arrive(name, inputs)
+
+        def arrive(name: str, inputs: list[torch.Tensor]) -> None:
             stats = next((s for ref, s in shared if ref() is inputs[0]), None)
             if stats is None:
                 # A new input: the group before it is complete in every stock layer (q/k/v, then
@@ -391,7 +421,7 @@ def visit_layer(
                 # an earlier input after all (parallel attention and MLP blocks), its
                 # statistics are rebuilt from the same inputs: the same numbers, more compute.
                 shared.clear()
-                stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs))
+                stats = StatSet(inputs[0].shape[-1], kinds, device, len(inputs), dtype)
                 for number, x in enumerate(inputs):
                     stats.add(x, None if dense is None else dense.of(name, number))
                 shared.append((weakref.ref(inputs[0]), stats))
@@ -408,7 +438,7 @@ def visit_layer(
             log.info("%s; handling the rest of this layer group by group", why)
             sink.clear()  # batches that finished before the run diverged saw a partly pruned layer
     while pending:
-        watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all", dense)
+        watcher = _Watcher(pending, kinds, device, "first_group" if sequential else "all", dense, dtype)
         watcher.run(layer, hidden, calls)
         # In "first_group" mode the next group's first linear was seen but not recorded.
         ready = [n for n in watcher.order if watcher.leader[n] in watcher.stats]
@@ -429,7 +459,7 @@ def prune_layer(
     out: Sink | None = None, storage: torch.dtype | None = None,
     dense: dict[str, torch.Tensor] | None = None, min_expert_tokens: int = 0,
     weight_stats: dict[str, Stats] | None = None, linear_sparsity: dict[str, float] | None = None,
-    only: set[str] | None = None, dense_inputs: DenseInputs | None = None,
+    only: set[str] | None = None, dense_inputs: DenseInputs | None = None, precision: torch.dtype = torch.float32,
 ) -> tuple[Sink, list[LinearReport]]:
     """Prune one decoder layer in place; returns its pruned outputs and per-linear reports.
     ``storage``: the checkpoint's dtype when the layer is computed in a wider one. ``dense``:
@@ -441,7 +471,8 @@ def prune_layer(
     ``linear_sparsity``: each linear's own sparsity, compared over the whole matrix (a global
     comparison group resolved beforehand). ``only``: prune just these linears (names relative to
     the layer), the rest left as they are. ``dense_inputs``: the dense model's inputs at each
-    linear (:func:`dense_linear_inputs`), which a refit toward the dense model (``model_target``) needs."""
+    linear (:func:`dense_linear_inputs`), which a refit toward the dense model (``model_target``) needs.
+    ``precision``: the calibration passes' (:mod:`llmprune.engine.precision`)."""
     linears = find_linears(layer)
     if only is not None:
         linears = {name: linear for name, linear in linears.items() if name in only}
@@ -466,7 +497,7 @@ def prune_layer(
     if CROSS in needs and dense_inputs is None:
         raise LlmpruneError("the refit toward the dense model needs the dense model's activations")
     outputs = visit_layer(layer, hidden, calls, linears, needs - PER_WEIGHT, prune, sequential, device, lockstep, out,
-                          dense=dense_inputs)
+                          dense=dense_inputs, dtype=precision)
     _warn_unreached(linears, set(reports))
     return outputs, list(reports.values())
 
@@ -576,13 +607,14 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
     dense model's activations at the next layer, are returned third (and ``dense_inputs`` is
     emptied once read: only one copy of the dense activations stays alive)."""
     recovering = config.recover == "blockwise"
+    precision = pass_dtype(config.pass_dtype or "float32", device)
     final = options.sparsity
     steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
     dense_outputs = linear_inputs = None
     if options.model_target > 0:
         if dense_inputs is None:
             raise LlmpruneError("the refit toward the dense model needs the dense model's activations")
-        dense_outputs, linear_inputs = dense_linear_inputs(layer, dense_inputs, calls, device)
+        dense_outputs, linear_inputs = dense_linear_inputs(layer, dense_inputs, calls, device, precision)
     toward_model = recovering and config.recover_target == "model"
     targets = dense_targets(layer, dense_inputs if toward_model and dense_inputs is not None else hidden, calls,
                             device) if recovering else None
@@ -603,7 +635,7 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         outputs, reports = prune_layer(layer, hidden, calls, method, step,
                                        config.sequential, device, lockstep, sink if direct else Discard(), storage,
                                        dense, config.min_expert_tokens, weight_stats, linear_sparsity,
-                                       dense_inputs=linear_inputs)
+                                       dense_inputs=linear_inputs, precision=precision)
         if targets is not None:  # judged on the weights the checkpoint will hold
             item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
@@ -773,6 +805,10 @@ def prune(
     options = config.options()
     host = host or LayerHost()
     layers_path, layers = find_decoder_layers(model)
+    if options.model_target > 0 and not plain_layers(layers) and config.recipe_target:
+        log.info("the default recipe's refit toward the dense model is off for a model with experts (the dense "
+                 "and the pruned model route tokens differently, so there are no token pairs)")
+        options = replace(options, model_target=0.0)
     if options.model_target > 0 and not plain_layers(layers):
         # The refit pairs each token's inputs in the pruned and the dense model; with experts
         # the two route tokens differently, so there are no pairs.
@@ -785,6 +821,8 @@ def prune(
     devices = list(layer_devices) if layer_devices is not None else [run_device] * len(layers)
     if len(devices) != len(layers):
         raise LlmpruneError(f"{len(devices)} layer devices given for {len(layers)} decoder layers")
+    for where in {d.type: d for d in devices}.values():  # refused before any work
+        pass_dtype(config.pass_dtype or "float32", where)
     kinds = pieces.needs(method, options)
     check_gradients_possible(method, kinds, layers, streamed=type(host) is not LayerHost and gradients is None)
     modes = {module: module.training for module in model.modules()}
@@ -853,7 +891,8 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
     report = PruneReport(config, layers_path, list(resumed.linears), list(resumed.layer_seconds),
                          device=str(run_device), batch_size=size, one_pass=lockstep,
                          weight_counts=list(resumed.weight_counts), unpruned=unpruned, allocation=allocation,
-                         recovery=list(resumed.recovery), model_target=options.model_target)
+                         recovery=list(resumed.recovery), model_target=options.model_target,
+                         pass_dtype=dtype_name(pass_dtype(config.pass_dtype or "float32", run_device)))
     first = resumed.start
     # Only ``hidden`` may keep the inputs alive: each layer's are freed once the next are made.
     del resumed

@@ -7,6 +7,9 @@ dense model's activations at the next layer, so the stream costs one forward per
 holds: every linear input of one layer for every calibration token (linears fed one tensor,
 q/k/v or gate/up, share one copy), about (3·hidden + intermediate) values a token for a Llama
 layer.
+
+The dense pass runs in the precision of the pruning's calibration passes (``pass_dtype``,
+:mod:`llmprune.engine.precision`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from llmprune.engine.capture import LayerCall
 from llmprune.engine.model import find_linears
+from llmprune.engine.precision import calibration_pass
 
 
 class DenseInputs:
@@ -34,10 +38,12 @@ class DenseInputs:
 
 @torch.no_grad()
 def dense_linear_inputs(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Sequence[LayerCall],
-                        device: torch.device) -> tuple[list[torch.Tensor], DenseInputs]:
+                        device: torch.device, dtype: torch.dtype = torch.float32,
+                        ) -> tuple[list[torch.Tensor], DenseInputs]:
     """Run ``layer`` (not yet pruned) on the dense model's activations ``hidden``: its outputs
     per batch (the dense model's activations at the next layer, on the CPU, in ``hidden``'s
-    dtype) and each linear's inputs on the way."""
+    dtype) and each linear's inputs on the way, in the pass precision ``dtype`` (each input kept
+    in the precision the linear received it: a norm's output stays float32)."""
     current: dict[str, torch.Tensor] = {}
     shared: list[tuple[weakref.ref[torch.Tensor], torch.Tensor]] = []
 
@@ -59,7 +65,9 @@ def dense_linear_inputs(layer: nn.Module, hidden: Sequence[torch.Tensor], calls:
     try:
         for state, call in zip(hidden, calls, strict=True):
             current, shared[:] = {}, []
-            outputs.append(call.run(layer, state.to(device), device).to("cpu", dtype=state.dtype))
+            with calibration_pass(layer, device, dtype):
+                output = call.run(layer, state.to(device), device)
+            outputs.append(output.to("cpu", dtype=state.dtype))
             batches.append(current)
     finally:
         for handle in handles:

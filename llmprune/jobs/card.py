@@ -254,6 +254,8 @@ def pieces_line(record: dict[str, Any]) -> str:
     if options.get("model_target"):  # the key is new in 2026-12
         parts.append(f"refit target: {options['model_target']:g} of the way from the dense linear on the pruned "
                      "inputs to the dense model's outputs at each linear")
+    if options.get("pass_dtype", "float32") != "float32":  # the key is new in 2026-12
+        parts.append(f"calibration passes in {options['pass_dtype']} (sums and solves in float32)")
     allocation = record.get("allocation")
     if allocation:
         sparsity = allocation["sparsity"]
