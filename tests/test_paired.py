@@ -24,6 +24,7 @@ from llmprune.engine.model import find_decoder_layers, find_linears
 from llmprune.engine.precision import native_bfloat16, pass_dtype
 from llmprune.errors import Cancelled, LlmpruneError
 from llmprune.jobs.pipeline import EvalConfig, Job, run
+from llmprune.jobs.recipe import job_from_dict
 from llmprune.methods import HESSIAN, Options, admm
 from llmprune.methods.base import CROSS, SHIFT
 
@@ -229,6 +230,18 @@ def test_the_default_recipe_runs_a_model_with_experts_without_the_pull():
     tokens = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(0))
     report = prune(tiny.mixtral(), PruneConfig(sparsity=0.5), tokens)
     assert report.model_target == 0.0 and report.sparsity > 0.4
+
+
+def test_a_record_of_a_model_with_experts_says_the_pull_was_off_and_reruns(tokenizer, text_file, tmp_path):
+    # The record's recipe and config hold what ran (0), so rerunning them is not refused.
+    source = save(tiny.mixtral(len(tokenizer)), tokenizer, tmp_path / "src")
+    job = Job(model=str(source), prune=PruneConfig(sparsity=0.5), calibration=CalibrationConfig(str(text_file), 4, 32,
+              generated=0), evaluation=EvalConfig(None), out=str(tmp_path / "first"), device="cpu")
+    record = run(job)
+    assert job.prune.model_target == 0.3  # asked by the recipe, dropped for the experts
+    assert record["config"]["model_target"] == 0.0 == record["recipe"]["prune"]["model_target"]
+    again = job_from_dict({**record["recipe"], "out": str(tmp_path / "again")})
+    assert run(again)["resolved_options"]["model_target"] == 0.0
 
 
 def default_job(model, text, out, **kwargs):

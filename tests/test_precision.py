@@ -17,7 +17,7 @@ from llmprune.core.stats import Hessian
 from llmprune.engine.config import PruneConfig, default_recipe
 from llmprune.engine.driver import prune
 from llmprune.engine.model import find_decoder_layers, find_linears
-from llmprune.engine.precision import calibration_pass, native_bfloat16, pass_dtype
+from llmprune.engine.precision import calibration_pass, layer_pass_dtype, native_bfloat16, pass_dtype
 from llmprune.errors import LlmpruneError
 from llmprune.methods import HESSIAN
 
@@ -101,6 +101,11 @@ def test_a_pass_leaves_a_16_bit_layer_as_it_is():
         assert torch.is_autocast_enabled("cpu")
     with calibration_pass(wide, torch.device("cpu"), torch.float32):
         assert not torch.is_autocast_enabled("cpu")
+    # Nor are its statistics multiplied in bfloat16: a 16-bit layer keeps float32 products.
+    cpu = torch.device("cpu")
+    assert layer_pass_dtype("bfloat16", cpu, layer) == torch.float32
+    assert layer_pass_dtype("bfloat16", cpu, wide) == torch.bfloat16
+    assert layer_pass_dtype("float32", cpu, wide) == torch.float32
 
 
 def test_named_methods_pass_in_float32_and_the_default_recipe_asks_for_auto():

@@ -30,10 +30,13 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         if self.dtype != torch.float32:
-            rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
-            # The whole product: three times faster than float32 bands where bfloat16 is native.
-            self.sum += (rows.T @ rows).float()
-            self.n += rows.shape[0]
+            # Each band's product in bfloat16 (about three times faster where that is native),
+            # added to the float32 sum: the temporary is one band, not a second (in, in) matrix.
+            low = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            for start in range(0, low.shape[1], self.BAND):
+                band = slice(start, start + self.BAND)
+                self.sum[band, start:] += (low[:, band].T @ low[:, start:]).float()
+            self.n += low.shape[0]
             return
         rows = _rows(x)
         dim = rows.shape[1]
@@ -66,8 +69,10 @@ class CrossDifference:
         difference = dense_rows - rows  # in float32: the rounding is then relative to the difference
         if self.dtype == torch.float32:
             self.sum.addmm_(difference.T, rows)
-        else:
-            self.sum += (difference.to(self.dtype).T @ rows.to(self.dtype)).float()
+        else:  # by bands of Hessian.BAND rows, as the Hessian: a bounded temporary
+            low, low_rows = difference.to(self.dtype), rows.to(self.dtype)
+            for start in range(0, low.shape[1], Hessian.BAND):
+                self.sum[start:start + Hessian.BAND] += (low[:, start:start + Hessian.BAND].T @ low_rows).float()
         self.n += rows.shape[0]
 
     def value(self) -> torch.Tensor:

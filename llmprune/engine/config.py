@@ -114,8 +114,9 @@ class PruneConfig:
       pruned model's, and the dense model's for ``model_target``): ``"float32"`` (a named
       method's default), ``"bfloat16"`` (the layer under autocast: its matrix products in
       bfloat16; statistics, solves and the cross statistic's sums in float32), or ``"auto"``:
-      bfloat16 where the device multiplies it natively (a GPU with bfloat16; a CPU with AMX or
-      AVX512-BF16), else float32 (:mod:`llmprune.engine.precision`).
+      bfloat16 where the device multiplies it natively (a GPU of compute capability 8 or later;
+      a CPU with AMX or AVX512-BF16), else float32 (:mod:`llmprune.engine.precision`). A 16-bit
+      layer is left in its own dtype, with float32 statistics.
     * ``refine``: ``"dsnot"`` refines the chosen mask by DSnoT's prune-and-grow (at most
       ``dsnot_cycles`` swaps per row), keeping each row's count and N:M groups; the update then
       refits on the refined mask.

@@ -41,7 +41,7 @@ from llmprune.engine.model import (
 )
 from llmprune.engine.observe import InputNorms, plain_layers
 from llmprune.engine.paired import DenseInputs, dense_linear_inputs
-from llmprune.engine.precision import calibration_pass, dtype_name, full_precision, pass_dtype
+from llmprune.engine.precision import calibration_pass, dtype_name, full_precision, layer_pass_dtype, pass_dtype
 from llmprune.engine.recover import RecoverSettings, dense_targets, recover_layer
 from llmprune.engine.saliency import check_gradients_possible, global_allocation, layer_weight_stats
 from llmprune.errors import LlmpruneError
@@ -607,7 +607,7 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
     dense model's activations at the next layer, are returned third (and ``dense_inputs`` is
     emptied once read: only one copy of the dense activations stays alive)."""
     recovering = config.recover == "blockwise"
-    precision = pass_dtype(config.pass_dtype or "float32", device)
+    precision = layer_pass_dtype(config.pass_dtype or "float32", device, layer)
     final = options.sparsity
     steps = [final * s / config.schedule[-1] for s in config.schedule] if config.schedule else [final]
     dense_outputs = linear_inputs = None
@@ -639,8 +639,9 @@ def _prune_in_steps(layer: nn.Module, hidden: Sequence[torch.Tensor], calls: Seq
         if targets is not None:  # judged on the weights the checkpoint will hold
             item = recover_layer(layer, hidden, calls, *targets, device, settings, storage)
             report.recovery.append({"layer": index, "step_sparsity": sparsity, **item})
-    if not direct:
-        outputs = run_batches(layer, hidden, calls, device, sink)
+    if not direct:  # the next layer's inputs from a pass like the direct path's
+        with calibration_pass(layer, device, precision):
+            outputs = run_batches(layer, hidden, calls, device, sink)
     return outputs, reports, dense_outputs
 
 
@@ -907,6 +908,9 @@ def _prune_layers(model: nn.Module, config: PruneConfig, calibration: torch.Tens
         param = next(layer.parameters())
         home, storage, dtypes = param.device, param.dtype, floating_dtypes(layer)
         compute = compute_dtype(devices[index], storage)
+        # What this layer's passes multiply in (the record's pass_dtype): a 16-bit layer its own.
+        report.pass_dtype = dtype_name(pass_dtype(config.pass_dtype or "float32", devices[index])
+                                       if compute == torch.float32 else compute)
         # Widening is lossless; on the way back each tensor returns to its own dtype.
         layer.to(devices[index], dtype=compute) if compute != storage else layer.to(devices[index])
         layer_options = options if allocation is None else replace(options, sparsity=allocation["sparsity"][index])

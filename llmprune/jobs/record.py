@@ -141,8 +141,14 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
                  command: list[str] | None) -> dict[str, Any]:
     assert isinstance(job.prune, PruneConfig)
     options = job.prune.options()
+    common = _common(job, model, calibration, dense, pruned, timings, device, command)
+    config = dataclasses.asdict(job.prune)
+    if report.model_target != options.model_target:
+        # The default recipe's pull, dropped for this model (experts): the recipe and the config
+        # say what ran, so rerunning them gives the same run instead of a refusal.
+        config["model_target"] = common["recipe"]["prune"]["model_target"] = report.model_target
     return {
-        **_common(job, model, calibration, dense, pruned, timings, device, command),
+        **common,
         "kind": "sparse",
         "method": job.prune.method,
         "pattern": str(options.pattern),
@@ -151,7 +157,7 @@ def build_record(job: Job, model: Any, report: PruneReport, calibration: torch.T
         "sparsity_of_pruned_linears": report.linear_sparsity,
         "unpruned_weights": report.unpruned,
         "experts": report.experts(),
-        "config": dataclasses.asdict(job.prune),
+        "config": config,
         "resolved_options": {"group": options.group, "update": options.update, "refine": options.refine,
                              "allocation": job.prune.allocation,
                              "blocksize": options.blocksize, "damp": options.damp,
